@@ -1,0 +1,155 @@
+"""Model configs as data: the official SD checkpoints' `config.json` contents, and tiny twins for tests.
+
+The official dicts are what the Hub repos carry (runwayml/stable-diffusion-v1-5,
+stabilityai/stable-diffusion-2-1, stabilityai/stable-diffusion-xl-base-1.0), so a model built
+from them has exactly the official parameter shapes. The tiny ones keep every structural
+feature of their family at a size that runs in milliseconds on a CPU.
+"""
+
+SD15_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+
+SD21_UNET = {
+    **SD15_UNET,
+    "attention_head_dim": [5, 10, 20, 20],
+    "cross_attention_dim": 1024,
+    "dual_cross_attention": False,
+    "sample_size": 96,
+    "upcast_attention": True,
+    "use_linear_projection": True,
+}
+
+SDXL_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "class_embeddings_concat": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_dim": 2048,
+    "cross_attention_norm": None,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "default",
+    "sample_size": 128,
+    "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
+    "time_embedding_type": "positional",
+    "timestep_post_act": None,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": None,
+    "use_linear_projection": True,
+}
+
+SD_VAE = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+
+SDXL_VAE = {**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+
+# Tiny twins: same block types and options, channels small enough for CPU tests in seconds.
+TINY_SD_UNET = {
+    **SD15_UNET,
+    "block_out_channels": [32, 64],
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "attention_head_dim": 8,
+    "cross_attention_dim": 32,
+    "norm_num_groups": 8,
+    "layers_per_block": 1,
+    "sample_size": 16,
+}
+
+TINY_SD2_UNET = {
+    **SD21_UNET,
+    **{k: TINY_SD_UNET[k] for k in ("block_out_channels", "down_block_types", "up_block_types", "norm_num_groups",
+                                   "layers_per_block", "sample_size")},
+    "attention_head_dim": [4, 8],
+    "cross_attention_dim": 48,
+}
+
+TINY_SDXL_UNET = {
+    **SDXL_UNET,
+    "block_out_channels": [32, 64],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "attention_head_dim": [4, 8],
+    "transformer_layers_per_block": [1, 2],
+    "cross_attention_dim": 64,
+    "norm_num_groups": 8,
+    "layers_per_block": 1,
+    "addition_time_embed_dim": 8,
+    # text_embeds (32) + 6 time ids x addition_time_embed_dim (8)
+    "projection_class_embeddings_input_dim": 80,
+    "sample_size": 16,
+}
+
+TINY_VAE = {
+    **SD_VAE,
+    "block_out_channels": [8, 16],
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "norm_num_groups": 4,
+    "layers_per_block": 1,
+    "sample_size": 32,
+}
+
+UNET_CONFIGS = {"tiny-sd": TINY_SD_UNET, "tiny-sd2": TINY_SD2_UNET, "tiny-sdxl": TINY_SDXL_UNET,
+                "sd15": SD15_UNET, "sd21": SD21_UNET, "sdxl": SDXL_UNET}
+VAE_CONFIGS = {"tiny": TINY_VAE, "sd": SD_VAE, "sdxl": SDXL_VAE}

@@ -1,0 +1,135 @@
+"""Configs as data: every model and scheduler records the arguments it was built with.
+
+diffusers twin: `configuration_utils.py` (`ConfigMixin`, `register_to_config`, `FrozenDict`).
+
+A pare class declares its config the plain way, as keyword arguments of `__init__` with
+diffusers' names and defaults. `@register_to_config` records the resolved values on
+`.config`; `from_config` builds the class from a dict, a `config.json` or its folder, the
+way a real checkpoint carries it:
+
+- keys starting with `_` (`_class_name`, `_diffusers_version`, ...) are metadata: skipped;
+- keys that diffusers' class accepts but pare has no code for are listed per class in
+  `unsupported_config` with the one value pare supports (diffusers' default). A checkpoint
+  that carries that value loads; any other value raises, naming the key;
+- any other key is unknown to both libraries: diffusers ignores such keys with a warning,
+  and so does pare.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("pare")
+
+
+class Config(dict):
+    """A read-only dict whose keys are also attributes (`unet.config.in_channels`)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"config has no key {name!r}") from None
+
+    def _readonly(self, *args, **kwargs):
+        raise TypeError("a config is read-only: build a new object with from_config(dict(config, key=value))")
+
+    __setitem__ = __delitem__ = update = pop = setdefault = clear = _readonly
+
+
+def register_to_config(init):
+    """Decorate `__init__` so that the bound arguments (defaults filled in) land on `self.config`."""
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        values = {k: v for k, v in bound.arguments.items() if k != "self"}
+        # Store tuples as lists so that the config round-trips through JSON unchanged.
+        values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+        object.__setattr__(self, "_pare_config", Config(values))
+        init(self, *args, **kwargs)
+
+    return wrapper
+
+
+def load_config_file(path: str | os.PathLike, config_name: str) -> dict:
+    """Read a JSON config from a file, or from `config_name` inside a folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / config_name
+    if not path.is_file():
+        raise FileNotFoundError(f"no config found: {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+class ConfigMixin:
+    """`from_config`, `.config` and `save_config` for classes whose `__init__` is `@register_to_config`."""
+
+    config_name = "config.json"
+    # diffusers keys pare has no code for -> the one value pare supports (diffusers' default).
+    unsupported_config: dict[str, Any] = {}
+
+    @property
+    def config(self) -> Config:
+        return self._pare_config
+
+    @classmethod
+    def config_keys(cls) -> list[str]:
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    @classmethod
+    def resolve_config(cls, config: dict, source: str = "config") -> dict:
+        """Split a checkpoint's config into the kwargs of `cls.__init__`, checking what pare cannot honour."""
+        accepted = set(cls.config_keys())
+        kwargs, ignored = {}, []
+        for key, value in config.items():
+            if key.startswith("_"):
+                continue
+            if key in accepted:
+                kwargs[key] = value
+            elif key in cls.unsupported_config:
+                supported = cls.unsupported_config[key]
+                if _normalise(value) != _normalise(supported):
+                    raise ValueError(
+                        f"{cls.__name__}: {source} sets {key}={value!r}, which pare does not implement "
+                        f"(only {key}={supported!r}, diffusers' default, is supported)"
+                    )
+            else:
+                ignored.append(key)
+        if ignored:
+            logger.warning("%s: %s keys %s are not used by this class and are ignored", cls.__name__, source, ignored)
+        return kwargs
+
+    @classmethod
+    def from_config(cls, config: dict | str | os.PathLike, **overrides):
+        """Build from a config dict, a config file or its folder; `overrides` replace config values."""
+        source = "config"
+        if isinstance(config, (str, os.PathLike)):
+            source = str(config)
+            config = load_config_file(config, cls.config_name)
+        return cls(**cls.resolve_config({**dict(config), **overrides}, source))
+
+    def save_config(self, folder: str | os.PathLike) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / self.config_name
+        path.write_text(json.dumps({"_class_name": type(self).__name__, **self.config}, indent=2, sort_keys=True))
+        return path
+
+
+def _normalise(value):
+    """Compare configs the way JSON sees them: tuples and lists alike."""
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    return value

@@ -1,0 +1,16 @@
+"""hypothesis strategies for the shapes and configs users pick, written once and reused."""
+
+from hypothesis import strategies as st
+
+activations = st.sampled_from(["silu", "gelu", "mish", "relu"])
+timestep_values = st.lists(st.floats(0, 999, allow_nan=False), min_size=1, max_size=4)
+embedding_dims = st.integers(2, 96)
+batch_sizes = st.integers(1, 3)
+seeds = st.integers(0, 2**16)
+
+
+@st.composite
+def group_norm_channels(draw, max_groups: int = 4, max_per_group: int = 8):
+    """(groups, channels) with channels a multiple of groups, as GroupNorm requires."""
+    groups = draw(st.integers(1, max_groups))
+    return groups, groups * draw(st.integers(1, max_per_group))
