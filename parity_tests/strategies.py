@@ -14,3 +14,16 @@ def group_norm_channels(draw, max_groups: int = 4, max_per_group: int = 8):
     """(groups, channels) with channels a multiple of groups, as GroupNorm requires."""
     groups = draw(st.integers(1, max_groups))
     return groups, groups * draw(st.integers(1, max_per_group))
+
+
+@st.composite
+def feature_maps(draw, channels: int, max_side: int = 12, odd: bool = True, min_side: int = 1):
+    """(batch, channels, height, width) with odd sides too where the block allows them.
+
+    Blocks that GroupNorm their input need min_side=2: a group of one value has no variance.
+    """
+    side = st.integers(max(min_side, 1 if odd else 2), max_side)
+    h, w = draw(side), draw(side)
+    if not odd:
+        h, w = h - h % 2, w - w % 2
+    return draw(batch_sizes), channels, h, w
