@@ -6,12 +6,38 @@ The pipeline is four steps, each in its own file:
     get_latent     (pare/pipelines)    seeded Gaussian noise in latent space
     denoise        (pare/models/unet_2d_condition.py + pare/schedulers)
     vae_decode     (pare/models/autoencoder_kl.py)
+
+Public names are imported on first use, so `import pare` stays light and this table says
+where each one lives.
 """
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .configuration import Config, ConfigMixin
-from .loading import WeightLoadError
-from .models import ModelMixin
+_EXPORTS = {
+    "Config": "pare.configuration",
+    "ConfigMixin": "pare.configuration",
+    "WeightLoadError": "pare.loading",
+    "ModelMixin": "pare.models.modeling",
+    "UNet2DConditionModel": "pare.models.unet_2d_condition",
+    "AutoencoderKL": "pare.models.autoencoder_kl",
+    "DDIMScheduler": "pare.schedulers",
+    "DDPMScheduler": "pare.schedulers",
+    "StableDiffusionPipeline": "pare.pipelines",
+    "StableDiffusionImg2ImgPipeline": "pare.pipelines",
+    "StableDiffusionXLPipeline": "pare.pipelines",
+    "StableDiffusionXLImg2ImgPipeline": "pare.pipelines",
+}
 
-__all__ = ["Config", "ConfigMixin", "ModelMixin", "WeightLoadError", "__version__"]
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pare' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__():
+    return __all__
