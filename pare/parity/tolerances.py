@@ -1,6 +1,6 @@
 """The one tolerance table every parity check in pare uses (tests and `pare parity` alike).
 
-Why these numbers (also in docs/tolerances.md):
+Why these numbers (the README shows the same table):
 
 float32 (CPU, or CUDA with TF32 off) -- *tight*.
     pare and diffusers run the same math in a different order of operations, so they differ
