@@ -27,3 +27,16 @@ def feature_maps(draw, channels: int, max_side: int = 12, odd: bool = True, min_
     if not odd:
         h, w = h - h % 2, w - w % 2
     return draw(batch_sizes), channels, h, w
+
+
+@st.composite
+def unet_block_channels(draw, max_groups: int = 4, max_heads: int = 4):
+    """(groups, in_channels, out_channels, heads) for a UNet block.
+
+    GroupNorm needs both channel counts to be multiples of `groups`, and the transformer splits
+    out_channels between `heads` (head dim = out_channels // heads, as in diffusers).
+    """
+    groups, heads = draw(st.integers(1, max_groups)), draw(st.integers(1, max_heads))
+    in_channels = groups * draw(st.integers(1, 4))
+    out_channels = groups * heads * draw(st.integers(1, 3))
+    return groups, in_channels, out_channels, heads
