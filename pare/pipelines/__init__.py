@@ -1,0 +1,20 @@
+"""Pipelines: text-to-image and image-to-image for Stable Diffusion 1.x/2.x and SDXL, four steps each.
+
+    encode_prompt -> get_latent -> denoise -> vae_decode
+
+`stable_diffusion.py` writes the steps out; `stable_diffusion_xl.py` replaces the first and the
+last with SDXL's; `pipeline_utils.py` holds loading, seeded noise and image conversion.
+"""
+
+from .pipeline_utils import PipelineOutput, randn_tensor
+from .stable_diffusion import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from .stable_diffusion_xl import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+__all__ = [
+    "PipelineOutput",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLPipeline",
+    "randn_tensor",
+]
