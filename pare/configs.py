@@ -86,6 +86,12 @@ SDXL_UNET = {
     "use_linear_projection": True,
 }
 
+# runwayml/stable-diffusion-inpainting: SD1.5 with the masked image latents (4) and the mask (1) as extra inputs.
+SD15_INPAINT_UNET = {**SD15_UNET, "in_channels": 9}
+
+# SimianLuo/LCM_Dreamshaper_v7: SD1.5 distilled for few-step sampling, with a guidance-scale embedding.
+LCM_SD15_UNET = {**SD15_UNET, "time_cond_proj_dim": 256}
+
 SD_VAE = {
     "_class_name": "AutoencoderKL",
     "act_fn": "silu",
@@ -140,6 +146,9 @@ TINY_SDXL_UNET = {
     "sample_size": 16,
 }
 
+TINY_SD_INPAINT_UNET = {**TINY_SD_UNET, "in_channels": 9}
+TINY_LCM_UNET = {**TINY_SD_UNET, "time_cond_proj_dim": 16}
+
 TINY_VAE = {
     **SD_VAE,
     "block_out_channels": [8, 16],
@@ -151,5 +160,7 @@ TINY_VAE = {
 }
 
 UNET_CONFIGS = {"tiny-sd": TINY_SD_UNET, "tiny-sd2": TINY_SD2_UNET, "tiny-sdxl": TINY_SDXL_UNET,
-                "sd15": SD15_UNET, "sd21": SD21_UNET, "sdxl": SDXL_UNET}
+                "tiny-sd-inpaint": TINY_SD_INPAINT_UNET, "tiny-lcm": TINY_LCM_UNET,
+                "sd15": SD15_UNET, "sd21": SD21_UNET, "sdxl": SDXL_UNET,
+                "sd15-inpaint": SD15_INPAINT_UNET, "lcm-sd15": LCM_SD15_UNET}
 VAE_CONFIGS = {"tiny": TINY_VAE, "sd": SD_VAE, "sdxl": SDXL_VAE}
