@@ -40,3 +40,28 @@ def unet_block_channels(draw, max_groups: int = 4, max_heads: int = 4):
     in_channels = groups * draw(st.integers(1, 4))
     out_channels = groups * heads * draw(st.integers(1, 3))
     return groups, in_channels, out_channels, heads
+
+
+@st.composite
+def vae_configs(draw, max_stages: int = 3):
+    """A small AutoencoderKL config: 1 to `max_stages` stages, channels a multiple of the groups, every option drawn.
+
+    The image side must be a multiple of 2 ** (stages - 1) times at least 2 for the encoder's
+    last stage to have a GroupNorm with more than one value per group.
+    """
+    groups = draw(st.integers(1, 4))
+    stages = draw(st.integers(1, max_stages))
+    return {
+        "block_out_channels": [groups * draw(st.integers(1, 4)) for _ in range(stages)],
+        "down_block_types": ["DownEncoderBlock2D"] * stages,
+        "up_block_types": ["UpDecoderBlock2D"] * stages,
+        "norm_num_groups": groups,
+        "layers_per_block": draw(st.integers(1, 2)),
+        "in_channels": draw(st.integers(1, 4)),
+        "out_channels": draw(st.integers(1, 4)),
+        "latent_channels": draw(st.integers(1, 4)),
+        "act_fn": draw(activations),
+        "mid_block_add_attention": draw(st.booleans()),
+        "use_quant_conv": draw(st.booleans()),
+        "use_post_quant_conv": draw(st.booleans()),
+    }
