@@ -5,6 +5,10 @@
                   [--height H] [--width W] [--scheduler DDIMScheduler]
                   [--image in.png --strength 0.8] [--device cuda] [--dtype fp16]
 
+    pare parity [--model DIR_OR_ID] [--device cuda] [--dtype fp16] [--components unet,vae,scheduler]
+                [--seed N] [--reference-path DIFFUSERS_CHECKOUT] [--out REPORT]
+    pare bench  [--models sd15,sd21,sdxl] [--cases ...] [--modes eager,graph,compile,compile-ro]
+
 `generate` reads the folder's model_index.json to choose Stable Diffusion or SDXL, and runs
 image-to-image when `--image` is given. It shows a progress bar over the denoising steps.
 """
@@ -42,6 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on CUDA, fp32 on CPU")
     gen.add_argument("--out", default="out.png", help="where to write the PNG (default out.png)")
     gen.set_defaults(run=lambda args: generate(args, gen))
+
+    from . import bench
+    from .parity import run as parity
+
+    par = commands.add_parser("parity", help="block-by-block parity report against diffusers",
+                              description=parity.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parity.add_arguments(par)
+    par.set_defaults(run=lambda args: 0 if parity.run(args).passed else 1)  # exit 1 when a row fails
+
+    ben = commands.add_parser("bench", help="latency and memory of pare beside diffusers",
+                              description=bench.__doc__)
+    bench.add_arguments(ben)
+    ben.set_defaults(run=lambda args: [bench.run(args), 0][1])  # exit 0 once the files are written
     return parser
 
 

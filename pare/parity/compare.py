@@ -88,7 +88,7 @@ def compare(
     max_abs = float(nan_safe.max()) if diff.numel() else 0.0
     rel_l2 = _rel_l2(ours, theirs)
     denom = (ours.norm() * theirs.norm()).item()
-    cos_dist = 1.0 - (ours.flatten() @ theirs.flatten()).item() / denom if denom > 0 else 0.0
+    cos_dist = max(0.0, 1.0 - (ours.flatten() @ theirs.flatten()).item() / denom) if denom > 0 else 0.0
     scale = tol.rel_l2 * float(theirs.abs().max()) if theirs.numel() else 0.0
     mismatches = int((nan_safe > scale).sum())
 

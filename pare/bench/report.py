@@ -1,0 +1,85 @@
+"""Writing a benchmark run: JSON (everything), Markdown (the table to read) and a PNG bar chart."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .timing import Run
+
+
+def _ms(x: float) -> str:
+    return "—" if x is None or math.isnan(x) else f"{x:.2f}"
+
+
+def to_markdown(run: Run) -> str:
+    h = run.header
+    lines = [
+        f"# pare vs diffusers: latency and memory ({h['date']})",
+        "",
+        f"device: {h['device']} (driver {h['driver']}), torch {h['torch']}, diffusers {h['diffusers']}, "
+        f"pare {h['pare']}, dtype {h['dtype']}, matmul peak measured in this run: {h['matmul_tflops']:.0f} TFLOP/s. "
+        f"Median of {h['iters']} timed runs after {h['warmup']} warm-up runs (CUDA events); spread is the "
+        "10th-90th percentile. Ratios within this table are the figures to quote.",
+        "",
+        "| case | mode | pare ms | diffusers ms | pare / diffusers | pare peak GiB | diffusers peak GiB | GFLOP "
+        "| floor ms | pare x floor | compile s (pare / diffusers) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_key = {(r.case, r.mode, r.library): r for r in run.results}
+    for case, mode in dict.fromkeys((r.case, r.mode) for r in run.results):
+        ours, theirs = by_key.get((case, mode, "pare")), by_key.get((case, mode, "diffusers"))
+        if ours is None or theirs is None:
+            continue
+        ratio = ours.median_ms / theirs.median_ms if theirs.median_ms and not math.isnan(theirs.median_ms) else None
+        mem = lambda r: "—" if r.peak_mem_gib is None else f"{r.peak_mem_gib:.2f}"  # noqa: E731
+        comp = "—" if ours.compile_s is None else f"{ours.compile_s:.0f} / {theirs.compile_s or float('nan'):.0f}"
+        lines.append(
+            f"| {case} | {mode} | {_ms(ours.median_ms)} ({_ms(ours.p10_ms)}–{_ms(ours.p90_ms)}) "
+            f"| {_ms(theirs.median_ms)} ({_ms(theirs.p10_ms)}–{_ms(theirs.p90_ms)}) "
+            f"| {'—' if ratio is None or math.isnan(ratio) else f'{ratio:.2f}'} | {mem(ours)} | {mem(theirs)} "
+            f"| {'—' if ours.gflop is None else f'{ours.gflop:.4g}'} | {_ms(ours.floor_ms)} "
+            f"| {'—' if ours.x_floor is None or math.isnan(ours.x_floor) else f'{ours.x_floor:.1f}'} | {comp} |"
+        )
+    failed = [r for r in run.results if r.note.startswith("failed")]
+    if failed:
+        lines += ["", "Failed cases:", ""] + [f"- {r.case} / {r.library} / {r.mode}: {r.note}" for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def chart(run: Run, path: Path) -> Path | None:
+    """Grouped bars, pare beside diffusers, one group per (case, mode). Needs matplotlib (the `bench` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    groups = list(dict.fromkeys((r.case, r.mode) for r in run.results))
+    by_key = {(r.case, r.mode, r.library): r.median_ms for r in run.results}
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(groups) + 2), 4.5))
+    width = 0.4
+    for i, lib in enumerate(("pare", "diffusers")):
+        values = [by_key.get((c, m, lib), float("nan")) for c, m in groups]
+        ax.bar([x + (i - 0.5) * width for x in range(len(groups))], values, width, label=lib)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([f"{c}\n{m}" for c, m in groups], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("median latency (ms, log scale)")
+    ax.set_yscale("log")
+    ax.set_title(f"pare vs diffusers {run.header['diffusers']}, {run.header['device']}, {run.header['dtype']}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write(run: Run, folder: Path, stem: str) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{stem}.json", folder / f"{stem}.md"]
+    paths[0].write_text(json.dumps(run.as_dict(), indent=2, default=str))
+    paths[1].write_text(to_markdown(run))
+    png = chart(run, folder / f"{stem}.png")
+    return paths + ([png] if png else [])

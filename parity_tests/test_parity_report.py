@@ -1,0 +1,115 @@
+"""`pare parity`: the report's numbers, its verdicts on broken blocks, and --reference-path."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import diffusers
+import pytest
+import torch
+
+import pare
+from pare.cli import main
+from pare.parity import compare
+from pare.parity import run as parity
+
+
+def report_for(tmp_path, *argv):
+    parser = parity.argparse.ArgumentParser()
+    parity.add_arguments(parser)
+    return parity.run(parser.parse_args([*argv, "--out", str(tmp_path / "report")]))
+
+
+def test_default_tiny_report_passes_and_is_written(tmp_path, capsys):
+    assert main(["parity", "--out", str(tmp_path / "r")]) == 0
+    printed = capsys.readouterr().out
+    assert "PASS: all" in printed and "UNet2DConditionModel" in printed and "VAEDecode" in printed
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["header"]["diffusers"] == diffusers.__version__ and data["header"]["pare"] == pare.__version__
+    assert {row["component"] for row in data["rows"]} == {"unet", "vae", "scheduler"}
+    md = (tmp_path / "r.md").read_text()
+    assert md.startswith("# Parity report: tiny (generated)") and "| unet | down_blocks.0 |" in md
+
+
+def test_report_numbers_are_the_comparison_helpers(tmp_path, monkeypatch):
+    # Capture the final UNet outputs the report compared, and recompute the row with `compare`.
+    seen = {}
+    original = parity.compare_blocks
+
+    def spy(model, reference, args, kwargs=None, **kw):
+        result = original(model, reference, args, kwargs, **kw)
+        if type(model).__name__ == "UNet2DConditionModel":
+            seen["ours"] = model(*args, **(kwargs or {}))
+            seen["theirs"] = reference(*args, **(kwargs or {})).sample
+        return result
+
+    monkeypatch.setattr(parity, "compare_blocks", spy)
+    report = report_for(tmp_path, "--components", "unet")
+    row = next(r for c, r in report.rows if r.name == "UNet2DConditionModel")
+    again = compare("UNet2DConditionModel", seen["ours"], seen["theirs"], scope="end_to_end")
+    assert (row.max_abs, row.rel_l2, row.cos_dist, row.passed) == (again.max_abs, again.rel_l2, again.cos_dist, again.passed)
+
+
+def break_pare_unet(monkeypatch, breaker):
+    """Make pare's loaded UNet wrong in one place, chosen by `breaker(unet)`."""
+    original = pare.UNet2DConditionModel.from_pretrained.__func__
+
+    def load(cls, *args, **kwargs):
+        unet = original(cls, *args, **kwargs)
+        breaker(unet)
+        return unet
+
+    monkeypatch.setattr(pare.UNet2DConditionModel, "from_pretrained", classmethod(load))
+
+
+@pytest.mark.parametrize("dtype,error", [("fp32", 1e-3), ("fp16", 1e-2)])
+def test_a_scale_error_fails_and_names_that_block(tmp_path, monkeypatch, dtype, error):
+    """fp32 catches a 1e-3 scale error. fp16 cannot: by then both libraries are ~1e-3 from float64
+    (fp16 keeps 11 bits), so a 1e-3 slip is inside the budget; a 1e-2 one is not."""
+
+    def scale_output(unet):
+        unet.up_blocks[1].resnets[0].register_forward_hook(lambda m, i, out: out * (1 + error))
+
+    break_pare_unet(monkeypatch, scale_output)
+    report = report_for(tmp_path, "--components", "unet", "--dtype", dtype)
+    component, first = report.first_failure
+    assert (component, first.name) == ("unet", "up_blocks.1.resnets.0")
+    assert all(r.passed for _, r in report.rows[: report.rows.index((component, first))])
+    assert "FAIL: " in report.summary() and "up_blocks.1.resnets.0" in report.summary()
+
+
+def test_a_wrong_attention_scale_fails_and_names_that_transformer_block(tmp_path, monkeypatch):
+    def sharpen_attention(unet):
+        # Scaling the query by 1.1 is scaling Q K^T / sqrt(d) by 1.1: a wrong attention scale.
+        attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+        with torch.no_grad():
+            attn.to_q.weight.mul_(1.1)
+
+    break_pare_unet(monkeypatch, sharpen_attention)
+    _, first = report_for(tmp_path, "--components", "unet").first_failure
+    assert first.name == "down_blocks.0.attentions.0.transformer_blocks.0"
+
+
+def test_reference_path_imports_diffusers_from_that_tree(tmp_path):
+    # A copy of the installed diffusers with one edited line: ResnetBlock2D's output scaled by 1.001.
+    tree = tmp_path / "checkout" / "src"
+    shutil.copytree(Path(diffusers.__file__).parent, tree / "diffusers",
+                    ignore=shutil.ignore_patterns("__pycache__", "pipelines"))
+    (tree / "diffusers" / "pipelines").mkdir()
+    shutil.copy(Path(diffusers.__file__).parent / "pipelines" / "__init__.py", tree / "diffusers" / "pipelines")
+    resnet = tree / "diffusers" / "models" / "resnet.py"
+    line = "        output_tensor = (input_tensor + hidden_states) / self.output_scale_factor\n"
+    source = resnet.read_text()
+    assert source.count(line) >= 1
+    resnet.write_text(source.replace(line, line.replace("/ self.output_scale_factor", "/ self.output_scale_factor * 1.001")))
+
+    out = tmp_path / "edited"
+    proc = subprocess.run([sys.executable, "-m", "pare.cli", "parity", "--components", "unet", "--reference-path",
+                           str(tree.parent), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert Path(data["header"]["diffusers_path"]) == (tree / "diffusers").resolve()
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    first = next(r for r in data["rows"] if not r["passed"])
+    assert ".resnets.0" in first["name"] and first["name"].startswith("down_blocks.0")
