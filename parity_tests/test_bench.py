@@ -1,0 +1,36 @@
+"""A CPU smoke of `pare bench`: the benchmark runs end to end and writes well-formed results.
+
+Benchmarks are not tests: no timing is asserted here, only that every case ran for both
+libraries and that the files say what was measured.
+"""
+
+import json
+import math
+
+from pare.cli import main
+
+
+def test_bench_smoke_writes_json_and_markdown(tmp_path):
+    assert main(["bench", "--device", "cpu", "--models", "tiny", "--iters", "2", "--warmup", "1",
+                 "--batches", "1", "--out", str(tmp_path), "--stem", "smoke"]) == 0
+    data = json.loads((tmp_path / "smoke.json").read_text())
+    assert {"device", "torch", "diffusers", "pare", "dtype", "date", "matmul_tflops"} <= set(data["header"])
+    cases = {r["case"] for r in data["results"]}
+    assert cases == {"tiny unet b1", "tiny vae decode 64px", "tiny vae encode 64px", "tiny ddim step"}
+    for case in cases:
+        rows = [r for r in data["results"] if r["case"] == case]
+        assert {r["library"] for r in rows} == {"pare", "diffusers"}
+        for r in rows:
+            assert r["runs"] == 2 and math.isfinite(r["median_ms"]) and r["median_ms"] > 0, r
+            assert r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+    unet = next(r for r in data["results"] if r["case"] == "tiny unet b1" and r["library"] == "pare")
+    assert unet["gflop"] > 0 and unet["floor_ms"] > 0
+    table = (tmp_path / "smoke.md").read_text()
+    assert all(f"| {case} | eager |" in table for case in cases)
+
+
+def test_bench_rejects_unknown_names(tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit, match=r"unknown mode \['turbo'\]"):
+        main(["bench", "--device", "cpu", "--models", "tiny", "--modes", "turbo", "--out", str(tmp_path)])
