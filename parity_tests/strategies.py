@@ -30,19 +30,6 @@ def feature_maps(draw, channels: int, max_side: int = 12, odd: bool = True, min_
 
 
 @st.composite
-def unet_block_channels(draw, max_groups: int = 4, max_heads: int = 4):
-    """(groups, in_channels, out_channels, heads) for a UNet block.
-
-    GroupNorm needs both channel counts to be multiples of `groups`, and the transformer splits
-    out_channels between `heads` (head dim = out_channels // heads, as in diffusers).
-    """
-    groups, heads = draw(st.integers(1, max_groups)), draw(st.integers(1, max_heads))
-    in_channels = groups * draw(st.integers(1, 4))
-    out_channels = groups * heads * draw(st.integers(1, 3))
-    return groups, in_channels, out_channels, heads
-
-
-@st.composite
 def vae_configs(draw, max_stages: int = 3):
     """A small AutoencoderKL config: 1 to `max_stages` stages, channels a multiple of the groups, every option drawn.
 
@@ -65,3 +52,68 @@ def vae_configs(draw, max_stages: int = 3):
         "use_quant_conv": draw(st.booleans()),
         "use_post_quant_conv": draw(st.booleans()),
     }
+
+
+# --- schedulers ---------------------------------------------------------------------------------
+
+SCHEDULER_KINDS = ("ddim", "ddpm")
+train_timesteps = st.one_of(st.just(1000), st.integers(2, 1000))
+scheduler_dtypes = st.sampled_from(["fp32", "fp64", "fp16", "bf16"])
+
+
+@st.composite
+def scheduler_configs(draw, kind: str, num_train_timesteps=train_timesteps):
+    """A diffusers config dict for DDIMScheduler ("ddim") or DDPMScheduler ("ddpm") with every option in play.
+
+    Values stay where real configs live (betas ~1e-4 .. 3e-2); options are drawn independently,
+    including combinations no checkpoint uses (thresholding with clip_sample, say).
+    """
+    if kind not in SCHEDULER_KINDS:
+        raise ValueError(f"kind={kind!r}; expected one of {SCHEDULER_KINDS}")
+    T = draw(num_train_timesteps)
+    schedules = ["linear", "scaled_linear", "squaredcos_cap_v2"] + (["sigmoid", "laplace"] if kind == "ddpm" else [])
+    config = dict(
+        num_train_timesteps=T,
+        beta_start=draw(st.floats(1e-5, 2e-3)),
+        beta_end=draw(st.floats(5e-3, 3e-2)),
+        beta_schedule=draw(st.sampled_from(schedules)),
+        trained_betas=None,
+        clip_sample=draw(st.booleans()),
+        clip_sample_range=draw(st.floats(0.5, 3.0)),
+        prediction_type=draw(st.sampled_from(["epsilon", "v_prediction", "sample"])),
+        thresholding=draw(st.booleans()),
+        dynamic_thresholding_ratio=draw(st.floats(0.8, 1.0)),
+        sample_max_value=draw(st.floats(1.0, 3.0)),
+        timestep_spacing=draw(st.sampled_from(["leading", "trailing", "linspace"])),
+        steps_offset=draw(st.sampled_from([0, 0, 1, 2])),
+        rescale_betas_zero_snr=draw(st.booleans()),
+    )
+    if draw(st.integers(0, 4)) == 0:  # now and then a checkpoint's own betas
+        low, high = draw(st.floats(1e-5, 1e-3)), draw(st.floats(5e-3, 3e-2))
+        config["trained_betas"] = [low + (high - low) * (i / max(T - 1, 1)) ** 2 for i in range(T)]
+    if kind == "ddim":
+        config["set_alpha_to_one"] = draw(st.booleans())
+    else:
+        config["variance_type"] = draw(st.sampled_from(
+            ["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range"]))
+    return config
+
+
+@st.composite
+def scheduler_setups(draw, kind: str, num_train_timesteps=train_timesteps):
+    """(config, num_inference_steps) with num_inference_steps anywhere in 1 .. num_train_timesteps."""
+    config = draw(scheduler_configs(kind, num_train_timesteps))
+    return config, draw(st.integers(1, config["num_train_timesteps"]))
+
+
+@st.composite
+def unet_block_channels(draw, max_groups: int = 4, max_heads: int = 4):
+    """(groups, in_channels, out_channels, heads) for a UNet block.
+
+    GroupNorm needs both channel counts to be multiples of `groups`, and the transformer splits
+    out_channels between `heads` (head dim = out_channels // heads, as in diffusers).
+    """
+    groups, heads = draw(st.integers(1, max_groups)), draw(st.integers(1, max_heads))
+    in_channels = groups * draw(st.integers(1, 4))
+    out_channels = groups * heads * draw(st.integers(1, 3))
+    return groups, in_channels, out_channels, heads
