@@ -95,6 +95,10 @@ def generate(args, parser) -> int:
         # 2. Load: the folder's model_index.json says which family it is.
         index = read_model_index(pipeline_root(args.model))
         pipeline_class = choose_pipeline(index.get("_class_name", ""), img2img=args.image is not None)
+        named = (index.get("scheduler") or [None, None])[1]
+        if args.scheduler is None and named is not None and named not in SCHEDULERS:
+            raise ValueError(f"{args.model} names {named}, which pare does not implement; pass --scheduler with "
+                             f"one of {', '.join(sorted(SCHEDULERS))} to build it from the folder's scheduler config")
         components = {}
         if args.scheduler is not None:
             from .loading import resolve_folder

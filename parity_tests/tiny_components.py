@@ -146,3 +146,159 @@ def copy_folder(family: str, dest: Path, drop: str | None = None) -> Path:
     if drop is not None:
         shutil.rmtree(dest / drop)
     return dest
+
+
+# --- both libraries, one seed ------------------------------------------------------------------
+
+
+def scheduler_cases(cases: dict, every_scheduler: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(case, scheduler) pairs: the cases named in `every_scheduler` with each scheduler pare has, the rest with DDIM."""
+    from pare.schedulers import SCHEDULERS
+
+    return [(case, scheduler) for case in cases for scheduler in sorted(SCHEDULERS)
+            if case in every_scheduler or scheduler == "DDIMScheduler"]
+
+
+def diffusers_clip_skip_shim(pipe) -> None:
+    """Let diffusers 0.42.1's SD clip_skip run under transformers >= 5.6.
+
+    diffusers reads `text_encoder.text_model.final_layer_norm`, but transformers 5.6 flattened
+    CLIPTextModel (huggingface/transformers#46285), so `clip_skip` raises AttributeError there
+    (huggingface/diffusers#14124). Aliasing `text_model` to the model itself (outside nn.Module's
+    registry, so no module cycle) gives diffusers the layout it expects; it computes the same thing.
+    """
+    encoder = pipe.text_encoder
+    if not hasattr(encoder, "text_model"):
+        object.__setattr__(encoder, "text_model", encoder)
+
+
+def generators(seed: int, count: int | None = None):
+    """One CPU generator, or `count` of them seeded seed, seed + 1, ..."""
+    if count is None:
+        return torch.Generator().manual_seed(seed)
+    return [torch.Generator().manual_seed(seed + i) for i in range(count)]
+
+
+def record_run(pipe, seed: int = 0, n_generators: int | None = None, **kwargs):
+    """Run `pipe` with fresh generators; return the latents after every step (via the callback) and the images."""
+    steps = []
+
+    def record(pipe, step, timestep, tensors):
+        steps.append(tensors["latents"].detach().clone())
+        return {}
+
+    out = pipe(generator=generators(seed, n_generators), callback_on_step_end=record,
+               callback_on_step_end_tensor_inputs=["latents"], **kwargs)
+    return steps, out.images
+
+
+def to_uint8(images) -> "np.ndarray":
+    """[0, 1] float images -> uint8, rounded as diffusers' and pare's PIL output rounds them."""
+    import numpy as np
+
+    return (np.asarray(images) * 255).round().astype(np.uint8)
+
+
+# The discrete check downstream of the float comparison: uint8 images may differ by one level where
+# a value sits on a rounding boundary, in at most this fraction of values, and never by more.
+MAX_UINT8_OFF_BY_ONE = 0.01
+
+
+def assert_same_images(ours, theirs, name: str) -> None:
+    import numpy as np
+
+    a, b = to_uint8(ours).astype(np.int16), to_uint8(theirs).astype(np.int16)
+    assert a.shape == b.shape, f"{name}: pare's images {a.shape}, diffusers' {b.shape}"
+    diff = np.abs(a - b)
+    off = float((diff > 0).mean())
+    assert diff.max() <= 1 and off <= MAX_UINT8_OFF_BY_ONE, (
+        f"{name}: uint8 images differ by up to {diff.max()} levels in {off:.2%} of values "
+        f"(allowed: 1 level in {MAX_UINT8_OFF_BY_ONE:.0%})")
+
+
+def assert_same_run(pare_pipe, diffusers_pipe, name: str, **kwargs):
+    """Same arguments and seeds to both pipelines: the same latents after every step, the same image.
+
+    Latents and the float image go through `assert_parity` (scope end_to_end, float32: rel L2
+    <= 1e-4); the uint8 images through `assert_same_images`. Returns pare's latents per step and images.
+    """
+    from pare.parity import assert_parity
+
+    ours_steps, ours = record_run(pare_pipe, output_type="np", **kwargs)
+    theirs_steps, theirs = record_run(diffusers_pipe, output_type="np", **kwargs)
+    assert len(ours_steps) == len(theirs_steps), (
+        f"{name}: pare ran {len(ours_steps)} steps, diffusers {len(theirs_steps)}")
+    for i, (a, b) in enumerate(zip(ours_steps, theirs_steps)):
+        assert_parity(f"{name}: latents after step {i}", a, b, scope="end_to_end")
+    assert_parity(f"{name}: image", torch.from_numpy(ours), torch.from_numpy(theirs), scope="end_to_end")
+    assert_same_images(ours, theirs, name)
+    return ours_steps, ours
+
+
+# --- GPU tier: official configs ------------------------------------------------------------------
+
+
+def official_pipelines(family: str, device, dtype):
+    """diffusers' pipeline for an official family and pare's twin with the same weights, on `device`.
+
+    No folder is written (SDXL's UNet alone is 10 GB in float32): pare's models are built from the
+    diffusers models' configs and state dicts (copied), so they carry the same seeded random init.
+    diffusers' pipeline stays float32 (the caller casts it); pare's is cast to `dtype`.
+    """
+    import copy
+
+    import pare
+    from pare.schedulers import get_scheduler_class
+
+    theirs = build_diffusers_pipeline(family, device=device, model_max_length=16)
+    theirs.set_progress_bar_config(disable=True)
+
+    def twin(cls, model):
+        with torch.device("meta"):
+            ours = cls.from_config(dict(model.config))
+        state = {k: v.to(dtype=dtype, copy=True) for k, v in model.state_dict().items()}
+        ours.load_state_dict(state, strict=True, assign=True)
+        return ours.eval()
+
+    parts = dict(theirs.components)
+    parts["unet"] = twin(pare.UNet2DConditionModel, theirs.unet)
+    parts["vae"] = twin(pare.AutoencoderKL, theirs.vae)
+    parts["scheduler"] = get_scheduler_class(type(theirs.scheduler).__name__).from_config(dict(theirs.scheduler.config))
+    for name in ("text_encoder", "text_encoder_2"):
+        if name in parts:
+            parts[name] = copy.deepcopy(parts[name]).to(dtype)
+    if "text_encoder_2" in parts:
+        ours = pare.StableDiffusionXLPipeline(**{k: parts[k] for k in pare.StableDiffusionXLPipeline.component_kinds})
+    else:
+        ours = pare.StableDiffusionPipeline(**{k: parts[k] for k in pare.StableDiffusionPipeline.component_kinds})
+    ours.set_progress_bar_config(disable=True)
+    return ours, theirs
+
+
+def assert_official_run(ours, theirs, dtype, height: int, width: int, **kwargs) -> list:
+    """Both pipelines from one noise tensor; below float32 judged against diffusers run in float64.
+
+    Returns the comparisons (printed, for the GPU-tier summary).
+    """
+    from pare.parity import assert_parity
+
+    device = ours.device
+    noise = torch.randn(1, 4, height // 8, width // 8, generator=torch.Generator().manual_seed(0))
+    kwargs.update(height=height, width=width, output_type="pt")
+
+    ref_steps, ref_image = [None] * kwargs["num_inference_steps"], None
+    if dtype in (torch.float16, torch.bfloat16):
+        theirs.to(torch.float64)
+        ref_steps, ref_image = record_run(theirs, latents=noise.to(device, torch.float64), **kwargs)
+    theirs.to(dtype)
+    their_steps, their_image = record_run(theirs, latents=noise.to(device, dtype), **kwargs)
+    our_steps, our_image = record_run(ours, latents=noise.to(device, dtype), **kwargs)
+
+    assert len(our_steps) == len(their_steps) == len(ref_steps)
+    results = []
+    for i, (a, b, r) in enumerate(zip(our_steps, their_steps, ref_steps)):
+        results.append(assert_parity(f"latents after step {i}", a, b, r, dtype=dtype, scope="end_to_end"))
+    results.append(assert_parity("image", our_image, their_image, ref_image, dtype=dtype, scope="end_to_end"))
+    for result in results:
+        print(result)
+    return results

@@ -219,11 +219,12 @@ class PipelineMixin:
     """`from_pretrained`, `.to`, `device`, `dtype` and the progress bar, for the pipelines of this package.
 
     A subclass maps each component name to its kind (a key of `KNOWN_CLASSES`, or "scheduler")
-    in `components`, and names in `options` the `__init__` arguments it reads from
-    model_index.json (`force_zeros_for_empty_prompt`, ...).
+    in `component_kinds`, and names in `options` the `__init__` arguments it reads from
+    model_index.json (`force_zeros_for_empty_prompt`, ...). As in diffusers, `pipe.components`
+    is the dict of component objects, so `OtherPipeline(**pipe.components)` shares them.
     """
 
-    components: dict[str, str] = {}
+    component_kinds: dict[str, str] = {}
     options: tuple[str, ...] = ()
 
     @classmethod
@@ -238,16 +239,16 @@ class PipelineMixin:
         local_files_only, token.
         """
         hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
-        unknown = sorted(set(kwargs) - set(cls.components) - set(cls.options))
+        unknown = sorted(set(kwargs) - set(cls.component_kinds) - set(cls.options))
         if unknown:
             raise TypeError(f"{cls.__name__}.from_pretrained got unexpected arguments {unknown}; "
-                            f"components: {list(cls.components)}, options: {list(cls.options)}")
+                            f"components: {list(cls.component_kinds)}, options: {list(cls.options)}")
         root = pipeline_root(path_or_repo_id, **hub_kwargs)
         index = read_model_index(root)
         local = Path(path_or_repo_id).is_dir()
 
         to_load, problems = {}, []
-        for name, kind in cls.components.items():
+        for name, kind in cls.component_kinds.items():
             if name in kwargs:
                 continue
             entry = index.get(name)
@@ -271,8 +272,12 @@ class PipelineMixin:
         options = {k: index[k] for k in cls.options if k in index}
         return cls(**{**loaded, **options, **kwargs})
 
+    @property
+    def components(self) -> dict:
+        return {name: getattr(self, name) for name in self.component_kinds}
+
     def models(self) -> list[torch.nn.Module]:
-        return [m for name in self.components if isinstance(m := getattr(self, name), torch.nn.Module)]
+        return [m for m in self.components.values() if isinstance(m, torch.nn.Module)]
 
     def to(self, device: str | torch.device | torch.dtype | None = None, dtype: torch.dtype | None = None):
         """Move every model to `device` and/or cast it to `dtype`: `.to("cuda")`, `.to(torch.float16)`, both."""

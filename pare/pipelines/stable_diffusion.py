@@ -53,7 +53,7 @@ class StableDiffusionPipeline(PipelineMixin):
     There is no safety checker: a model_index.json's safety_checker and feature_extractor are ignored.
     """
 
-    components = {"vae": "vae", "text_encoder": "text_encoder", "tokenizer": "tokenizer", "unet": "unet",
+    component_kinds = {"vae": "vae", "text_encoder": "text_encoder", "tokenizer": "tokenizer", "unet": "unet",
                   "scheduler": "scheduler"}
     # What a step callback may read and replace.
     callback_tensor_inputs = ("latents", "prompt_embeds")

@@ -29,7 +29,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
     Steps 2 and 3 (get_latent, denoise) are Stable Diffusion's; encode_prompt and vae_decode are SDXL's.
     """
 
-    components = {"vae": "vae", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2",
+    component_kinds = {"vae": "vae", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2",
                   "tokenizer": "tokenizer", "tokenizer_2": "tokenizer", "unet": "unet", "scheduler": "scheduler"}
     options = ("force_zeros_for_empty_prompt",)
 
