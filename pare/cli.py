@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     gen.add_argument("--guidance", type=float, default=None,
                      help="classifier-free guidance scale (default 7.5, SDXL 5.0; <= 1 turns it off)")
-    gen.add_argument("--seed", type=int, default=None, help="seed of the CPU generator (default: a random one, printed)")
+    gen.add_argument("--seed", type=int, default=None,
+                     help="seed of the CPU generator (default: a random one, printed)")
     gen.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--scheduler", default=None, metavar="NAME",
@@ -76,7 +77,8 @@ def generate(args, parser) -> int:
 
     # 1. Check every argument before loading anything.
     if args.scheduler is not None and args.scheduler not in SCHEDULERS:
-        parser.error(f"--scheduler {args.scheduler!r} is not a pare scheduler; choose from {', '.join(sorted(SCHEDULERS))}")
+        parser.error(f"--scheduler {args.scheduler!r} is not a pare scheduler; "
+                     f"choose from {', '.join(sorted(SCHEDULERS))}")
     for name in ("height", "width"):
         value = getattr(args, name)
         if value is not None and (value <= 0 or value % 8):
@@ -103,7 +105,8 @@ def generate(args, parser) -> int:
         if args.scheduler is not None:
             from .loading import resolve_folder
 
-            components["scheduler"] = get_scheduler_class(args.scheduler).from_config(resolve_folder(args.model, "scheduler"))
+            scheduler_folder = resolve_folder(args.model, "scheduler")
+            components["scheduler"] = get_scheduler_class(args.scheduler).from_config(scheduler_folder)
         pipe = pipeline_class.from_pretrained(args.model, torch_dtype=dtype, **components).to(device)
 
         # 3. Generate.

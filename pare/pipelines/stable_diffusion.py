@@ -54,13 +54,14 @@ class StableDiffusionPipeline(PipelineMixin):
     """
 
     component_kinds = {"vae": "vae", "text_encoder": "text_encoder", "tokenizer": "tokenizer", "unet": "unet",
-                  "scheduler": "scheduler"}
+                       "scheduler": "scheduler"}
     # What a step callback may read and replace.
     callback_tensor_inputs = ("latents", "prompt_embeds")
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler):
         if getattr(unet.config, "addition_embed_type", None) == "text_time":
-            raise ValueError("this UNet is an SDXL UNet (addition_embed_type='text_time'): use StableDiffusionXLPipeline")
+            raise ValueError("this UNet is an SDXL UNet (addition_embed_type='text_time'): "
+                             "use StableDiffusionXLPipeline")
         hidden = text_encoder.config.hidden_size
         if hidden != unet.config.cross_attention_dim:
             raise ValueError(f"the text encoder's hidden size ({hidden}) must equal the UNet's cross_attention_dim "
@@ -109,6 +110,7 @@ class StableDiffusionPipeline(PipelineMixin):
     ) -> PipelineOutput:
         """Generate images from text. Arguments, names and defaults are diffusers'.
 
+        timesteps: a custom descending schedule, for schedulers whose set_timesteps takes one (DDPM).
         guidance_scale: CFG weight w (Ho & Salimans eq. 6); guidance is off at w <= 1.
         guidance_rescale: phi of Lin et al., arXiv 2305.08891 section 3.4 (0: off).
         clip_skip: use the CLIP layer this many below the last (1: the penultimate), then the final norm.
@@ -185,8 +187,8 @@ class StableDiffusionPipeline(PipelineMixin):
 
     def get_latent(self, batch_size: int, height: int, width: int, dtype: torch.dtype, generator=None, latents=None):
         """x_T ~ N(0, sigma_max^2 I), (B, 4, H/8, W/8): drawn as diffusers draws it, or the `latents` given."""
-        shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
+            shape = self.latent_shape(batch_size, height, width)
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
         else:
             latents = latents.to(self.device)
@@ -233,6 +235,10 @@ class StableDiffusionPipeline(PipelineMixin):
         return postprocess_image(image, output_type)
 
     # --- checks ---------------------------------------------------------------------------
+
+    def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
+        s = self.vae_scale_factor
+        return batch_size, self.unet.config.in_channels, height // s, width // s  # (B, 4, H/8, W/8)
 
     def default_size(self) -> int:
         sample_size = self.unet.config.sample_size
@@ -283,7 +289,7 @@ class StableDiffusionPipeline(PipelineMixin):
             raise ValueError(f"callback_on_step_end_tensor_inputs {bad} are not available; "
                              f"choose from {list(self.callback_tensor_inputs)}")
         if latents is not None:
-            shape = (images, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+            shape = self.latent_shape(images, height, width)
             if tuple(latents.shape) != shape:
                 raise ValueError(f"`latents` has shape {tuple(latents.shape)}; {height} x {width} images need {shape}")
         return batch_size
@@ -306,7 +312,7 @@ class Img2ImgMixin:
     def get_latent(self, image: torch.Tensor, timestep: torch.Tensor, batch_size: int, dtype, generator=None):
         """x_t ~ q(x_t | x_0) (DDPM eq. 4) with x_0 the image's latents, tiled to the batch."""
         image = image.to(device=self.device, dtype=dtype)
-        if image.shape[1] == self.unet.config.in_channels:  # latents given as the image
+        if image.shape[1] == self.vae.config.latent_channels:  # latents given as the image
             init_latents = image
         else:
             init_latents = self.vae_encode(image, batch_size, generator)
@@ -337,7 +343,7 @@ class Img2ImgMixin:
         if int(steps * strength) < 1:
             raise ValueError(f"strength {strength} x {steps} steps leaves no denoising step (int({steps} x "
                              f"{strength}) = 0): raise `strength` or `num_inference_steps`")
-        pixels = preprocess_image(image, self.vae_scale_factor, self.unet.config.in_channels)
+        pixels = preprocess_image(image, self.vae_scale_factor, self.vae.config.latent_channels)
         if images % pixels.shape[0]:
             raise ValueError(f"{pixels.shape[0]} images cannot be spread over {images} outputs: pass one image, "
                              f"or as many as prompts x num_images_per_prompt")

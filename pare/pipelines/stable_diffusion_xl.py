@@ -30,7 +30,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
     """
 
     component_kinds = {"vae": "vae", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2",
-                  "tokenizer": "tokenizer", "tokenizer_2": "tokenizer", "unet": "unet", "scheduler": "scheduler"}
+                       "tokenizer": "tokenizer", "tokenizer_2": "tokenizer", "unet": "unet", "scheduler": "scheduler"}
     options = ("force_zeros_for_empty_prompt",)
 
     def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler,
@@ -169,8 +169,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             else:
                 negative_prompt = negative_prompt or ""
                 negative_prompt_2 = negative_prompt_2 or negative_prompt
-                negatives = [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
-                negatives_2 = [negative_prompt_2] * batch_size if isinstance(negative_prompt_2, str) else negative_prompt_2
+                negatives, negatives_2 = ([text] * batch_size if isinstance(text, str) else text
+                                          for text in (negative_prompt, negative_prompt_2))
                 # diffusers encodes the negative prompts from the penultimate layer whatever clip_skip says;
                 # pare keeps that for parity.
                 negative_prompt_embeds, negative_pooled_prompt_embeds = self.clip_hidden_states_xl(
