@@ -17,7 +17,6 @@ from parity_tests.strategies import scheduler_configs, scheduler_dtypes, schedul
 from parity_tests.test_scheduling_utils import (
     LOW_PRECISION,
     check_step,
-    make_pair,
     overflows_alike,
     run_loop,
     same_noise_in_float64,
