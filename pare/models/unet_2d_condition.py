@@ -105,7 +105,8 @@ class UNet2DConditionModel(ModelMixin):
         super().__init__()
         n = len(down_block_types)
         self._check_config(down_block_types, up_block_types, block_out_channels, num_attention_heads,
-                           only_cross_attention, addition_embed_type, norm_num_groups, transformer_layers_per_block,
+                           only_cross_attention, addition_embed_type, addition_time_embed_dim,
+                           projection_class_embeddings_input_dim, norm_num_groups, transformer_layers_per_block,
                            reverse_transformer_layers_per_block)
         self.sample_size = sample_size
 
@@ -182,8 +183,8 @@ class UNet2DConditionModel(ModelMixin):
 
     @staticmethod
     def _check_config(down_block_types, up_block_types, block_out_channels, num_attention_heads, only_cross_attention,
-                      addition_embed_type, norm_num_groups, transformer_layers_per_block,
-                      reverse_transformer_layers_per_block):
+                      addition_embed_type, addition_time_embed_dim, projection_input_dim, norm_num_groups,
+                      transformer_layers_per_block, reverse_transformer_layers_per_block):
         if len(down_block_types) != len(up_block_types) or len(down_block_types) != len(block_out_channels):
             raise ValueError(
                 f"down_block_types ({len(down_block_types)}), up_block_types ({len(up_block_types)}) and "
@@ -201,6 +202,10 @@ class UNet2DConditionModel(ModelMixin):
         if addition_embed_type not in ADDITION_EMBED_TYPES:
             raise ValueError(f"addition_embed_type={addition_embed_type!r} is not implemented in pare; "
                              f"expected one of {ADDITION_EMBED_TYPES} (None for SD 1.x/2.x, 'text_time' for SDXL)")
+        if addition_embed_type == "text_time" and None in (addition_time_embed_dim, projection_input_dim):
+            raise ValueError(f"addition_embed_type='text_time' (SDXL) needs addition_time_embed_dim (SDXL: 256) and "
+                             f"projection_class_embeddings_input_dim (SDXL: 2816), got {addition_time_embed_dim!r} "
+                             f"and {projection_input_dim!r}")
         if norm_num_groups is None:
             raise ValueError("norm_num_groups=None: the ResNet blocks of SD's UNet GroupNorm their input, so "
                              "norm_num_groups must be a number (32 in every SD checkpoint)")
@@ -222,7 +227,7 @@ class UNet2DConditionModel(ModelMixin):
         """The prediction (noise, or v for v-prediction checkpoints), shaped like `sample` with out_channels.
 
         sample: (B, in_channels, H, W) latents, any H and W.
-        timestep: an int or float, or a tensor of shape () or (1,) or (B,); one value is used for the whole batch.
+        timestep: an int or float, or a tensor of shape () or (1,) (broadcast over the batch) or (B,) (one per sample).
         encoder_hidden_states: (B, M, cross_attention_dim) text embeddings.
         added_cond_kwargs: SDXL only: {"text_embeds": (B, pooled dim), "time_ids": (B, 6)}.
         timestep_cond: LCM only: (B, time_cond_proj_dim) guidance-scale embedding, added to the time features.
