@@ -42,6 +42,9 @@ class Config(dict):
 
     __setitem__ = __delitem__ = update = pop = setdefault = clear = _readonly
 
+    def __reduce__(self):  # pickle and copy.deepcopy rebuild from a plain dict, not item by item
+        return (type(self), (dict(self),))
+
 
 def register_to_config(init):
     """Decorate `__init__` so that the bound arguments (defaults filled in) land on `self.config`."""

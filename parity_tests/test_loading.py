@@ -110,6 +110,18 @@ def test_config_keys_unknown_ignored_unsupported_checked(caplog):
         toy.config["width"] = 3
 
 
+def test_models_deepcopy_and_pickle_with_their_config():
+    import copy
+    import pickle
+
+    toy = Toy.from_config({"width": 6})
+    for twin in (copy.deepcopy(toy), pickle.loads(pickle.dumps(toy))):
+        assert twin.config == toy.config and type(twin.config) is type(toy.config)
+        assert twin.config.width == 6 and torch.equal(twin.proj.weight, toy.proj.weight)
+        with pytest.raises(TypeError, match="read-only"):
+            twin.config["width"] = 3
+
+
 def test_hub_repo_id_resolves_from_a_local_snapshot(tmp_path, monkeypatch):
     # The layout huggingface_hub keeps in its cache: models--org--name/{refs/main, snapshots/<sha>/...}.
     repo = tmp_path / "hub" / "models--pare-test--toy"

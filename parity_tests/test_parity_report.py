@@ -30,7 +30,7 @@ def test_default_tiny_report_passes_and_is_written(tmp_path, capsys):
     assert data["header"]["diffusers"] == diffusers.__version__ and data["header"]["pare"] == pare.__version__
     assert {row["component"] for row in data["rows"]} == {"unet", "vae", "scheduler"}
     md = (tmp_path / "r.md").read_text()
-    assert md.startswith("# Parity report: tiny (generated)") and "| unet | down_blocks.0 |" in md
+    assert md.startswith("# Parity report: tiny config, random init (generated)") and "| unet | down_blocks.0 |" in md
 
 
 def test_report_numbers_are_the_comparison_helpers(tmp_path, monkeypatch):

@@ -40,7 +40,8 @@ def block_names(model: nn.Module) -> list[str]:
 
     For a UNet: conv_in, time_embedding, down_blocks.0, down_blocks.0.resnets.0,
     down_blocks.0.attentions.0, down_blocks.0.attentions.0.transformer_blocks.0, ..., mid_block,
-    up_blocks.N..., conv_out. Layers inside a block (its convs, norms, attn1) are not blocks.
+    up_blocks.N..., conv_out. Layers inside a block (its convs, norms, attn1) are not blocks, nor
+    are torch's own layers held in a ModuleList (attention's `to_out.0` Linear and `to_out.1` Dropout).
     """
     names = []
 
@@ -48,6 +49,8 @@ def block_names(model: nn.Module) -> list[str]:
         for name, child in module.named_children():
             if isinstance(child, nn.ModuleList):
                 for index, item in child.named_children():
+                    if type(item).__module__.startswith("torch.nn"):
+                        continue
                     names.append(f"{prefix}{name}.{index}")
                     visit(item, f"{prefix}{name}.{index}.")
             elif not prefix:  # direct children of the model

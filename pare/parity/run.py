@@ -1,6 +1,7 @@
 """`pare parity`: load one checkpoint into pare and diffusers, hook every block, report where they part.
 
     pare parity                                   # a tiny checkpoint made on the spot, CPU, fp32
+    pare parity --config sdxl --device cuda --dtype fp16   # the official SDXL config, random init
     pare parity --model DIR_OR_ID --device cuda --dtype fp16 --out docs/parity/sd15-fp16
     pare parity --model DIR --reference-path ~/src/diffusers   # a diffusers working copy
 
@@ -56,19 +57,33 @@ class VAEEncode(nn.Module):
         return getattr(out, "latent_dist", out).mean
 
 
-def make_tiny_checkpoint(reference: ModuleType, folder: Path, seed: int) -> Path:
-    """A pipeline folder (unet/, vae/, scheduler/, model_index.json) written by diffusers from tiny configs."""
+# --config NAME: (UNet config, VAE config, scheduler prediction type) of a random-init checkpoint made now.
+CONFIGS = {
+    "tiny": (configs.TINY_SD_UNET, configs.TINY_VAE, "epsilon"),
+    "sd15": (configs.SD15_UNET, configs.SD_VAE, "epsilon"),
+    "sd21": (configs.SD21_UNET, configs.SD_VAE, "v_prediction"),
+    "sdxl": (configs.SDXL_UNET, configs.SDXL_VAE, "epsilon"),
+}
+
+
+def make_checkpoint(reference: ModuleType, folder: Path, name: str, seed: int, device: torch.device,
+                    dtype: torch.dtype) -> Path:
+    """A pipeline folder (unet/, vae/, scheduler/, model_index.json) written by diffusers: config `name`, seeded random init."""
+    unet, vae, prediction_type = CONFIGS[name]
     torch.manual_seed(seed)
-    for sub, cls, config in (("unet", "UNet2DConditionModel", configs.TINY_SD_UNET), ("vae", "AutoencoderKL", configs.TINY_VAE)):
-        model = getattr(reference, cls).from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    for sub, cls, config in (("unet", "UNet2DConditionModel", unet), ("vae", "AutoencoderKL", vae)):
+        with torch.device(device):  # official configs are built where they run: far faster than on a CPU
+            model = getattr(reference, cls).from_config({k: v for k, v in config.items() if not k.startswith("_")})
         with torch.no_grad():  # random norm affines: default init (1, 0) would hide affine bugs
             for m in model.modules():
                 if isinstance(m, (nn.GroupNorm, nn.LayerNorm)) and m.weight is not None:
                     m.weight.normal_(1, 0.1)
                     m.bias.normal_(0, 0.1)
-        model.save_pretrained(folder / sub)
+        model.to(dtype).save_pretrained(folder / sub)
+        del model
     reference.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                            set_alpha_to_one=False, steps_offset=1).save_pretrained(folder / "scheduler")
+                            set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+                            ).save_pretrained(folder / "scheduler")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
                                                          "unet": ["diffusers", "UNet2DConditionModel"],
                                                          "vae": ["diffusers", "AutoencoderKL"],
@@ -140,7 +155,9 @@ def run(args: argparse.Namespace) -> Report:
     tmp = None
     if args.model is None:
         tmp = tempfile.TemporaryDirectory(prefix="pare-parity-")
-        folder, model_name = make_tiny_checkpoint(reference, Path(tmp.name), args.seed), "tiny (generated)"
+        # Weights are stored in the run's precision (fp32 for fp32 runs), as an fp16 variant would be.
+        folder = make_checkpoint(reference, Path(tmp.name), args.config, args.seed, device, dtype)
+        model_name = f"{args.config} config, random init (generated)"
     else:
         folder, model_name = resolve_folder(args.model), args.model
     with64 = dtype in (torch.float16, torch.bfloat16)  # the error budget needs the float64 twin
@@ -169,7 +186,9 @@ def run(args: argparse.Namespace) -> Report:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="a pipeline folder or Hub repo id (default: a tiny one made now)")
+    parser.add_argument("--model", default=None, help="a pipeline folder or Hub repo id (default: one made now, see --config)")
+    parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS),
+                        help="without --model: the config of the random-init checkpoint made for the run (default tiny)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--components", default=",".join(COMPONENTS), help=f"comma list of {COMPONENTS}")
