@@ -107,6 +107,7 @@ SD_VAE = {
     "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
 
+SD21_VAE = {**SD_VAE, "sample_size": 768}  # stabilityai/stable-diffusion-2-1: the SD VAE, at 768 px
 SDXL_VAE = {**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
 
 # Tiny twins: same block types and options, channels small enough for CPU tests in seconds.
@@ -163,4 +164,21 @@ UNET_CONFIGS = {"tiny-sd": TINY_SD_UNET, "tiny-sd2": TINY_SD2_UNET, "tiny-sdxl":
                 "tiny-sd-inpaint": TINY_SD_INPAINT_UNET, "tiny-lcm": TINY_LCM_UNET,
                 "sd15": SD15_UNET, "sd21": SD21_UNET, "sdxl": SDXL_UNET,
                 "sd15-inpaint": SD15_INPAINT_UNET, "lcm-sd15": LCM_SD15_UNET}
-VAE_CONFIGS = {"tiny": TINY_VAE, "sd": SD_VAE, "sdxl": SDXL_VAE}
+VAE_CONFIGS = {"tiny": TINY_VAE, "sd": SD_VAE, "sd21": SD21_VAE, "sdxl": SDXL_VAE}
+
+# Text encoders: `transformers.CLIPTextConfig` arguments of the official repos' text_encoder/ folders
+# (vocabulary and positions aside: those follow the tokenizer a checkpoint is made with).
+CLIP_L_TEXT = {  # openai/clip-vit-large-patch14: SD 1.x, and SDXL's first encoder
+    "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
+    "hidden_act": "quick_gelu", "projection_dim": 768,
+}
+OPENCLIP_H_TEXT = {  # SD 2.x: OpenCLIP ViT-H/14, its last layer dropped (23 of 24)
+    "hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 23,
+    "hidden_act": "gelu", "projection_dim": 512,
+}
+OPENCLIP_BIGG_TEXT = {  # SDXL's second encoder (CLIPTextModelWithProjection): OpenCLIP ViT-bigG/14
+    "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20, "num_hidden_layers": 32,
+    "hidden_act": "gelu", "projection_dim": 1280,
+}
+TINY_TEXT = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 3,
+             "projection_dim": 32}

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from pare.parity.checkpoint import perturb_norms  # noqa: F401  (tests import it from here)
+
 _CACHE: dict[str, Path] = {}
 _ROOT: Path | None = None
 
@@ -28,16 +30,6 @@ def diffusers_class(kind: str):
     if kind not in classes:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(classes)}")
     return classes[kind]
-
-
-def perturb_norms(model: torch.nn.Module, seed: int) -> None:
-    """Give every norm layer a random affine (init leaves weight=1, bias=0, which hides affine bugs)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and module.weight is not None:
-                module.weight.copy_(1 + 0.1 * torch.randn(module.weight.shape, generator=gen))
-                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=gen))
 
 
 def build_diffusers_model(kind: str, config: dict, seed: int = 0, device: str | torch.device = "cpu",

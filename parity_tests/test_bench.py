@@ -16,7 +16,8 @@ def test_bench_smoke_writes_json_and_markdown(tmp_path):
     data = json.loads((tmp_path / "smoke.json").read_text())
     assert {"device", "torch", "diffusers", "pare", "dtype", "date", "matmul_tflops"} <= set(data["header"])
     cases = {r["case"] for r in data["results"]}
-    assert cases == {"tiny unet b1", "tiny vae decode 64px", "tiny vae encode 64px", "tiny ddim step"}
+    assert cases == {"tiny unet b1", "tiny vae decode 64px", "tiny vae encode 64px", "tiny ddim step",
+                     "tiny txt2img 50 steps 32px"}
     for case in cases:
         rows = [r for r in data["results"] if r["case"] == case]
         assert {r["library"] for r in rows} == {"pare", "diffusers"}
@@ -26,7 +27,18 @@ def test_bench_smoke_writes_json_and_markdown(tmp_path):
     unet = next(r for r in data["results"] if r["case"] == "tiny unet b1" and r["library"] == "pare")
     assert unet["gflop"] > 0 and unet["floor_ms"] > 0
     table = (tmp_path / "smoke.md").read_text()
-    assert all(f"| {case} | eager |" in table for case in cases)
+    assert all(f"| {case} | eager | 2 |" in table for case in cases)
+
+    # The full pipeline: 50 UNet calls at batch 2 (CFG) dominate it, and its stages add up to the whole.
+    for r in (r for r in data["results"] if r["case"] == "tiny txt2img 50 steps 32px"):
+        stages = r["stages_ms"]
+        assert set(stages) == {"text encoders", "unet", "vae decode", "other", "total"}, stages
+        assert all(math.isfinite(v) for v in stages.values()) and min(stages["text encoders"], stages["unet"]) > 0
+        assert stages["unet"] > 10 * stages["text encoders"] and stages["unet"] > 10 * stages["vae decode"]
+        assert math.isclose(sum(v for k, v in stages.items() if k != "total"), stages["total"], rel_tol=1e-9)
+        unet_b1_gflop = next(x["gflop"] for x in data["results"] if x["case"] == "tiny unet b1")
+        assert r["gflop"] > 50 * 2 * unet_b1_gflop * 0.99
+    assert "| tiny txt2img 50 steps 32px | pare |" in table and "| tiny txt2img 50 steps 32px | diffusers |" in table
 
 
 def test_bench_rejects_unknown_names(tmp_path, capsys):

@@ -28,7 +28,9 @@ def test_default_tiny_report_passes_and_is_written(tmp_path, capsys):
     assert "PASS: all" in printed and "UNet2DConditionModel" in printed and "VAEDecode" in printed
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["header"]["diffusers"] == diffusers.__version__ and data["header"]["pare"] == pare.__version__
-    assert {row["component"] for row in data["rows"]} == {"unet", "vae", "scheduler"}
+    assert {row["component"] for row in data["rows"]} == {"unet", "vae", "scheduler", "pipeline"}
+    steps = [r for r in data["rows"] if r["component"] == "pipeline" and r["name"].startswith("latents after step")]
+    assert len(steps) == 50 and data["rows"][-1]["name"] == "image"
     md = (tmp_path / "r.md").read_text()
     assert md.startswith("# Parity report: tiny config, random init (generated)") and "| unet | down_blocks.0 |" in md
 
@@ -92,13 +94,30 @@ def test_a_wrong_attention_scale_fails_and_names_that_transformer_block(tmp_path
     assert first.name == "down_blocks.0.attentions.0.transformer_blocks.0"
 
 
+def test_a_slip_in_one_denoising_step_fails_the_pipeline_at_that_step(tmp_path, monkeypatch):
+    from pare.schedulers import DDIMScheduler
+
+    original, calls = DDIMScheduler.step, []
+
+    def step(self, *args, **kwargs):  # the third step's output off by 1e-3
+        out = original(self, *args, **kwargs)
+        calls.append(1)
+        return out._replace(prev_sample=out.prev_sample * 1.001) if len(calls) == 3 else out
+
+    monkeypatch.setattr(DDIMScheduler, "step", step)
+    report = report_for(tmp_path, "--components", "pipeline", "--steps", "5")
+    names = [r.name for _, r in report.rows]
+    assert names[0].startswith("StableDiffusionPipeline + DDIMScheduler, 5 steps: text conditioning")
+    assert names[1:] == [f"latents after step {i} (t={t})" for i, t in enumerate((801, 601, 401, 201, 1), 1)] + ["image"]
+    component, first = report.first_failure
+    assert (component, first.name) == ("pipeline", "latents after step 3 (t=401)")
+    assert all(r.passed for _, r in report.rows[:3])
+
+
 def test_reference_path_imports_diffusers_from_that_tree(tmp_path):
     # A copy of the installed diffusers with one edited line: ResnetBlock2D's output scaled by 1.001.
     tree = tmp_path / "checkout" / "src"
-    shutil.copytree(Path(diffusers.__file__).parent, tree / "diffusers",
-                    ignore=shutil.ignore_patterns("__pycache__", "pipelines"))
-    (tree / "diffusers" / "pipelines").mkdir()
-    shutil.copy(Path(diffusers.__file__).parent / "pipelines" / "__init__.py", tree / "diffusers" / "pipelines")
+    shutil.copytree(Path(diffusers.__file__).parent, tree / "diffusers", ignore=shutil.ignore_patterns("__pycache__"))
     resnet = tree / "diffusers" / "models" / "resnet.py"
     line = "        output_tensor = (input_tensor + hidden_states) / self.output_scale_factor\n"
     source = resnet.read_text()

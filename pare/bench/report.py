@@ -19,13 +19,14 @@ def to_markdown(run: Run) -> str:
         f"# pare vs diffusers: latency and memory ({h['date']})",
         "",
         f"device: {h['device']} (driver {h['driver']}), torch {h['torch']}, diffusers {h['diffusers']}, "
-        f"pare {h['pare']}, dtype {h['dtype']}, matmul peak measured in this run: {h['matmul_tflops']:.0f} TFLOP/s. "
-        f"Median of {h['iters']} timed runs after {h['warmup']} warm-up runs (CUDA events); spread is the "
-        "10th-90th percentile. Ratios within this table are the figures to quote.",
+        f"pare {h['pare']}, dtype {h['dtype']}, matmul peak measured in this run: {h['matmul_tflops']:.1f} TFLOP/s. "
+        f"Median of the timed runs (column runs; {h['iters']} after {h['warmup']} warm-up runs unless said) timed with "
+        f"{'CUDA events' if h['device'] != 'cpu' else 'the host clock'}; spread is the 10th-90th percentile. "
+        "Ratios within this table are the figures to quote.",
         "",
-        "| case | mode | pare ms | diffusers ms | pare / diffusers | pare peak GiB | diffusers peak GiB | GFLOP "
+        "| case | mode | runs | pare ms | diffusers ms | pare / diffusers | pare peak GiB | diffusers peak GiB | GFLOP "
         "| floor ms | pare x floor | compile s (pare / diffusers) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_key = {(r.case, r.mode, r.library): r for r in run.results}
     for case, mode in dict.fromkeys((r.case, r.mode) for r in run.results):
@@ -36,16 +37,33 @@ def to_markdown(run: Run) -> str:
         mem = lambda r: "—" if r.peak_mem_gib is None else f"{r.peak_mem_gib:.2f}"  # noqa: E731
         comp = "—" if ours.compile_s is None else f"{ours.compile_s:.0f} / {theirs.compile_s or float('nan'):.0f}"
         lines.append(
-            f"| {case} | {mode} | {_ms(ours.median_ms)} ({_ms(ours.p10_ms)}–{_ms(ours.p90_ms)}) "
+            f"| {case} | {mode} | {ours.runs} | {_ms(ours.median_ms)} ({_ms(ours.p10_ms)}–{_ms(ours.p90_ms)}) "
             f"| {_ms(theirs.median_ms)} ({_ms(theirs.p10_ms)}–{_ms(theirs.p90_ms)}) "
             f"| {'—' if ratio is None or math.isnan(ratio) else f'{ratio:.2f}'} | {mem(ours)} | {mem(theirs)} "
             f"| {'—' if ours.gflop is None else f'{ours.gflop:.4g}'} | {_ms(ours.floor_ms)} "
             f"| {'—' if ours.x_floor is None or math.isnan(ours.x_floor) else f'{ours.x_floor:.1f}'} | {comp} |"
         )
+    lines += stage_table(run)
     failed = [r for r in run.results if r.note.startswith("failed")]
     if failed:
         lines += ["", "Failed cases:", ""] + [f"- {r.case} / {r.library} / {r.mode}: {r.note}" for r in failed]
     return "\n".join(lines) + "\n"
+
+
+def stage_table(run: Run) -> list[str]:
+    """Full pipelines: each stage's time and share of the run, for both libraries (one instrumented eager run)."""
+    staged = [r for r in run.results if r.stages_ms]
+    if not staged:
+        return []
+    names = [k for k in staged[0].stages_ms if k != "total"]
+    lines = ["", "Full text-to-image, time per stage (one more eager run, each stage bracketed by CUDA events or the host clock; "
+             "\"other\" is what no stage covers: scheduler steps, CFG arithmetic, casts, launch gaps):", "",
+             "| case | library | total ms | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    for r in staged:
+        total = r.stages_ms["total"]
+        cells = [f"{r.stages_ms[n]:.1f} ({r.stages_ms[n] / total:.1%})" for n in names]
+        lines.append(f"| {r.case} | {r.library} | {total:.1f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def chart(run: Run, path: Path) -> Path | None:

@@ -23,6 +23,8 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .stages import time_stages
+
 MODES = ("eager", "graph", "compile", "compile-ro")
 LIBRARIES = ("pare", "diffusers")
 
@@ -41,6 +43,7 @@ class Result:
     floor_ms: float | None  # gflop at the measured matmul peak
     compile_s: float | None = None
     note: str = ""
+    stages_ms: dict | None = None  # full pipelines: ms per stage in one extra eager run (see stages.py)
 
     @property
     def x_floor(self) -> float | None:
@@ -92,7 +95,7 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 8192) -
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
         fn()
     return counter.get_total_flops()
 
@@ -133,7 +136,7 @@ def prepare(mode: str, model: torch.nn.Module, call: Callable[[torch.nn.Module],
 
 def bench_case(run: Run, case: str, library: str, model: torch.nn.Module, call: Callable[[torch.nn.Module], object],
                modes: tuple[str, ...], device: torch.device, peak_flops: float, warmup: int, iters: int,
-               progress: Callable[[str], None] = print) -> None:
+               progress: Callable[[str], None] = print, stages: Callable | None = None) -> None:
     """Time one (case, library) in every mode and append the results to `run`."""
     gflop = None
     try:
@@ -158,7 +161,11 @@ def bench_case(run: Run, case: str, library: str, model: torch.nn.Module, call: 
         q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [times[0]] * 9
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         floor = gflop * 1e9 / peak_flops * 1e3 if gflop else None
+        stages_ms = None
+        if stages is not None and mode == "eager":
+            with torch.no_grad():
+                stages_ms = time_stages(lambda: call(model), stages(model), device)
         run.results.append(Result(case, library, mode, statistics.median(times), q[0], q[-1], len(times), peak, gflop,
-                                  floor, compile_s, note))
+                                  floor, compile_s, note, stages_ms))
         if mode.startswith("compile"):
             torch._dynamo.reset()  # free the compiled graphs before the next case

@@ -21,8 +21,10 @@ FAMILIES = {
     "sdxl": (configs.SDXL_UNET, configs.SDXL_VAE, 1024),
     "tiny": (configs.TINY_SD_UNET, configs.TINY_VAE, 64),
 }
-CASES = ("unet", "vae-decode", "vae-encode", "scheduler-step")
+CASES = ("unet", "vae-decode", "vae-encode", "scheduler-step", "pipeline")
 TEXT_TOKENS = 77  # CLIP's context length: what every SD pipeline feeds the UNet
+PIPELINE_STEPS = 50  # diffusers' default num_inference_steps
+PROMPT = "a photograph of an astronaut riding a horse"
 
 
 @dataclass
@@ -33,6 +35,8 @@ class Workload:
     call_ours: Callable
     call_theirs: Callable
     graphable: bool = True  # False: host-side logic (a scheduler step) that a CUDA graph or compile would not show
+    runs: tuple[int, int] | None = None  # (warm-up, timed) runs, where the defaults would take too long
+    stages: Callable[[object], dict[str, list[torch.nn.Module]]] | None = None  # modules per stage, to time each
 
 
 def _twins(ref: ModuleType, pare_cls, ref_cls_name: str, config: dict, device, dtype):
@@ -102,6 +106,34 @@ def scheduler_step(ref: ModuleType, family: str, device, dtype) -> Workload:
                     lambda s: s.step(eps, t_theirs, latents, return_dict=False)[0], graphable=False)
 
 
+def pipeline(ref: ModuleType, family: str, device, dtype) -> Workload:
+    """The full text-to-image call: prompt, 50 DDIM steps with CFG (UNet batch 2), VAE decode; one image.
+
+    diffusers' pipeline is built at the family's official configs (random init; see
+    `pare.parity.checkpoint`), and pare's twin runs on the very same weight tensors. Both start
+    from the same noise tensor and return the image as a tensor (no PIL conversion timed).
+    """
+    from ..parity.checkpoint import pare_twin, reference_pipeline
+
+    theirs = reference_pipeline(ref, family, 0, device, dtype)
+    ours = pare_twin(theirs)
+    for pipe in (ours, theirs):
+        pipe.set_progress_bar_config(disable=True)
+    side = ours.default_size()
+    noise = torch.randn(ours.latent_shape(1, side, side), generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    kwargs = dict(prompt=PROMPT, height=side, width=side, num_inference_steps=PIPELINE_STEPS, guidance_scale=7.5,
+                  latents=noise, output_type="pt")
+
+    def stages(pipe) -> dict[str, list[torch.nn.Module]]:
+        encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
+        return {"text encoders": encoders, "unet": [pipe.unet], "vae decode": [pipe.vae.decoder]}
+
+    call = lambda p: p(**kwargs).images  # noqa: E731
+    cuda = torch.device(device).type == "cuda"
+    return Workload(f"{family} txt2img {PIPELINE_STEPS} steps {side}px", ours, theirs, call, call, graphable=False,
+                    runs=(1, 5) if cuda else (1, 2), stages=stages)
+
+
 def build(ref: ModuleType, family: str, case: str, device, dtype, batch: int = 2) -> Workload:
     if case == "unet":
         return unet(ref, family, batch, device, dtype)
@@ -109,4 +141,6 @@ def build(ref: ModuleType, family: str, case: str, device, dtype, batch: int = 2
         return vae(ref, family, case.split("-")[1], device, dtype)
     if case == "scheduler-step":
         return scheduler_step(ref, family, device, dtype)
+    if case == "pipeline":
+        return pipeline(ref, family, device, dtype)
     raise ValueError(f"unknown benchmark case {case!r}; expected one of {CASES}")

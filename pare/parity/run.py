@@ -22,14 +22,15 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from .. import configs
 from ..loading import resolve_folder
 from .blocks import block_names, compare_blocks
+from .checkpoint import FAMILIES, make_checkpoint
+from .compare import Comparison, compare
 from .report import Report, make_header, to_text, write
 from .scheduler_rows import scheduler_rows
 from .tolerances import DTYPES
 
-COMPONENTS = ("unet", "vae", "scheduler")
+COMPONENTS = ("unet", "vae", "scheduler", "pipeline")
 TEXT_TOKENS = 77
 
 
@@ -55,40 +56,6 @@ class VAEEncode(nn.Module):
     def forward(self, x):
         out = self.vae.encode(x)
         return getattr(out, "latent_dist", out).mean
-
-
-# --config NAME: (UNet config, VAE config, scheduler prediction type) of a random-init checkpoint made now.
-CONFIGS = {
-    "tiny": (configs.TINY_SD_UNET, configs.TINY_VAE, "epsilon"),
-    "sd15": (configs.SD15_UNET, configs.SD_VAE, "epsilon"),
-    "sd21": (configs.SD21_UNET, configs.SD_VAE, "v_prediction"),
-    "sdxl": (configs.SDXL_UNET, configs.SDXL_VAE, "epsilon"),
-}
-
-
-def make_checkpoint(reference: ModuleType, folder: Path, name: str, seed: int, device: torch.device,
-                    dtype: torch.dtype) -> Path:
-    """A pipeline folder (unet/, vae/, scheduler/, model_index.json) written by diffusers: config `name`, seeded random init."""
-    unet, vae, prediction_type = CONFIGS[name]
-    torch.manual_seed(seed)
-    for sub, cls, config in (("unet", "UNet2DConditionModel", unet), ("vae", "AutoencoderKL", vae)):
-        with torch.device(device):  # official configs are built where they run: far faster than on a CPU
-            model = getattr(reference, cls).from_config({k: v for k, v in config.items() if not k.startswith("_")})
-        with torch.no_grad():  # random norm affines: default init (1, 0) would hide affine bugs
-            for m in model.modules():
-                if isinstance(m, (nn.GroupNorm, nn.LayerNorm)) and m.weight is not None:
-                    m.weight.normal_(1, 0.1)
-                    m.bias.normal_(0, 0.1)
-        model.to(dtype).save_pretrained(folder / sub)
-        del model
-    reference.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                            set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
-                            ).save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
-                                                         "unet": ["diffusers", "UNet2DConditionModel"],
-                                                         "vae": ["diffusers", "AutoencoderKL"],
-                                                         "scheduler": ["diffusers", "DDIMScheduler"]}))
-    return folder
 
 
 def _float64_twin(model: nn.Module, device: torch.device) -> nn.Module:
@@ -139,6 +106,82 @@ def vae_rows(reference, folder, device, dtype, seed, with64):
     return rows
 
 
+PROMPT = "a photograph of an astronaut riding a horse"
+
+
+def _generate(pipe, noise: torch.Tensor, steps: int, seed: int) -> list[tuple[str, torch.Tensor]]:
+    """One text-to-image run; returns (row name, tensor): the UNet's text conditioning, the latents
+    after every step (from the step callback), and the decoded image in [0, 1]."""
+    rows = []
+
+    def conditioning(module, args, kwargs):  # the first UNet call's encoder_hidden_states: the prompt, encoded
+        if not rows:
+            context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+            rows.append(("text conditioning (the UNet's encoder_hidden_states)", context.detach().clone()))
+
+    def after_step(p, i, t, tensors):
+        rows.append((f"latents after step {i + 1} (t={int(t)})", tensors["latents"].detach().clone()))
+        return {}
+
+    handle = pipe.unet.register_forward_pre_hook(conditioning, with_kwargs=True)
+    try:
+        image = pipe(PROMPT, num_inference_steps=steps, latents=noise.to(pipe.device, pipe.dtype),
+                     generator=torch.Generator().manual_seed(seed), output_type="pt", callback_on_step_end=after_step,
+                     callback_on_step_end_tensor_inputs=["latents"]).images
+    finally:
+        handle.remove()
+    return rows + [("image", image)]
+
+
+def pipeline_rows(reference, folder, device, dtype, seed, with64, steps) -> list[Comparison]:
+    """The whole text-to-image loop on both sides (prompt, seeded noise, CFG 7.5, `steps` steps), compared step by step.
+
+    A scheduler pare does not have (SD1.5's repo ships PNDM) is replaced on both sides by DDIM with
+    the same config, so the loop still compares like with like.
+    """
+    import pare
+    from ..schedulers import SCHEDULERS, get_scheduler_class
+
+    index = json.loads((folder / "model_index.json").read_text())
+    xl = "text_encoder_2" in index
+    ours_cls = pare.StableDiffusionXLPipeline if xl else pare.StableDiffusionPipeline
+    theirs_cls = reference.StableDiffusionXLPipeline if xl else reference.StableDiffusionPipeline
+    extra = {} if xl else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    name = scheduler_config.get("_class_name")
+    name = name if name in SCHEDULERS else "DDIMScheduler"
+    scheduler_config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+
+    def load(cls, scheduler, torch_dtype):
+        pipe = cls.from_pretrained(folder, torch_dtype=torch_dtype, scheduler=scheduler,
+                                   **(extra if cls is theirs_cls else {})).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def run_with(cls, scheduler, torch_dtype):
+        pipe = load(cls, scheduler, torch_dtype)
+        noise = torch.randn(ours_shape, generator=torch.Generator().manual_seed(seed))
+        rows = _generate(pipe, noise, steps, seed)
+        del pipe
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return rows
+
+    ours_pipe = load(ours_cls, get_scheduler_class(name).from_config(scheduler_config), dtype)
+    ours_shape = ours_pipe.latent_shape(1, ours_pipe.default_size(), ours_pipe.default_size())
+    del ours_pipe
+    theirs_scheduler = lambda: getattr(reference, name).from_config(scheduler_config)  # noqa: E731
+    exact = run_with(theirs_cls, theirs_scheduler(), torch.float64) if with64 else None
+    theirs = run_with(theirs_cls, theirs_scheduler(), dtype)
+    ours = run_with(ours_cls, get_scheduler_class(name).from_config(scheduler_config), dtype)
+    if [n for n, _ in ours] != [n for n, _ in theirs]:
+        raise RuntimeError(f"the two pipelines ran differently: pare {[n for n, _ in ours]}, "
+                           f"diffusers {[n for n, _ in theirs]}")
+    ours[0] = (f"{ours_cls.__name__} + {name}, {steps} steps: {ours[0][0]}", ours[0][1])
+    return [compare(n, a, b, None if exact is None else exact[i][1], dtype=dtype, scope="end_to_end")
+            for i, ((n, a), (_, b)) in enumerate(zip(ours, theirs))]
+
+
 def run(args: argparse.Namespace) -> Report:
     from .reference import import_reference
 
@@ -165,15 +208,19 @@ def run(args: argparse.Namespace) -> Report:
     report = Report(make_header(model=model_name, device=device, dtype=args.dtype, seed=args.seed, reference=reference))
     with torch.no_grad():
         for component in components:
-            if not (folder / component).is_dir():
-                raise SystemExit(f"pare parity: {folder} has no {component}/ folder; pass --components without it")
+            if not (folder / ("model_index.json" if component == "pipeline" else component)).exists():
+                what = "model_index.json" if component == "pipeline" else f"{component}/ folder"
+                raise SystemExit(f"pare parity: {folder} has no {what}; pass --components without {component}")
             if component == "unet":
                 report.add("unet", unet_rows(reference, folder, device, dtype, args.seed, with64))
             elif component == "vae":
                 report.add("vae", vae_rows(reference, folder, device, dtype, args.seed, with64))
             elif component == "scheduler":
                 config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-                report.add("scheduler", scheduler_rows(reference, config, device=device, dtype=dtype, seed=args.seed))
+                report.add("scheduler", scheduler_rows(reference, config, steps=args.steps, device=device, dtype=dtype,
+                                                       seed=args.seed))
+            elif component == "pipeline":
+                report.add("pipeline", pipeline_rows(reference, folder, device, dtype, args.seed, with64, args.steps))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if tmp is not None:
@@ -187,11 +234,12 @@ def run(args: argparse.Namespace) -> Report:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="a pipeline folder or Hub repo id (default: one made now, see --config)")
-    parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS),
+    parser.add_argument("--config", default="tiny", choices=list(FAMILIES),
                         help="without --model: the config of the random-init checkpoint made for the run (default tiny)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--components", default=",".join(COMPONENTS), help=f"comma list of {COMPONENTS}")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps of the scheduler and pipeline loops")
     parser.add_argument("--reference-path", default=None, help="a diffusers source tree to import instead of the installed one")
     parser.add_argument("--out", default=None, help="write OUT.md and OUT.json")
