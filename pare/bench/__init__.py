@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         "matmul_tflops": peak / 1e12, "iters": iters, "warmup": warmup,
     }
     result = Run(header)
+    stem = args.stem or f"bench-{header['device'].replace(' ', '_')}-{header['dtype']}"
     plan = [(f, c, b) for f in families for c in cases for b in (map(int, args.batches.split(",")) if c == "unet" else [1])]
     for family, case, batch in tqdm(plan, desc="pare bench", unit="case"):
         w = workloads.build(ref, family, case, device, dtype, batch)
@@ -79,8 +80,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         del w
         if cuda:
             torch.cuda.empty_cache()
-    stem = args.stem or f"bench-{header['device'].replace(' ', '_')}-{header['dtype']}"
-    paths = report.write(result, Path(args.out), stem)
+        paths = report.write(result, Path(args.out), stem)  # after every case: a cut-off run keeps what it measured
     print(report.to_markdown(result))
     return paths
 
