@@ -246,6 +246,40 @@ def test_bad_inputs_are_refused_with_a_reason():
         vae.decode(torch.randn(1, 4, 8, 8).half())
 
 
+def test_encode_and_decode_trace_whole_for_compile_and_cuda_graphs(device):
+    """The NaN check reads a count back to the host, which a CUDA graph capture or a full-graph compile
+    cannot do: there it is skipped (and only there; eager calls keep it, see the test above)."""
+    ours, theirs = pair(TINY_VAE, device)
+    z, x = torch.randn(1, 4, 8, 8, device=device), image(1, 16).to(device)
+    with torch.no_grad():
+        for op, inp in ((DECODE, z), (ENCODE, x)):
+            torch._dynamo.reset()
+            traced = torch.compile(op[0], backend="eager", fullgraph=True)  # fullgraph: any host read raises
+            assert_parity("compiled (dynamo, eager backend)", traced(ours, inp), op[1](theirs, inp), scope="end_to_end")
+            if device.type == "cuda":
+                replay = capture(lambda: op[0](ours, inp), device)
+                assert_parity("replayed CUDA graph", replay(), op[1](theirs, inp), scope="end_to_end")
+    torch._dynamo.reset()
+
+
+def capture(fn, device):
+    """`fn` captured in a CUDA graph (after warm-up on a side stream); returns a replay giving its output."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out.clone()
+
+    return replay
+
+
 # -- half precision: force_upcast and non-finite outputs ----------------------------------------
 
 

@@ -150,6 +150,8 @@ class AutoencoderKL(ModelMixin):
         if x.dtype != self.dtype:
             raise TypeError(f"AutoencoderKL.{method}: the {what} are {x.dtype} but the VAE is {self.dtype}; "
                             f"cast them with .to(vae.dtype), or call {method}_safely, which does")
+        if _tracing(x):  # counting NaNs reads a value back to the host: impossible inside a CUDA graph or compile
+            return
         n_bad = int((~torch.isfinite(x)).sum())
         if n_bad:
             raise ValueError(f"AutoencoderKL.{method}: {n_bad} of {x.numel()} {what} values are NaN or inf; "
@@ -315,3 +317,8 @@ def _ramp(extent: int, device: torch.device) -> torch.Tensor:
 def _is_finite(out) -> bool:
     tensor = out.parameters if isinstance(out, DiagonalGaussianDistribution) else out
     return bool(torch.isfinite(tensor).all())
+
+
+def _tracing(x: torch.Tensor) -> bool:
+    """True while a CUDA graph is being captured or torch.compile traces: no host reads of tensor values then."""
+    return torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
