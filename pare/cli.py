@@ -5,8 +5,9 @@
                   [--height H] [--width W] [--scheduler DDIMScheduler]
                   [--image in.png --strength 0.8] [--device cuda] [--dtype fp16]
 
-    pare parity [--model DIR_OR_ID] [--device cuda] [--dtype fp16] [--components unet,vae,scheduler]
-                [--seed N] [--reference-path DIFFUSERS_CHECKOUT] [--out REPORT]
+    pare parity [--model DIR_OR_ID | --config tiny|tiny-sdxl|sd15|sd21|sdxl] [--device cuda] [--dtype fp16]
+                [--components unet,vae,scheduler,pipeline] [--steps 50] [--seed N]
+                [--reference-path DIFFUSERS_CHECKOUT] [--out REPORT]
     pare bench  [--models sd15,sd21,sdxl] [--cases ...] [--modes eager,graph,compile,compile-ro]
 
 `generate` reads the folder's model_index.json to choose Stable Diffusion or SDXL, and runs
