@@ -17,7 +17,6 @@ import copy
 import json
 import tempfile
 from pathlib import Path
-from types import ModuleType
 
 import torch
 from torch import nn
