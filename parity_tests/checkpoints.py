@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pare.parity.checkpoint import perturb_norms  # noqa: F401  (tests import it from here)
+from pare.parity.checkpoint import reference_model
 
 _CACHE: dict[str, Path] = {}
 _ROOT: Path | None = None
@@ -34,13 +34,10 @@ def diffusers_class(kind: str):
 
 def build_diffusers_model(kind: str, config: dict, seed: int = 0, device: str | torch.device = "cpu",
                           dtype: torch.dtype = torch.float32):
-    """The diffusers model at `config`, seeded random init, built directly on `device`."""
-    torch.manual_seed(seed)
-    cls = diffusers_class(kind)
-    with torch.device(device):
-        model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
-    perturb_norms(model, seed)
-    return model.to(dtype).eval()
+    """The diffusers model at `config`, seeded random init with random norm affines, built directly on `device`."""
+    import diffusers
+
+    return reference_model(diffusers, diffusers_class(kind).__name__, config, seed, device, dtype)
 
 
 def _root() -> Path:

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pare.models.transformer import BasicTransformerBlock, FeedForward, Transformer2DModel
-from parity_tests.checkpoints import perturb_norms
+from pare.parity.checkpoint import perturb_norms
 from parity_tests.harness import check_block
 from parity_tests.strategies import batch_sizes, feature_maps, group_norm_channels, seeds
 

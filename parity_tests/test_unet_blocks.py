@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pare.models import unet_2d_blocks as ours
-from parity_tests.checkpoints import perturb_norms
+from pare.parity.checkpoint import perturb_norms
 from parity_tests.harness import check_block
 from parity_tests.strategies import feature_maps, seeds, unet_block_channels
 

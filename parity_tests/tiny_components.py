@@ -7,7 +7,7 @@ Nothing can be downloaded here, so the test writes everything itself:
 - CLIP text encoders at a seeded random init (`CLIPTextModel`, and `CLIPTextModelWithProjection`
   for SDXL's second encoder);
 - the UNet and VAE from `pare/configs.py`, built by diffusers at a seeded random init with random
-  norm affines (`checkpoints.build_diffusers_model`);
+  norm affines (`pare.parity.checkpoint.build_reference_pipeline`);
 
 then assembles diffusers' own pipeline from them and calls its `save_pretrained`, so the folder
 (model_index.json + unet/ vae/ scheduler/ text_encoder/ tokenizer/ [text_encoder_2/ tokenizer_2/])
@@ -24,9 +24,8 @@ from pathlib import Path
 import torch
 
 from pare.configs import SD15_UNET, SD_VAE, SDXL_UNET, SDXL_VAE, TINY_SD_UNET, TINY_SDXL_UNET, TINY_TEXT, TINY_VAE
-from pare.parity.checkpoint import clip_text_encoder, tiny_tokenizer
+from pare.parity.checkpoint import build_reference_pipeline, pare_twin
 
-from .checkpoints import build_diffusers_model
 
 # SD1.5's scheduler_config.json, made a DDIMScheduler (SD1.5 ships PNDMScheduler, which pare has not).
 SD_SCHEDULER = {
@@ -73,24 +72,8 @@ def build_diffusers_pipeline(family: str, seed: int = 0, scheduler: dict | None 
     """diffusers' pipeline for `family` (a key of FAMILIES), every component seeded; float32 on `device`."""
     import diffusers
 
-    unet_config, vae_config, text, text_2 = FAMILIES[family]
-    tokenizer = tiny_tokenizer(model_max_length)
-    vocab_size = len(tokenizer)
-    sched = diffusers.DDIMScheduler.from_config(scheduler or SD_SCHEDULER)
-    unet = build_diffusers_model("unet", unet_config, seed, device)
-    vae = build_diffusers_model("vae", vae_config, seed + 1, device)
-    text_encoder = clip_text_encoder(text, vocab_size, model_max_length, seed + 2, device=device)
-    if text_2 is None:
-        return diffusers.StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sched,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-    text_encoder_2 = clip_text_encoder(text_2, vocab_size, model_max_length, seed + 3, projection=True,
-                                       device=device)
-    return diffusers.StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer, unet=unet, scheduler=sched, add_watermarker=False,
-    )
+    return build_reference_pipeline(diffusers, FAMILIES[family], scheduler or SD_SCHEDULER, seed, device,
+                                    model_max_length=model_max_length)
 
 
 def pipeline_folder(family: str = "tiny-sd", seed: int = 0) -> Path:
@@ -206,35 +189,12 @@ def official_pipelines(family: str, device, dtype):
     """diffusers' pipeline for an official family and pare's twin with the same weights, on `device`.
 
     No folder is written (SDXL's UNet alone is 10 GB in float32): pare's models are built from the
-    diffusers models' configs and state dicts (copied), so they carry the same seeded random init.
-    diffusers' pipeline stays float32 (the caller casts it); pare's is cast to `dtype`.
+    diffusers models' configs and state dicts (copied, `pare_twin`), so they carry the same seeded
+    random init. diffusers' pipeline stays float32 (the caller casts it); pare's is cast to `dtype`.
     """
-    import copy
-
-    import pare
-    from pare.schedulers import get_scheduler_class
-
     theirs = build_diffusers_pipeline(family, device=device, model_max_length=16)
     theirs.set_progress_bar_config(disable=True)
-
-    def twin(cls, model):
-        with torch.device("meta"):
-            ours = cls.from_config(dict(model.config))
-        state = {k: v.to(dtype=dtype, copy=True) for k, v in model.state_dict().items()}
-        ours.load_state_dict(state, strict=True, assign=True)
-        return ours.eval()
-
-    parts = dict(theirs.components)
-    parts["unet"] = twin(pare.UNet2DConditionModel, theirs.unet)
-    parts["vae"] = twin(pare.AutoencoderKL, theirs.vae)
-    parts["scheduler"] = get_scheduler_class(type(theirs.scheduler).__name__).from_config(dict(theirs.scheduler.config))
-    for name in ("text_encoder", "text_encoder_2"):
-        if name in parts:
-            parts[name] = copy.deepcopy(parts[name]).to(dtype)
-    if "text_encoder_2" in parts:
-        ours = pare.StableDiffusionXLPipeline(**{k: parts[k] for k in pare.StableDiffusionXLPipeline.component_kinds})
-    else:
-        ours = pare.StableDiffusionPipeline(**{k: parts[k] for k in pare.StableDiffusionPipeline.component_kinds})
+    ours = pare_twin(theirs, dtype)
     ours.set_progress_bar_config(disable=True)
     return ours, theirs
 

@@ -17,6 +17,8 @@ from torch import nn
 
 
 class StageTimer:
+    """Context manager: while inside, every call of a stage's modules is bracketed and recorded."""
+
     def __init__(self, stages: dict[str, list[nn.Module]], device: torch.device):
         self.stages, self.cuda = stages, device.type == "cuda"
         self.spans: dict[str, list] = {name: [] for name in stages}
@@ -33,7 +35,7 @@ class StageTimer:
     def __enter__(self) -> "StageTimer":
         for name, modules in self.stages.items():
             for module in modules:
-                def start(m, args, name=name):
+                def start(m, args):
                     self._open.setdefault(id(m), []).append(self._mark())
 
                 def stop(m, args, out, name=name):

@@ -101,13 +101,23 @@ def reference_pipeline(reference: ModuleType, family: str, seed: int = 0, device
                        model_max_length: int = 77):
     """diffusers' text-to-image pipeline for `family` (a key of FAMILIES), every model seeded, on `device` in `dtype`."""
     unet, vae, text, text_2, prediction_type = FAMILIES[family]
+    return build_reference_pipeline(reference, (unet, vae, text, text_2), {**SCHEDULER, "prediction_type": prediction_type},
+                                    seed, device, dtype, model_max_length)
+
+
+def build_reference_pipeline(reference: ModuleType, models: tuple, scheduler: dict, seed: int = 0, device="cpu",
+                             dtype=torch.float32, model_max_length: int = 77):
+    """diffusers' SD pipeline (SDXL's when a second text encoder is given) from `models` = (UNet config, VAE
+    config, text encoder config, second text encoder config or None) and a DDIM `scheduler` config.
+    The UNet, VAE and encoders are seeded seed, seed + 1, seed + 2 and seed + 3."""
+    unet, vae, text, text_2 = models
     tokenizer = tiny_tokenizer(model_max_length)
     encoder = lambda cfg, s, proj=False: clip_text_encoder(  # noqa: E731
         cfg, len(tokenizer), model_max_length, s, proj, device).to(dtype)
     parts = dict(
         unet=reference_model(reference, "UNet2DConditionModel", unet, seed, device, dtype),
         vae=reference_model(reference, "AutoencoderKL", vae, seed + 1, device, dtype),
-        scheduler=reference.DDIMScheduler(**SCHEDULER, prediction_type=prediction_type),
+        scheduler=reference.DDIMScheduler.from_config(scheduler),
         text_encoder=encoder(text, seed + 2), tokenizer=tokenizer,
     )
     if text_2 is None:
@@ -120,32 +130,46 @@ def reference_pipeline(reference: ModuleType, family: str, seed: int = 0, device
 def make_checkpoint(reference: ModuleType, folder: Path, family: str, seed: int = 0, device="cpu",
                     dtype=torch.float32) -> Path:
     """`reference_pipeline(...)` written to `folder` by diffusers' save_pretrained; returns the folder."""
-    pipe = reference_pipeline(reference, family, seed, device, dtype)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    del pipe
+    reference_pipeline(reference, family, seed, device, dtype).save_pretrained(folder, safe_serialization=True)
     return Path(folder)
 
 
-def pare_twin(pipe):
+def pare_model_like(cls, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """pare's `cls` at diffusers' `model`'s config, holding its weights (strict state-dict load).
+
+    Built on the meta device, then given the tensors themselves (`assign=True`): with `dtype`
+    None the twins share storage; with a `dtype`, pare gets copies cast to it.
+    """
+    with torch.device("meta"):
+        ours = cls.from_config(dict(model.config))
+    state = model.state_dict()
+    if dtype is not None:
+        state = {k: v.to(dtype=dtype, copy=True) for k, v in state.items()}
+    ours.load_state_dict(state, strict=True, assign=True)
+    return ours.eval()
+
+
+def pare_twin(pipe, dtype: torch.dtype | None = None):
     """pare's pipeline with the weights of diffusers' `pipe`, no files written.
 
-    pare's UNet and VAE are built on the meta device and take diffusers' tensors themselves
-    (`assign=True`, strict): the twins share storage, so both libraries run on the very same
-    weights and the memory is held once. Text encoders, tokenizers and the scheduler's config are
-    shared or copied as they are (the text encoders are transformers' in both libraries).
+    With `dtype` None, pare's UNet and VAE hold diffusers' very tensors (`pare_model_like`) and
+    the text encoders and tokenizers are shared (they are transformers' in both libraries): both
+    libraries run on the same weights, held once. With a `dtype`, pare gets its own copies cast
+    to it, text encoders included, so that casting one pipeline leaves the other as it is.
+    The scheduler is rebuilt from its config.
     """
+    import copy
+
     import pare
     from ..schedulers import get_scheduler_class
 
-    def twin(cls, model):
-        with torch.device("meta"):
-            ours = cls.from_config(dict(model.config))
-        ours.load_state_dict(model.state_dict(), strict=True, assign=True)
-        return ours.eval()
-
     parts = dict(pipe.components)
-    parts["unet"] = twin(pare.UNet2DConditionModel, pipe.unet)
-    parts["vae"] = twin(pare.AutoencoderKL, pipe.vae)
+    parts["unet"] = pare_model_like(pare.UNet2DConditionModel, pipe.unet, dtype)
+    parts["vae"] = pare_model_like(pare.AutoencoderKL, pipe.vae, dtype)
     parts["scheduler"] = get_scheduler_class(type(pipe.scheduler).__name__).from_config(dict(pipe.scheduler.config))
-    cls = pare.StableDiffusionXLPipeline if "text_encoder_2" in parts else pare.StableDiffusionPipeline
+    if dtype is not None:
+        for name in ("text_encoder", "text_encoder_2"):
+            if parts.get(name) is not None:
+                parts[name] = copy.deepcopy(parts[name]).to(dtype)
+    cls = pare.StableDiffusionXLPipeline if parts.get("text_encoder_2") is not None else pare.StableDiffusionPipeline
     return cls(**{k: parts[k] for k in cls.component_kinds})

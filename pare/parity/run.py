@@ -151,28 +151,28 @@ def pipeline_rows(reference, folder, device, dtype, seed, with64, steps) -> list
     name = name if name in SCHEDULERS else "DDIMScheduler"
     scheduler_config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
 
-    def load(cls, scheduler, torch_dtype):
+    def load(cls, torch_dtype):
+        scheduler = (get_scheduler_class(name) if cls is ours_cls else getattr(reference, name)).from_config(
+            scheduler_config)
         pipe = cls.from_pretrained(folder, torch_dtype=torch_dtype, scheduler=scheduler,
                                    **(extra if cls is theirs_cls else {})).to(device)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def run_with(cls, scheduler, torch_dtype):
-        pipe = load(cls, scheduler, torch_dtype)
-        noise = torch.randn(ours_shape, generator=torch.Generator().manual_seed(seed))
-        rows = _generate(pipe, noise, steps, seed)
-        del pipe
+    def free():  # one pipeline on the device at a time
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        return rows
 
-    ours_pipe = load(ours_cls, get_scheduler_class(name).from_config(scheduler_config), dtype)
-    ours_shape = ours_pipe.latent_shape(1, ours_pipe.default_size(), ours_pipe.default_size())
-    del ours_pipe
-    theirs_scheduler = lambda: getattr(reference, name).from_config(scheduler_config)  # noqa: E731
-    exact = run_with(theirs_cls, theirs_scheduler(), torch.float64) if with64 else None
-    theirs = run_with(theirs_cls, theirs_scheduler(), dtype)
-    ours = run_with(ours_cls, get_scheduler_class(name).from_config(scheduler_config), dtype)
+    pipe = load(ours_cls, dtype)
+    side = pipe.default_size()  # the model's native size
+    noise = torch.randn(pipe.latent_shape(1, side, side), generator=torch.Generator().manual_seed(seed))
+    ours = _generate(pipe, noise, steps, seed)
+    del pipe
+    free()
+    theirs = _generate(load(theirs_cls, dtype), noise, steps, seed)
+    free()
+    exact = _generate(load(theirs_cls, torch.float64), noise, steps, seed) if with64 else None
+    free()
     if [n for n, _ in ours] != [n for n, _ in theirs]:
         raise RuntimeError(f"the two pipelines ran differently: pare {[n for n, _ in ours]}, "
                            f"diffusers {[n for n, _ in theirs]}")
