@@ -25,14 +25,43 @@ def report_for(tmp_path, *argv):
 def test_default_tiny_report_passes_and_is_written(tmp_path, capsys):
     assert main(["parity", "--out", str(tmp_path / "r")]) == 0
     printed = capsys.readouterr().out
-    assert "PASS: all" in printed and "UNet2DConditionModel" in printed and "VAEDecode" in printed
+    assert "PASS: all" in printed and "rows nearest their limit" in printed
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["header"]["diffusers"] == diffusers.__version__ and data["header"]["pare"] == pare.__version__
+    assert data["header"]["dtype"] == "fp32" and data["first_failure"] is None
     assert {row["component"] for row in data["rows"]} == {"unet", "vae", "scheduler", "pipeline"}
+    names = [r["name"] for r in data["rows"]]
+    assert "UNet2DConditionModel" in names and "VAEDecode" in names
     steps = [r for r in data["rows"] if r["component"] == "pipeline" and r["name"].startswith("latents after step")]
     assert len(steps) == 50 and data["rows"][-1]["name"] == "image"
+    assert [r["name"] for r in data["rows"] if r["component"] == "scheduler"][1:] == [
+        f"DDIMScheduler.step {i} (t={t})" for i, t in enumerate(range(981, 0, -20), 1)]
+    # every row has both views; in fp32 on the CPU pare is bit-identical to diffusers in both
+    for r in data["rows"][1:]:
+        assert r["local"]["rel_l2"] == 0.0, r["name"]
+        assert r["accumulated"] is None or r["accumulated"]["rel_l2"] == 0.0, r["name"]
     md = (tmp_path / "r.md").read_text()
     assert md.startswith("# Parity report: tiny config, random init (generated)") and "| unet | down_blocks.0 |" in md
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_verbose_prints_every_row_and_the_table_fits_the_terminal(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    report = report_for(tmp_path, "--components", "unet", "--verbose")
+    printed = capsys.readouterr().out
+    table = printed.split("every row, in execution order:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert len(table) == 2 + len(report.rows) and max(len(line) for line in table) <= 80
+    assert any("…" in line for line in table)  # long block names lose their middle, keep their ends
+    assert any(line.split()[1].endswith("blocks.0") for line in table[2:] if "…" in line)
+
+
+def test_shorten_keeps_both_ends():
+    from pare.parity.report import shorten
+
+    name = "down_blocks.1.attentions.0.transformer_blocks.0"
+    assert shorten(name, 100) == name
+    short = shorten(name, 21)
+    assert len(short) == 21 and short.startswith("down_b") and short.endswith("_blocks.0") and "…" in short
 
 
 def test_report_numbers_are_the_comparison_helpers(tmp_path, monkeypatch):
@@ -51,7 +80,9 @@ def test_report_numbers_are_the_comparison_helpers(tmp_path, monkeypatch):
     report = report_for(tmp_path, "--components", "unet")
     row = next(r for c, r in report.rows if r.name == "UNet2DConditionModel")
     again = compare("UNet2DConditionModel", seen["ours"], seen["theirs"], scope="end_to_end")
-    assert (row.max_abs, row.rel_l2, row.cos_dist, row.passed) == (again.max_abs, again.rel_l2, again.cos_dist, again.passed)
+    for view in (row.local, row.accumulated):  # the whole model: same inputs on both sides in either view
+        assert (view.max_abs, view.rel_l2, view.cos_dist, view.passed) == (again.max_abs, again.rel_l2, again.cos_dist,
+                                                                           again.passed)
 
 
 def break_pare_unet(monkeypatch, breaker):
@@ -97,12 +128,11 @@ def test_a_wrong_attention_scale_fails_and_names_that_transformer_block(tmp_path
 def test_a_slip_in_one_denoising_step_fails_the_pipeline_at_that_step(tmp_path, monkeypatch):
     from pare.schedulers import DDIMScheduler
 
-    original, calls = DDIMScheduler.step, []
+    original = DDIMScheduler.step
 
-    def step(self, *args, **kwargs):  # the third step's output off by 1e-3
-        out = original(self, *args, **kwargs)
-        calls.append(1)
-        return out._replace(prev_sample=out.prev_sample * 1.001) if len(calls) == 3 else out
+    def step(self, model_output, timestep, *args, **kwargs):  # the third step's output (t=401) off by 1e-3
+        out = original(self, model_output, timestep, *args, **kwargs)
+        return out._replace(prev_sample=out.prev_sample * 1.001) if int(timestep) == 401 else out
 
     monkeypatch.setattr(DDIMScheduler, "step", step)
     report = report_for(tmp_path, "--components", "pipeline", "--steps", "5")
@@ -112,6 +142,36 @@ def test_a_slip_in_one_denoising_step_fails_the_pipeline_at_that_step(tmp_path, 
     component, first = report.first_failure
     assert (component, first.name) == ("pipeline", "latents after step 3 (t=401)")
     assert all(r.passed for _, r in report.rows[:3])
+    # step-local: the later steps start from diffusers' latents, so only step 3 is wrong on its own
+    assert [r.name for _, r in report.rows if not r.local.passed] == ["latents after step 3 (t=401)"]
+    assert all(not r.accumulated.passed for _, r in report.rows[4:])  # ... while the drift carries on
+
+
+def test_a_slip_at_one_scheduler_step_is_named_at_that_step(tmp_path, monkeypatch):
+    from pare.schedulers import DDIMScheduler
+
+    original = DDIMScheduler.step
+
+    def step(self, model_output, timestep, *args, **kwargs):
+        out = original(self, model_output, timestep, *args, **kwargs)
+        return out._replace(prev_sample=out.prev_sample * (1 + 1e-4)) if int(timestep) == 21 else out
+
+    monkeypatch.setattr(DDIMScheduler, "step", step)
+    report = report_for(tmp_path, "--components", "scheduler")
+    assert report.first_failure[1].name == "DDIMScheduler.step 49 (t=21)"
+    assert [r.name for _, r in report.rows if not r.local.passed] == ["DDIMScheduler.step 49 (t=21)"]
+
+
+def test_fp64_is_exact_and_catches_what_fp32_cannot(tmp_path, monkeypatch):
+    # An edit at float32's rounding level: one transformer block's output off by 3e-7.
+    def nudge(unet):
+        unet.down_blocks[0].attentions[0].transformer_blocks[0].register_forward_hook(lambda m, i, out: out * (1 + 3e-7))
+
+    break_pare_unet(monkeypatch, nudge)
+    assert report_for(tmp_path, "--components", "unet", "--dtype", "fp32").passed
+    report = report_for(tmp_path, "--components", "unet", "--dtype", "fp64")
+    assert report.header["dtype"] == "fp64"
+    assert report.first_failure[1].name == "down_blocks.0.attentions.0.transformer_blocks.0"
 
 
 def test_reference_path_imports_diffusers_from_that_tree(tmp_path):
@@ -129,6 +189,6 @@ def test_reference_path_imports_diffusers_from_that_tree(tmp_path):
                            str(tree.parent), "--out", str(out)], capture_output=True, text=True, timeout=300)
     data = json.loads(out.with_suffix(".json").read_text())
     assert Path(data["header"]["diffusers_path"]) == (tree / "diffusers").resolve()
+    assert data["header"]["dtype"] == "fp64"  # the default for --reference-path on the CPU
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
-    first = next(r for r in data["rows"] if not r["passed"])
-    assert ".resnets.0" in first["name"] and first["name"].startswith("down_blocks.0")
+    assert data["first_failure"] == {"component": "unet", "name": "down_blocks.0.resnets.0"}

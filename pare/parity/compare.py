@@ -116,6 +116,47 @@ def compare(
     )
 
 
+@dataclass
+class Row:
+    """One row of a parity report: a block's (or a step's) own error, and the error that reached it.
+
+    `local`: both sides fed the reference's inputs to this block or step, judged at block
+    tolerance; it names the place where a change was made. `accumulated`: each side fed its own
+    upstream results, judged at end-to-end tolerance; the drift through depth (or steps).
+    None where the two views coincide (a whole model, or a row with no upstream).
+    """
+
+    name: str
+    local: Comparison
+    accumulated: Comparison | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.local.passed and (self.accumulated is None or self.accumulated.passed)
+
+    @property
+    def reason(self) -> str:
+        if not self.local.passed:
+            return self.local.reason
+        if self.accumulated is not None and not self.accumulated.passed:
+            return f"accumulated: {self.accumulated.reason}"
+        return "within tolerance"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.local.shape
+
+    def __str__(self) -> str:
+        text = f"local (same inputs on both sides): {self.local}"
+        if self.accumulated is not None:
+            text += f"\naccumulated (each side on its own upstream): {self.accumulated}"
+        return text
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "passed": self.passed, "reason": self.reason, "local": self.local.as_dict(),
+                "accumulated": None if self.accumulated is None else self.accumulated.as_dict()}
+
+
 def assert_parity(*args, **kwargs) -> Comparison:
     """`compare`, raising AssertionError with the full report when the check fails."""
     result = compare(*args, **kwargs)

@@ -1,13 +1,23 @@
-"""`pare parity`: load one checkpoint into pare and diffusers, hook every block, report where they part.
+"""`pare parity`: load one checkpoint into pare and diffusers, compare every block and step, name where they part.
 
     pare parity                                   # a tiny checkpoint made on the spot, CPU, fp32
+    pare parity --reference-path ~/src/diffusers  # a diffusers working copy: did my edit move a block? (fp64)
     pare parity --config sdxl --device cuda --dtype fp16   # the official SDXL config, random init
     pare parity --model DIR_OR_ID --device cuda --dtype fp16 --out docs/parity/sd15-fp16
-    pare parity --model DIR --reference-path ~/src/diffusers   # a diffusers working copy
 
-For each component the rows come in execution order; below float32 each block is also run
-through a float64 copy of the diffusers model, and judged by the error budget of
-`pare/parity/tolerances.py`. The first failing row names the block where pare first departs.
+Every row has two views. *local*: pare's block (or scheduler step, or pipeline step) runs on
+the very inputs diffusers' got, so the row measures that block's own error and is judged at
+block tolerance; the first failing local row names the edited block. *accumulated*: each
+side runs on its own upstream results, as in real use (the drift through depth), judged at
+end-to-end tolerance. Below float32 both sides are also measured against a float64 copy of
+diffusers and judged by the error budget of `pare/parity/tolerances.py`.
+
+With --reference-path on the CPU the default precision is fp64: pare and diffusers then agree
+to roundoff (today bit for bit), so an edit at float32's rounding level (an eps, a tanh GELU,
+a scale off by 1e-6) stands out by orders of magnitude. Measured on the mutation suite
+(parity_tests/mutations.py, README "Catching edits"): fp64 with block-local rows catches and
+names every edit; fp32 misses those near its rounding level. --depth all names the module
+(norm, attention, GEGLU, conv) inside the block.
 """
 
 from __future__ import annotations
@@ -22,9 +32,9 @@ import torch
 from torch import nn
 
 from ..loading import resolve_folder
-from .blocks import block_names, compare_blocks
+from .blocks import DEPTHS, block_names, compare_blocks
 from .checkpoint import FAMILIES, make_checkpoint
-from .compare import Comparison, compare
+from .compare import Row, compare
 from .report import Report, make_header, to_text, write
 from .scheduler_rows import scheduler_rows
 from .tolerances import DTYPES
@@ -61,7 +71,7 @@ def _float64_twin(model: nn.Module, device: torch.device) -> nn.Module:
     return copy.deepcopy(model).to(device=device, dtype=torch.float64)
 
 
-def unet_rows(reference, folder, device, dtype, seed, with64):
+def unet_rows(reference, folder, device, dtype, seed, with64, depth="blocks"):
     from ..models.unet_2d_condition import UNet2DConditionModel
 
     ours = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, device=device)
@@ -81,10 +91,10 @@ def unet_rows(reference, folder, device, dtype, seed, with64):
         }
     args = (sample, torch.tensor(500, device=device))
     ref64 = _float64_twin(theirs, device) if with64 else None
-    return compare_blocks(ours, theirs, args, kwargs, reference64=ref64).rows
+    return compare_blocks(ours, theirs, args, kwargs, reference64=ref64, depth=depth).rows
 
 
-def vae_rows(reference, folder, device, dtype, seed, with64):
+def vae_rows(reference, folder, device, dtype, seed, with64, depth="blocks"):
     from ..models.autoencoder_kl import AutoencoderKL
 
     ours = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, device=device)
@@ -97,7 +107,7 @@ def vae_rows(reference, folder, device, dtype, seed, with64):
     image = (torch.rand(1, cfg.in_channels, side, side, generator=g, device=device) * 2 - 1).to(dtype)
     rows = []
     for wrapper, stage, x in ((VAEEncode, "encoder", image), (VAEDecode, "decoder", z)):
-        names = [f"vae.{stage}.{n}" for n in block_names(getattr(ours, stage))]
+        names = [f"vae.{stage}.{n}" for n in block_names(getattr(ours, stage), depth)]
         names += ["vae.quant_conv"] if stage == "encoder" and ours.quant_conv is not None else []
         names = (["vae.post_quant_conv"] if stage == "decoder" and ours.post_quant_conv is not None else []) + names
         ref64 = wrapper(_float64_twin(theirs, device)) if with64 else None
@@ -108,9 +118,16 @@ def vae_rows(reference, folder, device, dtype, seed, with64):
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
-def _generate(pipe, noise: torch.Tensor, steps: int, seed: int) -> list[tuple[str, torch.Tensor]]:
+def _generate(pipe, noise: torch.Tensor, steps: int, seed: int, replay: list[torch.Tensor] | None = None
+              ) -> list[tuple[str, torch.Tensor]]:
     """One text-to-image run; returns (row name, tensor): the UNet's text conditioning, the latents
-    after every step (from the step callback), and the decoded image in [0, 1]."""
+    after every step (from the step callback), and the decoded image in [0, 1].
+
+    With `replay` (the other library's latents after each step), each step's result is recorded
+    and then replaced by replay's, so that every step starts from the other library's latents: a
+    row then holds one step's own result (UNet, CFG, rescale, input scaling and scheduler step),
+    and the image is this pipeline's decode of the other's final latents.
+    """
     rows = []
 
     def conditioning(module, args, kwargs):  # the first UNet call's encoder_hidden_states: the prompt, encoded
@@ -120,7 +137,7 @@ def _generate(pipe, noise: torch.Tensor, steps: int, seed: int) -> list[tuple[st
 
     def after_step(p, i, t, tensors):
         rows.append((f"latents after step {i + 1} (t={int(t)})", tensors["latents"].detach().clone()))
-        return {}
+        return {} if replay is None else {"latents": replay[i].to(tensors["latents"].device, tensors["latents"].dtype)}
 
     handle = pipe.unet.register_forward_pre_hook(conditioning, with_kwargs=True)
     try:
@@ -132,14 +149,15 @@ def _generate(pipe, noise: torch.Tensor, steps: int, seed: int) -> list[tuple[st
     return rows + [("image", image)]
 
 
-def pipeline_rows(reference, folder, device, dtype, seed, with64, steps) -> list[Comparison]:
-    """The whole text-to-image loop on both sides (prompt, seeded noise, CFG 7.5, `steps` steps), compared step by step.
+def pipeline_rows(reference, folder, device, dtype, seed, with64, steps, scheduler=None) -> list[Row]:
+    """The whole text-to-image loop on both sides (prompt, seeded noise, CFG 7.5, `steps` steps), step by step.
 
-    A scheduler pare does not have (SD1.5's repo ships PNDM) is replaced on both sides by DDIM with
-    the same config, so the loop still compares like with like.
+    Each step is compared locally (pare's step from diffusers' latents, see `_generate`'s replay)
+    and accumulated (pare's own trajectory). `scheduler`: the class to run, built on both sides
+    from the folder's scheduler config (default: the class the folder names).
     """
     import pare
-    from ..schedulers import SCHEDULERS, get_scheduler_class
+    from ..schedulers import get_scheduler_class
 
     index = json.loads((folder / "model_index.json").read_text())
     xl = "text_encoder_2" in index
@@ -147,8 +165,7 @@ def pipeline_rows(reference, folder, device, dtype, seed, with64, steps) -> list
     theirs_cls = reference.StableDiffusionXLPipeline if xl else reference.StableDiffusionPipeline
     extra = {} if xl else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    name = scheduler_config.get("_class_name")
-    name = name if name in SCHEDULERS else "DDIMScheduler"
+    name = scheduler or scheduler_config.get("_class_name")
     scheduler_config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
 
     def load(cls, torch_dtype):
@@ -163,28 +180,70 @@ def pipeline_rows(reference, folder, device, dtype, seed, with64, steps) -> list
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    pipe = load(ours_cls, dtype)
-    side = pipe.default_size()  # the model's native size
-    noise = torch.randn(pipe.latent_shape(1, side, side), generator=torch.Generator().manual_seed(seed))
-    ours = _generate(pipe, noise, steps, seed)
+    pipe = load(theirs_cls, dtype)
+    side = pipe.unet.config.sample_size  # the model's native size, in latent pixels
+    noise = torch.randn(1, pipe.vae.config.latent_channels, side, side, generator=torch.Generator().manual_seed(seed))
+    theirs = _generate(pipe, noise, steps, seed)
+    replay = [t for n, t in theirs if n.startswith("latents after step")]
     del pipe
     free()
-    theirs = _generate(load(theirs_cls, dtype), noise, steps, seed)
+    pipe = load(ours_cls, dtype)
+    ours = _generate(pipe, noise, steps, seed)
+    ours_local = _generate(pipe, noise, steps, seed, replay)
+    del pipe
     free()
-    exact = _generate(load(theirs_cls, torch.float64), noise, steps, seed) if with64 else None
-    free()
+    exact = exact_local = None
+    if with64:
+        pipe = load(theirs_cls, torch.float64)
+        exact = _generate(pipe, noise, steps, seed)
+        exact_local = _generate(pipe, noise, steps, seed, replay)
+        del pipe
+        free()
     if [n for n, _ in ours] != [n for n, _ in theirs]:
         raise RuntimeError(f"the two pipelines ran differently: pare {[n for n, _ in ours]}, "
                            f"diffusers {[n for n, _ in theirs]}")
-    ours[0] = (f"{ours_cls.__name__} + {name}, {steps} steps: {ours[0][0]}", ours[0][1])
-    return [compare(n, a, b, None if exact is None else exact[i][1], dtype=dtype, scope="end_to_end")
-            for i, ((n, a), (_, b)) in enumerate(zip(ours, theirs))]
+    rows = []
+    for i, (label, theirs_out) in enumerate(theirs):
+        if i == 0:
+            label = f"{ours_cls.__name__} + {name}, {steps} steps: {label}"
+        at = lambda run: None if run is None else run[i][1]  # noqa: E731
+        local = compare(label, ours_local[i][1], theirs_out, at(exact_local), dtype=dtype, scope="block")
+        accumulated = compare(label, ours[i][1], theirs_out, at(exact), dtype=dtype, scope="end_to_end")
+        rows.append(Row(label, local, None if i == 0 else accumulated))  # the conditioning has no upstream
+    return rows
+
+
+def default_dtype(args: argparse.Namespace) -> str:
+    """fp64 for a contributor's check on the CPU (`--reference-path`): the mode that catches subtle edits.
+
+    In float64 pare and diffusers agree to about 1e-16 per block, so an edit at the rounding level
+    of float32 (an eps, a tanh-approximate GELU, a scale off by 1e-6) stands out by orders of
+    magnitude; the mutation suite (parity_tests/test_mutations.py) measures what each mode catches.
+    """
+    if args.dtype is not None:
+        return args.dtype
+    return "fp64" if args.reference_path is not None and args.device == "cpu" else "fp32"
+
+
+def scheduler_names(args: argparse.Namespace, folder: Path) -> list[str]:
+    """--schedulers: the folder's own scheduler (default), a comma list of class names, or every one pare has."""
+    from ..schedulers import SCHEDULERS
+
+    if args.schedulers is None:
+        config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        return [config.get("_class_name", "DDIMScheduler")]
+    names = sorted(SCHEDULERS) if args.schedulers == "all" else args.schedulers.split(",")
+    unknown = [n for n in names if n not in SCHEDULERS]
+    if unknown:
+        raise SystemExit(f"pare parity: --schedulers {unknown} are not pare schedulers; choose from {sorted(SCHEDULERS)}")
+    return names
 
 
 def run(args: argparse.Namespace) -> Report:
     from .reference import import_reference
 
     reference = import_reference(args.reference_path)
+    args.dtype = default_dtype(args)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if device.type == "cuda":  # parity in float32 means IEEE float32 on both sides
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -203,28 +262,33 @@ def run(args: argparse.Namespace) -> Report:
     else:
         folder, model_name = resolve_folder(args.model), args.model
     with64 = dtype in (torch.float16, torch.bfloat16)  # the error budget needs the float64 twin
+    depth = args.depth
 
-    report = Report(make_header(model=model_name, device=device, dtype=args.dtype, seed=args.seed, reference=reference))
+    report = Report(make_header(model=model_name, device=device, dtype=args.dtype, seed=args.seed, reference=reference,
+                                depth=depth))
     with torch.no_grad():
         for component in components:
             if not (folder / ("model_index.json" if component == "pipeline" else component)).exists():
                 what = "model_index.json" if component == "pipeline" else f"{component}/ folder"
                 raise SystemExit(f"pare parity: {folder} has no {what}; pass --components without {component}")
             if component == "unet":
-                report.add("unet", unet_rows(reference, folder, device, dtype, args.seed, with64))
+                report.add("unet", unet_rows(reference, folder, device, dtype, args.seed, with64, depth))
             elif component == "vae":
-                report.add("vae", vae_rows(reference, folder, device, dtype, args.seed, with64))
+                report.add("vae", vae_rows(reference, folder, device, dtype, args.seed, with64, depth))
             elif component == "scheduler":
                 config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-                report.add("scheduler", scheduler_rows(reference, config, steps=args.steps, device=device, dtype=dtype,
-                                                       seed=args.seed))
+                for name in scheduler_names(args, folder):
+                    report.add("scheduler", scheduler_rows(reference, config, steps=args.steps, device=device,
+                                                           dtype=dtype, seed=args.seed, name=name))
             elif component == "pipeline":
-                report.add("pipeline", pipeline_rows(reference, folder, device, dtype, args.seed, with64, args.steps))
+                for name in scheduler_names(args, folder):
+                    report.add("pipeline", pipeline_rows(reference, folder, device, dtype, args.seed, with64,
+                                                         args.steps, name))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if tmp is not None:
         tmp.cleanup()
-    print(to_text(report))
+    print(to_text(report, verbose=args.verbose))
     if args.out:
         for path in write(report, args.out):
             print(f"wrote {path}")
@@ -236,9 +300,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="tiny", choices=list(FAMILIES),
                         help="without --model: the config of the random-init checkpoint made for the run (default tiny)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--dtype", default=None, choices=list(DTYPES),
+                        help="precision of both sides (default fp32; fp64 on the CPU with --reference-path, "
+                             "the mode that catches the most edits: see the README's mutation table)")
+    parser.add_argument("--depth", default="blocks", choices=DEPTHS,
+                        help="blocks: stages, resnets, transformer blocks (default); all: every module down to "
+                             "attention, GEGLU, norms, projections and convs")
     parser.add_argument("--components", default=",".join(COMPONENTS), help=f"comma list of {COMPONENTS}")
+    parser.add_argument("--schedulers", default=None, metavar="NAMES",
+                        help="scheduler and pipeline rows for these classes (comma list, or 'all'), each built from "
+                             "the folder's scheduler config (default: the class the folder names)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=50, help="denoising steps of the scheduler and pipeline loops")
     parser.add_argument("--reference-path", default=None, help="a diffusers source tree to import instead of the installed one")
-    parser.add_argument("--out", default=None, help="write OUT.md and OUT.json")
+    parser.add_argument("--out", default=None, help="write OUT.md, OUT.json and OUT.png (the error against execution order)")
+    parser.add_argument("--verbose", action="store_true", help="print every row (default: a summary and the worst rows)")
