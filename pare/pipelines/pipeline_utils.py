@@ -272,6 +272,17 @@ class PipelineMixin:
         options = {k: index[k] for k in cls.options if k in index}
         return cls(**{**loaded, **options, **kwargs})
 
+    @classmethod
+    def from_single_file(cls, path_or_state_dict, **kwargs):
+        """Load every model from one original-layout checkpoint; tokenizers and scheduler from `config=`.
+
+        Arguments: `config` (a diffusers folder or Hub id; default: the family's diffusers repo),
+        `prediction_type`, `torch_dtype`, `allow_pickle`, `extract_ema`, components by name. See pare/single_file/.
+        """
+        from ..single_file import pipeline_from_single_file
+
+        return pipeline_from_single_file(cls, path_or_state_dict, **kwargs)
+
     @property
     def components(self) -> dict:
         return {name: getattr(self, name) for name in self.component_kinds}
