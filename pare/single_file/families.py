@@ -25,6 +25,7 @@ from .. import configs
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
+VAE_PREFIXES = (VAE_PREFIX, "vae.")  # where a whole checkpoint keeps its VAE; a standalone VAE file has no prefix
 IN_CONV = UNET_PREFIX + "input_blocks.0.0.weight"
 LABEL_EMB = UNET_PREFIX + "label_emb.0.0.weight"
 

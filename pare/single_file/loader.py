@@ -29,7 +29,7 @@ import torch
 from ..loading import check_state_dict
 from .clip_map import OPENAI_CLIP_MAP, OPENCLIP_MAP
 from .errors import SingleFileError, listed
-from .families import FAMILIES, UNET_PREFIX, VAE_PREFIX, Family, detect_family, is_ignored
+from .families import FAMILIES, UNET_PREFIX, VAE_PREFIX, VAE_PREFIXES, Family, detect_family, is_ignored
 from .keymap import to_diffusers
 from .unet_map import UNET_MAP
 from .vae_map import VAE_MAP
@@ -216,12 +216,17 @@ def load_unet(state_dict, config: dict, source: str, extract_ema: bool = False):
     return weights, used, lambda: UNet2DConditionModel.from_config(config)
 
 
+def vae_prefix(state_dict: dict) -> str:
+    """`first_stage_model.` in a whole checkpoint, `vae.` in some merges, none in a standalone VAE file (as diffusers)."""
+    return next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in state_dict)), "")
+
+
 def load_vae(state_dict, config: dict, source: str):
     from ..models.autoencoder_kl import AutoencoderKL
 
     with torch.device("meta"):
         shell = AutoencoderKL.from_config(config)
-    weights, used = convert(state_dict, VAE_PREFIX, VAE_MAP, shell, shell.config, source)
+    weights, used = convert(state_dict, vae_prefix(state_dict), VAE_MAP, shell, shell.config, source)
     return weights, used, lambda: AutoencoderKL.from_config(config)
 
 
@@ -246,16 +251,22 @@ def model_from_single_file(cls, path_or_state_dict, config=None, subfolder: str 
     """`UNet2DConditionModel.from_single_file` / `AutoencoderKL.from_single_file` (diffusers' arguments)."""
     state_dict, source = read_checkpoint(path_or_state_dict, allow_pickle)
     component = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae"}[cls.__name__]
-    family = detect_family(state_dict, source) if config is None else None
+    family = None
+    if config is None:
+        # A standalone VAE file has no UNet to tell its family: diffusers then takes SD 1.x's config, and so does pare.
+        standalone_vae = component == "vae" and not any(k.startswith(UNET_PREFIX) for k in state_dict)
+        family = FAMILIES["v1"] if standalone_vae else detect_family(state_dict, source)
     model_config = component_config(config, component, subfolder, family, hub_kwargs)
     if component == "unet":
         weights, used, factory = load_unet(state_dict, model_config, source, extract_ema)
         check_leftovers(state_dict, used, (UNET_PREFIX,), source)
     else:
-        if not any(k.startswith(VAE_PREFIX) for k in state_dict):
-            raise SingleFileError(f"{source} holds no VAE: no key starts with {VAE_PREFIX!r}")
+        prefix = vae_prefix(state_dict)
+        if not any(k.startswith(prefix + "decoder.") for k in state_dict):
+            raise SingleFileError(f"{source} holds no VAE: no key starts with "
+                                  f"{[p + 'decoder.' for p in VAE_PREFIXES + ('',)]}")
         weights, used, factory = load_vae(state_dict, model_config, source)
-        check_leftovers(state_dict, used, (VAE_PREFIX,), source)
+        check_leftovers(state_dict, used, (prefix,) if prefix else ("",), source)
     return build(factory, weights, source, torch_dtype, device)
 
 
@@ -336,7 +347,7 @@ def pipeline_from_single_file(cls, path_or_state_dict, config=None, prediction_t
             keys, pending[name] = set(), ("ready", get_scheduler_class(class_name).from_config(scheduler_config))
         used |= keys
     # Components passed in are not read from the file: their keys are left alone.
-    passed = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, **{s.component: s.prefix for s in family.text_encoders}}
+    passed = {"unet": UNET_PREFIX, "vae": vae_prefix(state_dict) or VAE_PREFIX, **{s.component: s.prefix for s in family.text_encoders}}
     exempt = tuple(prefix for name, prefix in passed.items() if name in kwargs)
     used |= {k for k in state_dict if exempt and k.startswith(exempt)}
     check_leftovers(state_dict, used, ("",), source)
