@@ -286,3 +286,34 @@ def test_unet_single_file_without_config_uses_the_family_config(tmp_path):
     assert "model.diffusion_model.output_blocks.2.1.conv.weight" in names  # up block 0 has no attention: conv at .1
     assert "model.diffusion_model.output_blocks.5.2.conv.weight" in names  # up block 1 has: conv at .2
     assert SDXL_UNET["cross_attention_dim"] == 2048
+
+
+def test_cli_generate_from_a_single_file_with_loras_matches_the_folder(written, tmp_path, capsys):
+    """`pare generate --model file.safetensors --config DIR --lora a:0.5 --lora b` gives the image pare's API gives."""
+    import numpy as np
+    import PIL.Image
+    from safetensors.torch import save_file
+
+    from pare.cli import main
+
+    from .test_lora import kohya_lora, peft_lora
+
+    original, folder, path = written("sd1")
+    save_file(peft_lora(original, seed=5), str(tmp_path / "a.safetensors"))
+    save_file(kohya_lora(original, seed=6), str(tmp_path / "b.safetensors"))
+    args = ["generate", "--prompt", "a cat", "--steps", "2", "--seed", "0", "--height", "16", "--width", "16",
+            "--scheduler", "DDIMScheduler"]
+    out = tmp_path / "cli.png"
+    assert main([*args, "--model", str(path), "--config", str(folder), "--lora", f"{tmp_path / 'a.safetensors'}:0.5",
+                 "--lora", str(tmp_path / "b.safetensors"), "--out", str(out)]) == 0
+    assert "StableDiffusionPipeline" in capsys.readouterr().out
+    pipe = pare.StableDiffusionPipeline.from_single_file(path, config=str(folder))
+    pipe.load_lora_weights(str(tmp_path / "a.safetensors"), adapter_name="a")
+    pipe.load_lora_weights(str(tmp_path / "b.safetensors"), adapter_name="b")
+    pipe.set_adapters(["a", "b"], [0.5, 1.0])
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a cat", num_inference_steps=2, height=16, width=16, generator=torch.Generator().manual_seed(0)).images[0]
+    assert np.array_equal(np.asarray(PIL.Image.open(out)), np.asarray(image))
+    assert main([*args, "--model", str(path), "--config", str(folder), "--lora", str(tmp_path / "missing.safetensors"),
+                 "--out", str(tmp_path / "x.png")]) == 1
+    assert "no checkpoint file at" in capsys.readouterr().err
