@@ -78,6 +78,17 @@ def peft_lora(pipe, seed: int = 0, old: bool = False) -> dict:
     return sd
 
 
+def attn_procs_lora(pipe, seed: int = 0, prefix: str = "unet.") -> dict:
+    """The attention-processor keys of diffusers before peft: `<attention>.processor.to_q_lora.down.weight`."""
+    g, sd = torch.Generator().manual_seed(seed), {}
+    for path, m in targets(pipe.unet, ("to_q", "to_k", "to_v", "to_out.0")):
+        attention, proj = (path[:-len(".to_out.0")], "to_out") if path.endswith("to_out.0") else path.rsplit(".", 1)
+        down, up = random_pair(m, g)
+        sd[f"{prefix}{attention}.processor.{proj}_lora.down.weight"] = down
+        sd[f"{prefix}{attention}.processor.{proj}_lora.up.weight"] = up
+    return sd
+
+
 def kohya_lora(pipe, seed: int = 0, ldm_names: bool = False) -> dict:
     """kohya / A1111 keys with alphas; LoCon convs; SDXL: LDM block names and te1 / te2."""
     g, sd = torch.Generator().manual_seed(seed), {}
@@ -117,14 +128,15 @@ def check_lora_moves_the_image(ours, base_image, name):
     assert changed > 1e-2, f"{name}: the LoRA changes the image by only {changed:.2e}: the test would not see a bug"
 
 
-SCALES = {"peft": (0.0, 0.5, 1.0), "old-diffusers": (0.5,), "kohya": (0.5,)}  # every scale once, on one format
+SCALES = {"peft": (0.0, 0.5, 1.0), "old-diffusers": (0.5,), "attn-procs": (0.5,), "kohya": (0.5,)}  # every scale once, on one format
 
 
 @pytest.mark.parametrize("fmt", list(SCALES))
 def test_lora_formats_match_diffusers_at_scales_unfused_and_fused(fmt):
     ours, theirs = pipelines()
     base = run(ours)
-    lora = {"peft": peft_lora, "old-diffusers": lambda p: peft_lora(p, old=True), "kohya": kohya_lora}[fmt](theirs)
+    lora = {"peft": peft_lora, "old-diffusers": lambda p: peft_lora(p, old=True), "attn-procs": attn_procs_lora,
+            "kohya": kohya_lora}[fmt](theirs)
     ours.load_lora_weights(dict(lora), adapter_name="style")
     theirs.load_lora_weights(dict(lora), adapter_name="style")
     assert ours.get_active_adapters() == theirs.get_active_adapters() == ["style"]
@@ -208,3 +220,14 @@ def test_lora_for_the_wrong_base_is_one_error_and_loads_nothing(tmp_path):
     with pytest.raises(SingleFileError, match="already in use"):
         sd_pipe.load_lora_weights(sd_lora, adapter_name="x")
         sd_pipe.load_lora_weights(sd_lora, adapter_name="x")
+
+
+def test_attn_procs_keys_without_the_unet_prefix_load_as_with_it():
+    """Files of the oldest diffusers carry no `unet.` prefix. diffusers 0.42.1 then loads nothing (a warning);
+    pare loads them into the UNet, exactly as the prefixed keys."""
+    ours, _ = pipelines()
+    ours.load_lora_weights(attn_procs_lora(ours, prefix=""), adapter_name="bare")
+    bare = run(ours)
+    ours.unload_lora_weights()
+    ours.load_lora_weights(attn_procs_lora(ours, prefix="unet."), adapter_name="prefixed")
+    assert torch.equal(run(ours), bare)
