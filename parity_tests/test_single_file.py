@@ -317,3 +317,56 @@ def test_cli_generate_from_a_single_file_with_loras_matches_the_folder(written, 
     assert main([*args, "--model", str(path), "--config", str(folder), "--lora", str(tmp_path / "missing.safetensors"),
                  "--out", str(tmp_path / "x.png")]) == 1
     assert "no checkpoint file at" in capsys.readouterr().err
+
+
+def test_sdxl_img2img_from_single_file_matches_diffusers(written):
+    original, folder, path = written("sdxl")
+    ours = pare.StableDiffusionXLImg2ImgPipeline.from_single_file(path, config=str(folder))
+    theirs = diffusers.StableDiffusionXLImg2ImgPipeline.from_single_file(str(path), config=str(folder),
+                                                                         local_files_only=True)
+    assert_same_weights(ours.unet, theirs.unet, "img2img UNet")
+    for pipe in (ours, theirs):
+        pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    assert_same_run(ours, theirs, "SDXL img2img single file", prompt="a cat", image=image, strength=0.6,
+                    num_inference_steps=3)
+
+
+def config_folder(pipe, folder: Path) -> Path:
+    """A diffusers pipeline's configs, tokenizers and scheduler without its weights: what `config=` reads."""
+    pipe.save_config(folder)  # model_index.json
+    for name, component in pipe.components.items():
+        if component is None:
+            continue
+        if hasattr(component, "save_config"):  # diffusers models and schedulers
+            component.save_config(folder / name)
+        elif hasattr(component, "vocab_size") and hasattr(component, "save_pretrained"):  # tokenizers
+            component.save_pretrained(folder / name)
+        else:  # transformers models: their config.json only
+            component.config.save_pretrained(folder / name)
+    return folder
+
+
+@pytest.mark.official
+@pytest.mark.cuda
+def test_official_sdxl_single_file_matches_diffusers(device, dtype, tmp_path):
+    """SDXL base at its official UNet / VAE configs (random weights, 2.6 B UNet parameters) and 1024 x 1024:
+    the same file through pare's and diffusers' from_single_file, every weight equal, 2 DDIM steps judged as
+    the official pipeline tier (float32: end-to-end tolerance; below: the error budget against float64)."""
+    from .tiny_components import assert_official_run, official_pipelines
+
+    twin, original = official_pipelines("sdxl", device, torch.float32)
+    path = Path(save_single_file(twin, tmp_path / "sdxl.safetensors"))
+    folder = config_folder(original, tmp_path / "config")
+    ours = pare.StableDiffusionXLPipeline.from_single_file(path, config=str(folder)).to(device)
+    for name in model_names("sdxl"):
+        assert_same_weights(getattr(ours, name), getattr(original, name), f"pare's official {name}")
+    del twin, original
+    theirs = diffusers.StableDiffusionXLPipeline.from_single_file(str(path), config=str(folder),
+                                                                  local_files_only=True).to(device)
+    for name in model_names("sdxl"):
+        assert_same_weights(getattr(theirs, name), getattr(ours, name), f"diffusers' official {name}")
+    for pipe in (ours, theirs):
+        pipe.set_progress_bar_config(disable=True)
+    ours.to(dtype)
+    assert_official_run(ours, theirs, dtype, prompt="an astronaut", height=1024, width=1024, num_inference_steps=2)

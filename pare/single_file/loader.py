@@ -11,7 +11,7 @@ diffusers twins: `loaders/single_file.py` (`FromSingleFileMixin.from_single_file
                   or listed in IGNORED_KEYS; one error names the file and every offending key
     5. build      the models on the meta device and assign the tensors: nothing is built half-loaded
 
-Where the brief of diffusers is followed: a pipeline takes its tokenizers, scheduler and
+As in diffusers, a pipeline takes its tokenizers, scheduler and
 component configs from `config=` (a local diffusers folder, or a Hub repo id whose json/txt
 files are fetched, never its weights); with no `config=` it reads them from the family's
 default repo (`Family.default_repo`, diffusers' choice), which needs the Hub or its cache.
