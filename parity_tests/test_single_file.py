@@ -31,7 +31,8 @@ from .tiny_components import assert_same_run
 
 diffusers = pytest.importorskip("diffusers")
 
-TINY_OPENCLIP_TEXT = {**TINY_TEXT, "hidden_size": 48, "hidden_act": "gelu", "projection_dim": 48}  # SD 2.x's encoder is OpenCLIP (gelu)
+# SD 2.x's encoder is OpenCLIP (gelu, where OpenAI's CLIP has quick_gelu)
+TINY_OPENCLIP_TEXT = {**TINY_TEXT, "hidden_size": 48, "hidden_act": "gelu", "projection_dim": 48}
 # diffusers tells SDXL's two encoders apart by width (768 vs 1280), so the tiny ones differ too: 32 + 48.
 TINY_SDXL_WIDE_UNET = {**TINY_SDXL_UNET, "cross_attention_dim": 80, "projection_class_embeddings_input_dim": 6 * 8 + 48}
 # name: (UNet, VAE, text encoder, second text encoder, scheduler prediction type)
@@ -286,6 +287,15 @@ def test_unet_single_file_without_config_uses_the_family_config(tmp_path):
     assert "model.diffusion_model.output_blocks.2.1.conv.weight" in names  # up block 0 has no attention: conv at .1
     assert "model.diffusion_model.output_blocks.5.2.conv.weight" in names  # up block 1 has: conv at .2
     assert SDXL_UNET["cross_attention_dim"] == 2048
+
+
+def test_config_may_name_a_family():
+    """config="v2" (a family name) means that family's official config, whatever the file's own family."""
+    from pare.single_file.loader import component_config
+
+    assert component_config("v2", "unet", None, FAMILIES["v1"], {}) == FAMILIES["v2"].unet
+    assert component_config("xl_refiner", "vae", None, None, {}) == FAMILIES["xl_refiner"].vae
+    assert component_config(None, "unet", None, FAMILIES["inpainting"], {})["in_channels"] == 9
 
 
 def test_cli_generate_from_a_single_file_with_loras_matches_the_folder(written, tmp_path, capsys):

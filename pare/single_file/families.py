@@ -156,7 +156,7 @@ def detect_family(state_dict: dict, source: str) -> Family:
     if base is None:
         raise SingleFileError(
             f"{source} fits no known family ({', '.join(FAMILIES)}): {evidence}. Known UNet-only widths "
-            f"(context, label_emb): {sorted(BY_UNET, key=str)}. Pass config= a diffusers folder for its architecture.")
+            f"(context, label_emb): {sorted(BY_UNET, key=str)}. Pass config= a diffusers folder or a family name for its architecture.")
     if evidence.in_channels == 9:
         if base not in INPAINTING:
             raise SingleFileError(f"{source}: a 9-channel (inpainting) UNet in a {FAMILIES[base].description} file "

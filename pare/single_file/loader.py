@@ -21,7 +21,6 @@ Models need no download: with no `config=` they are built from the family's offi
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -90,9 +89,12 @@ def _unwrap(checkpoint: dict, source: str) -> dict:
 
 
 def component_config(config, component: str, subfolder: str | None, family: Family | None, hub_kwargs) -> dict:
-    """A model's config: a dict as is; a folder's (or Hub repo's) `<subfolder>/config.json`; else the family's."""
+    """A model's config: a dict as is; a family name's (`"v2"`, `"xl_refiner"`, ...); a folder's (or Hub repo's)
+    `<subfolder>/config.json`; with none, the recognised family's."""
     if isinstance(config, dict):
         return dict(config)
+    if isinstance(config, str) and config in FAMILIES:
+        family, config = FAMILIES[config], None
     if config is None:
         return dict(getattr(family, component))
     from ..configuration import load_config_file
@@ -300,6 +302,8 @@ def pipeline_from_single_file(cls, path_or_state_dict, config=None, prediction_t
         raise SingleFileError(f"{source} is an {family.description} checkpoint (family {family.name!r}), which "
                               f"{cls.__name__} cannot run; load it with {other}.from_single_file")
 
+    if isinstance(config, str) and config in FAMILIES:  # a family name: its diffusers repo
+        config = FAMILIES[config].default_repo
     root = config_root(str(config or family.default_repo), hub_kwargs)
     index = read_model_index(root)
     loaded, used, pending, problems = {}, set(), {}, []
@@ -347,7 +351,8 @@ def pipeline_from_single_file(cls, path_or_state_dict, config=None, prediction_t
             keys, pending[name] = set(), ("ready", get_scheduler_class(class_name).from_config(scheduler_config))
         used |= keys
     # Components passed in are not read from the file: their keys are left alone.
-    passed = {"unet": UNET_PREFIX, "vae": vae_prefix(state_dict) or VAE_PREFIX, **{s.component: s.prefix for s in family.text_encoders}}
+    passed = {"unet": UNET_PREFIX, "vae": vae_prefix(state_dict) or VAE_PREFIX,
+              **{slot.component: slot.prefix for slot in family.text_encoders}}
     exempt = tuple(prefix for name, prefix in passed.items() if name in kwargs)
     used |= {k for k in state_dict if exempt and k.startswith(exempt)}
     check_leftovers(state_dict, used, ("",), source)
