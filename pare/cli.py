@@ -99,13 +99,16 @@ def generate(args, parser) -> int:
         parser.error("--strength applies to image-to-image only: give --image too")
     if args.image is not None and not Path(args.image).is_file():
         parser.error(f"--image {args.image} does not exist")
+    loras = [parse_lora(spec) for spec in args.lora]
+    for path, _ in loras:
+        if not Path(path).exists():
+            parser.error(f"--lora {path} does not exist")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
 
     try:
         # 2. Load: the folder's model_index.json says which family it is; a single file, its keys.
-        loras = [parse_lora(spec) for spec in args.lora]
         single_file = Path(args.model).is_file()
         if single_file:
             from .single_file import detect_family, read_checkpoint
