@@ -83,18 +83,22 @@ def lora_targets(component: str, model: nn.Module) -> dict[str, str]:
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
         spellings = {path, path.removeprefix("text_model."), "text_model." + path.removeprefix("text_model.")}
-        if component == "unet":
-            spellings.add(_ldm_name(model, path))
+        if component == "unet" and (ldm := _ldm_name(model, path)) is not None:
+            spellings.add(ldm)
         for name in spellings:
             names[name] = path
             names[name.replace(".", "_")] = path
     return names
 
 
-def _ldm_name(unet, path: str) -> str:
+def _ldm_name(unet, path: str) -> str | None:
+    """The module's name in the original LDM UNet, or None for one it has no twin of (LCM's cond_proj)."""
     from ..single_file.unet_map import UNET_MAP
 
-    (name,) = UNET_MAP.names([path + ".weight"], unet.config).values()
+    try:
+        (name,) = UNET_MAP.names([path + ".weight"], unet.config).values()
+    except KeyError:
+        return None
     return name.original.removesuffix(".weight")
 
 
