@@ -24,6 +24,8 @@ _EXPORTS = {
     "AutoencoderKL": "pare.models.autoencoder_kl",
     "DDIMScheduler": "pare.schedulers",
     "DDPMScheduler": "pare.schedulers",
+    "save_single_file": "pare.single_file",
+    "SingleFileError": "pare.single_file",
     "StableDiffusionPipeline": "pare.pipelines",
     "StableDiffusionImg2ImgPipeline": "pare.pipelines",
     "StableDiffusionXLPipeline": "pare.pipelines",

@@ -1,6 +1,7 @@
 """The `pare` command line.
 
-    pare generate --model DIR_OR_HUB_ID --prompt "a photo of a cat" --out cat.png
+    pare generate --model DIR_OR_HUB_ID_OR_FILE --prompt "a photo of a cat" --out cat.png
+                  [--config DIR_OR_ID] [--lora FILE[:SCALE] ...] [--allow-pickle]
                   [--negative-prompt TEXT] [--steps 50] [--guidance 7.5] [--seed 0]
                   [--height H] [--width W] [--scheduler DDIMScheduler]
                   [--image in.png --strength 0.8] [--device cuda] [--dtype fp16]
@@ -29,7 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="text-to-image (or image-to-image with --image)",
                               description="Generate an image with a Stable Diffusion 1.x/2.x or SDXL pipeline folder.")
-    gen.add_argument("--model", required=True, help="pipeline folder (diffusers layout) or Hub repo id")
+    gen.add_argument("--model", required=True,
+                     help="pipeline folder (diffusers layout), Hub repo id, or one original-layout checkpoint file "
+                          "(.safetensors; .ckpt only with --allow-pickle)")
+    gen.add_argument("--config", default=None, metavar="DIR_OR_ID",
+                     help="with a checkpoint file: the diffusers folder (or Hub id) of its family, for the tokenizer "
+                          "and scheduler (default: the family's diffusers repo, as in diffusers' from_single_file)")
+    gen.add_argument("--allow-pickle", action="store_true", help="let --model / --lora read pickle files (.ckpt)")
+    gen.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                     help="a LoRA to apply, at SCALE (default 1); repeat for several")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
@@ -90,14 +99,30 @@ def generate(args, parser) -> int:
         parser.error("--strength applies to image-to-image only: give --image too")
     if args.image is not None and not Path(args.image).is_file():
         parser.error(f"--image {args.image} does not exist")
+    loras = [parse_lora(spec) for spec in args.lora]
+    for path, _ in loras:
+        if not Path(path).exists():
+            parser.error(f"--lora {path} does not exist")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
 
     try:
-        # 2. Load: the folder's model_index.json says which family it is.
-        index = read_model_index(pipeline_root(args.model))
-        pipeline_class = choose_pipeline(index.get("_class_name", ""), img2img=args.image is not None)
+        # 2. Load: the folder's model_index.json says which family it is; a single file, its keys.
+        single_file = Path(args.model).is_file()
+        if single_file:
+            from .single_file import detect_family, read_checkpoint
+
+            family = detect_family(read_checkpoint(args.model, args.allow_pickle)[0], args.model)
+            config_root = pipeline_root(args.config or family.default_repo)
+            class_name = "StableDiffusionXLPipeline" if family.sdxl else "StableDiffusionPipeline"
+        elif args.config is not None:
+            parser.error("--config applies to a single checkpoint file only; --model is a folder or repo id")
+        else:
+            config_root = pipeline_root(args.model)
+            class_name = None
+        index = read_model_index(config_root)
+        pipeline_class = choose_pipeline(class_name or index.get("_class_name", ""), img2img=args.image is not None)
         named = (index.get("scheduler") or [None, None])[1]
         if args.scheduler is None and named is not None and named not in SCHEDULERS:
             raise ValueError(f"{args.model} names {named}, which pare does not implement; pass --scheduler with "
@@ -106,9 +131,17 @@ def generate(args, parser) -> int:
         if args.scheduler is not None:
             from .loading import resolve_folder
 
-            scheduler_folder = resolve_folder(args.model, "scheduler")
+            scheduler_folder = resolve_folder(config_root if single_file else args.model, "scheduler")
             components["scheduler"] = get_scheduler_class(args.scheduler).from_config(scheduler_folder)
-        pipe = pipeline_class.from_pretrained(args.model, torch_dtype=dtype, **components).to(device)
+        if single_file:
+            pipe = pipeline_class.from_single_file(args.model, config=str(config_root), torch_dtype=dtype,
+                                                   allow_pickle=args.allow_pickle, **components).to(device)
+        else:
+            pipe = pipeline_class.from_pretrained(args.model, torch_dtype=dtype, **components).to(device)
+        for i, (path, _) in enumerate(loras):
+            pipe.load_lora_weights(path, adapter_name=f"lora_{i}", allow_pickle=args.allow_pickle)
+        if loras:
+            pipe.set_adapters([f"lora_{i}" for i in range(len(loras))], [scale for _, scale in loras])
 
         # 3. Generate.
         seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
@@ -135,6 +168,17 @@ def generate(args, parser) -> int:
     print(f"wrote {out} ({image.width}x{image.height}, seed {seed}, {pipeline_class.__name__}, "
           f"{type(pipe.scheduler).__name__}, {args.steps} steps)")
     return 0
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """`file.safetensors` -> (file, 1.0); `file.safetensors:0.6` -> (file, 0.6)."""
+    path, sep, scale = spec.rpartition(":")
+    if sep and not Path(spec).exists():
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return spec, 1.0
 
 
 def choose_pipeline(class_name: str, img2img: bool):

@@ -65,6 +65,17 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         model.to(device=device, dtype=torch_dtype or torch.float32)
         return model.eval()
 
+    @classmethod
+    def from_single_file(cls, path_or_state_dict, **kwargs):
+        """Load from a single file in Stability's original layout (`model.diffusion_model.*`, `first_stage_model.*`).
+
+        diffusers' arguments: `config=` (a diffusers folder, Hub id or dict; default: the file's family's
+        official config), `subfolder`, `torch_dtype`, plus `allow_pickle` and `extract_ema`. See pare/single_file/.
+        """
+        from ..single_file import model_from_single_file
+
+        return model_from_single_file(cls, path_or_state_dict, **kwargs)
+
     def save_pretrained(self, folder: str | os.PathLike, variant: str | None = None, max_shard_size: int | None = None):
         """Write `config.json` and safetensors weights, sharded past `max_shard_size` bytes, as diffusers lays them out."""
         folder = Path(folder)

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..loading import resolve_folder
+from ..lora.mixin import LoraLoaderMixin
 
 logger = logging.getLogger("pare")
 
@@ -215,13 +216,14 @@ KNOWN_CLASSES = {
 }
 
 
-class PipelineMixin:
+class PipelineMixin(LoraLoaderMixin):
     """`from_pretrained`, `.to`, `device`, `dtype` and the progress bar, for the pipelines of this package.
 
     A subclass maps each component name to its kind (a key of `KNOWN_CLASSES`, or "scheduler")
     in `component_kinds`, and names in `options` the `__init__` arguments it reads from
     model_index.json (`force_zeros_for_empty_prompt`, ...). As in diffusers, `pipe.components`
     is the dict of component objects, so `OtherPipeline(**pipe.components)` shares them.
+    LoRA methods (`load_lora_weights`, `set_adapters`, `fuse_lora`, ...) come from pare/lora/mixin.py.
     """
 
     component_kinds: dict[str, str] = {}
@@ -271,6 +273,17 @@ class PipelineMixin:
             loaded[name] = _load_component(kind, class_name, folder, torch_dtype, variant)
         options = {k: index[k] for k in cls.options if k in index}
         return cls(**{**loaded, **options, **kwargs})
+
+    @classmethod
+    def from_single_file(cls, path_or_state_dict, **kwargs):
+        """Load every model from one original-layout checkpoint; tokenizers and scheduler from `config=`.
+
+        Arguments: `config` (a diffusers folder or Hub id; default: the family's diffusers repo),
+        `prediction_type`, `torch_dtype`, `allow_pickle`, `extract_ema`, components by name. See pare/single_file/.
+        """
+        from ..single_file import pipeline_from_single_file
+
+        return pipeline_from_single_file(cls, path_or_state_dict, **kwargs)
 
     @property
     def components(self) -> dict:
