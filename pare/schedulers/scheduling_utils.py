@@ -131,7 +131,10 @@ class DiscreteScheduler(ConfigMixin):
     beta_schedules: tuple[str, ...] = ()
 
     def _build_schedule(self) -> None:
-        """Check the config's shared keys, then compute betas, alphas and alphas_cumprod (float32, CPU)."""
+        """Check the config's shared keys, then compute betas, alphas and alphas_cumprod (float32, CPU).
+
+        Keys a class does not have (PNDM has no `thresholding`, DEIS no `rescale_betas_zero_snr`) count as off.
+        """
         c, owner = self.config, type(self).__name__
         check_choice(owner, "beta_schedule", c.beta_schedule, self.beta_schedules)
         check_choice(owner, "prediction_type", c.prediction_type, PREDICTION_TYPES)
@@ -140,7 +143,7 @@ class DiscreteScheduler(ConfigMixin):
             raise ValueError(f"{owner}: num_train_timesteps must be a positive int, got {c.num_train_timesteps!r}")
         if not isinstance(c.steps_offset, int) or c.steps_offset < 0:
             raise ValueError(f"{owner}: steps_offset must be a non-negative int, got {c.steps_offset!r}")
-        if c.thresholding and not 0 <= c.dynamic_thresholding_ratio <= 1:
+        if c.get("thresholding") and not 0 <= c.dynamic_thresholding_ratio <= 1:
             raise ValueError(f"{owner}: dynamic_thresholding_ratio must lie in [0, 1], got {c.dynamic_thresholding_ratio!r}")
         if c.trained_betas is not None and len(c.trained_betas) != c.num_train_timesteps:
             # diffusers would build a schedule of len(trained_betas) but space timesteps over num_train_timesteps.
@@ -155,7 +158,7 @@ class DiscreteScheduler(ConfigMixin):
             c = self.config
 
         self.betas = make_betas(c.beta_schedule, c.num_train_timesteps, c.beta_start, c.beta_end, c.trained_betas)
-        if c.rescale_betas_zero_snr:
+        if c.get("rescale_betas_zero_snr"):
             self.betas = rescale_zero_terminal_snr(self.betas)
         if not bool(((self.betas >= 0) & (self.betas <= 1)).all()):
             raise ValueError(f"{owner}: every beta must lie in [0, 1]; this config gives {self.betas.min():.3g} .. {self.betas.max():.3g}")
