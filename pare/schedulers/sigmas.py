@@ -1,0 +1,298 @@
+"""Sigma space: what every Karras / k-diffusion style scheduler shares.
+
+These schedulers do not walk the DDPM chain x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps;
+they walk the variance-exploding form x = x_0 + sigma * eps, with
+
+    sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)        (Karras et al., arXiv 2206.00364, Table 1, "VP")
+
+so that x_sigma = x_t / sqrt(alpha_bar_t). The model still wants its DDPM input, hence
+`scale_model_input` divides by sqrt(sigma^2 + 1).
+
+diffusers twin: the methods diffusers copies into each of these schedulers
+(`schedulers/scheduling_euler_discrete.py` `EulerDiscreteScheduler._convert_to_karras`,
+`_convert_to_exponential`, `_convert_to_beta`, `_sigma_to_t`, `index_for_timestep`,
+`_init_step_index`, `add_noise`, and `set_begin_index` from `scheduling_dpmsolver_multistep.py`).
+pare writes each once. The numpy dtypes (float64 here, float32 there) are diffusers' own: the
+schedules must agree bit for bit, because a sigma one ulp off moves every later step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..configuration import Config
+from .schedule import TIMESTEP_SPACINGS, betas_for_alpha_bar, make_betas, rescale_zero_terminal_snr, spaced_timesteps
+from .scheduling_utils import check_choice
+
+SIGMA_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+
+
+# --- noise levels ---------------------------------------------------------------------------------
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int, rho: float = 7.0) -> np.ndarray:
+    """The noise levels of Karras et al., arXiv 2206.00364, eq. 5 (float64, descending):
+
+        sigma_i = (sigma_max^(1/rho) + i / (N - 1) * (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,  i < N
+
+    rho = 7 is the paper's choice ("rho = 7 ... performs well", section 3). N = 1 gives [sigma_max].
+    """
+    ramp = np.linspace(0, 1, num_inference_steps)  # i / (N - 1)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)  # Python floats, as in diffusers
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int) -> np.ndarray:
+    """Noise levels evenly spaced in log sigma, from sigma_max down to sigma_min (float64)."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_inference_steps))
+
+
+def beta_sigmas(
+    sigma_min: float, sigma_max: float, num_inference_steps: int, alpha: float = 0.6, beta: float = 0.6
+) -> np.ndarray:
+    """Noise levels at the quantiles of a Beta(alpha, beta) distribution (Lee et al., "Beta Sampling is All
+    You Need", arXiv 2407.12173, section 3.2): dense near both ends of the schedule, sparse in the middle.
+
+        sigma_i = sigma_min + F^-1(1 - i / (N - 1)) * (sigma_max - sigma_min),   F = the Beta(alpha, beta) CDF
+
+    Needs scipy (for the Beta quantile function), imported here only, as diffusers does.
+    """
+    try:
+        import scipy.stats
+    except ImportError:
+        raise ImportError(
+            "use_beta_sigmas=True needs scipy for the Beta distribution's quantile function: pip install scipy "
+            "(or use use_karras_sigmas / use_exponential_sigmas, which need nothing extra)"
+        ) from None
+    # One ppf call per level, as diffusers makes them: the vectorised call may round differently.
+    quantiles = [scipy.stats.beta.ppf(u, alpha, beta) for u in 1 - np.linspace(0, 1, num_inference_steps)]
+    return np.array([sigma_min + q * (sigma_max - sigma_min) for q in quantiles])
+
+
+def sigma_to_t(sigma, log_sigmas: np.ndarray) -> np.ndarray:
+    """The (fractional) training timestep whose noise level is `sigma`: linear interpolation in log sigma.
+
+    `log_sigmas` are the log noise levels of the training timesteps 0 .. T-1 (ascending). `sigma` is a
+    numpy scalar or array; the result has its shape. Levels outside the trained range clamp to 0 or T-1.
+    """
+    sigma = np.asarray(sigma)
+    log_sigma = np.log(np.maximum(sigma, 1e-10))  # sigma = 0 (the last level) -> a very small one
+    # 1. the last training timestep whose log sigma is <= log_sigma (at most T-2, so that low + 1 exists)
+    dists = log_sigma - log_sigmas[:, np.newaxis]  # (T, *sigma.shape)
+    low_idx = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high_idx = low_idx + 1
+    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+    # 2. interpolate between its neighbours, linearly in log sigma
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    t = (1 - w) * low_idx + w * high_idx
+    return t.reshape(sigma.shape)
+
+
+def check_sigma_options(owner: str, use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas) -> None:
+    """At most one of the three sigma spacings may be on (diffusers raises the same)."""
+    chosen = [name for name, on in zip(SIGMA_OPTIONS, (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)) if on]
+    if len(chosen) > 1:
+        raise ValueError(f"{owner}: only one of {SIGMA_OPTIONS} can be True, but the config sets {chosen}")
+
+
+def sigma_range(config: Config, in_sigmas: np.ndarray) -> tuple[float, float]:
+    """(sigma_min, sigma_max): the config's `sigma_min` / `sigma_max` where it has them, else the ends of `in_sigmas`."""
+    sigma_min, sigma_max = config.get("sigma_min"), config.get("sigma_max")
+    sigma_min = sigma_min if sigma_min is not None else in_sigmas[-1].item()
+    sigma_max = sigma_max if sigma_max is not None else in_sigmas[0].item()
+    return sigma_min, sigma_max
+
+
+def convert_sigmas(config: Config, in_sigmas: np.ndarray, num_inference_steps: int) -> np.ndarray | None:
+    """`num_inference_steps` Karras / exponential / beta levels spanning `in_sigmas` (or the config's range),
+    per the config's `use_*_sigmas` flag; None when none is set."""
+    if config.get("use_karras_sigmas"):
+        return karras_sigmas(*sigma_range(config, in_sigmas), num_inference_steps)
+    if config.get("use_exponential_sigmas"):
+        return exponential_sigmas(*sigma_range(config, in_sigmas), num_inference_steps)
+    if config.get("use_beta_sigmas"):
+        return beta_sigmas(*sigma_range(config, in_sigmas), num_inference_steps)
+    return None
+
+
+def timesteps_for_sigmas(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """The fractional training timestep of each level (float64), one `sigma_to_t` call per level as diffusers makes them."""
+    return np.array([sigma_to_t(sigma, log_sigmas) for sigma in sigmas])
+
+
+def train_sigmas(alphas_cumprod: torch.Tensor) -> np.ndarray:
+    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) for t = 0 .. T-1 (float32 numpy, ascending)."""
+    return np.array(((1 - alphas_cumprod) / alphas_cumprod) ** 0.5)
+
+
+def float_spaced_timesteps(
+    timestep_spacing: str, num_inference_steps: int, num_train_timesteps: int, steps_offset: int = 0
+) -> np.ndarray:
+    """The timesteps sigma schedulers visit (float32 numpy, descending).
+
+    "leading" and "trailing" are `schedule.spaced_timesteps`' integers (with its checks and its
+    fix of diffusers' trailing overshoot). "linspace" is *not* rounded here: diffusers' sigma
+    schedulers keep np.linspace(0, T-1, n) in float32 and interpolate sigma between training steps.
+    """
+    if timestep_spacing == "linspace":
+        spaced_timesteps("leading", num_inference_steps, num_train_timesteps)  # only for its checks of n
+        return np.linspace(0, num_train_timesteps - 1, num_inference_steps, dtype=np.float32)[::-1].copy()
+    timesteps = spaced_timesteps(timestep_spacing, num_inference_steps, num_train_timesteps, steps_offset)
+    return timesteps.numpy().astype(np.float32)
+
+
+# --- the shared state -----------------------------------------------------------------------------
+
+
+class SigmaSchedulerMixin:
+    """Step-index bookkeeping, the beta schedule and the forward process x = x_0 + sigma * eps.
+
+    A scheduler walks `self.sigmas` by index: `step_index` counts the `step` calls since
+    `set_timesteps`. It starts at `begin_index` when a pipeline has set one (img2img and
+    inpainting start part-way, after `add_noise`), else at the position of the first timestep
+    seen in `self.timesteps`. diffusers twin: the same-named methods of `EulerDiscreteScheduler`.
+    """
+
+    beta_schedules: tuple[str, ...] = ("linear", "scaled_linear", "squaredcos_cap_v2")
+    prediction_types: tuple[str, ...] = ("epsilon", "sample", "v_prediction")
+    _step_index: int | None = None
+    _begin_index: int | None = None
+
+    # --- construction
+
+    def _build_betas(self) -> None:
+        """Check the config keys shared by sigma schedulers; compute betas, alphas, alphas_cumprod (float32, CPU)."""
+        c, owner = self.config, type(self).__name__
+        check_choice(owner, "beta_schedule", c.beta_schedule, self.beta_schedules)
+        check_choice(owner, "prediction_type", c.prediction_type, self.prediction_types)
+        if "timestep_spacing" in c:
+            check_choice(owner, "timestep_spacing", c.timestep_spacing, TIMESTEP_SPACINGS)
+        if isinstance(c.num_train_timesteps, bool) or not isinstance(c.num_train_timesteps, int) or c.num_train_timesteps < 2:
+            raise ValueError(f"{owner}: num_train_timesteps must be an int >= 2, got {c.num_train_timesteps!r}")
+        if not isinstance(c.get("steps_offset", 0), int) or c.get("steps_offset", 0) < 0:
+            raise ValueError(f"{owner}: steps_offset must be a non-negative int, got {c.steps_offset!r}")
+        check_sigma_options(owner, *(c.get(name, False) for name in SIGMA_OPTIONS))
+        if c.get("use_beta_sigmas"):
+            try:
+                import scipy  # noqa: F401
+            except ImportError:
+                raise ImportError(f"{owner}: use_beta_sigmas=True needs scipy: pip install scipy") from None
+        if c.trained_betas is not None:
+            if len(c.trained_betas) != c.num_train_timesteps:
+                raise ValueError(
+                    f"{owner}: trained_betas has {len(c.trained_betas)} values but num_train_timesteps={c.num_train_timesteps}"
+                )
+            if not isinstance(c.trained_betas, list):  # a list of floats, so that save_config writes valid JSON
+                object.__setattr__(self, "_pare_config", Config({**c, "trained_betas": [float(b) for b in c.trained_betas]}))
+                c = self.config
+
+        if c.trained_betas is None and c.beta_schedule == "exp":  # Heun's extra: alpha_bar(t) = exp(-12 t)
+            self.betas = betas_for_alpha_bar(c.num_train_timesteps, alpha_transform_type="exp")
+        else:
+            self.betas = make_betas(c.beta_schedule, c.num_train_timesteps, c.beta_start, c.beta_end, c.trained_betas)
+        if c.get("rescale_betas_zero_snr"):
+            self.betas = rescale_zero_terminal_snr(self.betas)
+        if not bool(((self.betas >= 0) & (self.betas <= 1)).all()):
+            raise ValueError(f"{owner}: every beta must lie in [0, 1]; this config gives {self.betas.min():.3g} .. {self.betas.max():.3g}")
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.num_inference_steps = None
+        self._step_index = None
+        self._begin_index = None
+
+    # --- the step index
+
+    @property
+    def step_index(self) -> int | None:
+        """Which entry of `sigmas` the next `step` uses; None until the first `scale_model_input` / `step`."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """Where the first step starts, when a pipeline set it with `set_begin_index`; None otherwise."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the walk at `begin_index` (img2img: strength skips the first steps). Call before the loop."""
+        self._begin_index = begin_index
+
+    def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
+        """The position of `timestep` in the schedule.
+
+        Where it occurs more than once (the duplicated timesteps of 2nd-order schedulers, or a
+        schedule that starts part-way), the *second* match: starting at the first would skip a
+        sigma when img2img starts mid-schedule (diffusers' rule, kept for parity).
+        """
+        if schedule_timesteps is None:
+            schedule_timesteps = self.timesteps
+        indices = (schedule_timesteps == timestep).nonzero()
+        if len(indices) == 0:
+            shown = schedule_timesteps.tolist()
+            raise ValueError(
+                f"timestep {float(timestep)!r} is not one of this scheduler's timesteps "
+                f"({shown[:4]}{' ...' if len(shown) > 4 else ''}): pass a value from scheduler.timesteps"
+            )
+        return indices[1 if len(indices) > 1 else 0].item()
+
+    def _init_step_index(self, timestep) -> None:
+        if self.begin_index is None:
+            if isinstance(timestep, torch.Tensor):
+                timestep = timestep.to(self.timesteps.device)
+            self._step_index = self.index_for_timestep(timestep)
+        else:
+            self._step_index = self._begin_index
+
+    # --- the forward process
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x = x_0 + sigma * eps at the noise level of each timestep (Karras et al., arXiv 2206.00364, eq. 1 / Table 1).
+
+        Which level: the timestep's position in the schedule before the loop has begun (training,
+        or `begin_index` unset); `begin_index` when a pipeline set it (img2img); the current
+        `step_index` once stepping has begun (inpainting re-noises the known region every step).
+        """
+        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
+        schedule_timesteps = self.timesteps.to(original_samples.device)
+        timesteps = torch.as_tensor(timesteps).to(original_samples.device).reshape(-1)  # (B,)
+        if self.begin_index is None:
+            step_indices = [self.index_for_timestep(t, schedule_timesteps) for t in timesteps]
+        elif self.step_index is not None:
+            step_indices = [self.step_index] * timesteps.shape[0]
+        else:
+            step_indices = [self.begin_index] * timesteps.shape[0]
+        sigma = sigmas[step_indices].flatten()
+        sigma = sigma.reshape(-1, *[1] * (original_samples.ndim - 1))  # (B,) -> (B, 1, ..., 1)
+        return original_samples + noise * sigma
+
+    def _check_step_input(self, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> None:
+        """The errors every sigma scheduler's `step` raises before it does anything."""
+        owner = type(self).__name__
+        if self.num_inference_steps is None:
+            raise ValueError(f"{owner}.step() was called before set_timesteps(): call scheduler.set_timesteps(num_inference_steps) first")
+        if isinstance(timestep, int) or (isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()):
+            # diffusers' error: an int is almost always a loop index from enumerate(timesteps).
+            raise ValueError(
+                f"{owner}.step() got the integer timestep {timestep!r}: passing integer indices (e.g. from "
+                "enumerate(timesteps)) is not supported; pass one of scheduler.timesteps"
+            )
+        if model_output.shape != sample.shape:
+            raise ValueError(f"model_output has shape {tuple(model_output.shape)} but sample {tuple(sample.shape)}")
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+
+def check_custom_sigmas(sigmas: Sequence[float]) -> np.ndarray:
+    """User-given sigmas as float32, checked: at least two (a start and an end), finite, non-negative, non-increasing."""
+    sigmas = np.array(sigmas).astype(np.float32)
+    if sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError(f"sigmas must be a list of at least 2 noise levels (the last is where sampling ends), got {sigmas.tolist()}")
+    if not np.isfinite(sigmas).all() or (sigmas < 0).any():
+        raise ValueError(f"sigmas must be finite and >= 0, got {sigmas.tolist()}")
+    if (np.diff(sigmas) > 0).any():
+        raise ValueError(f"sigmas must not increase (sampling goes from noise to data), got {sigmas.tolist()}")
+    return sigmas
