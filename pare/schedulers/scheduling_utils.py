@@ -20,10 +20,14 @@ Generator = torch.Generator | Sequence[torch.Generator] | None
 
 
 class SchedulerOutput(NamedTuple):
-    """What `step` returns. diffusers twin: `DDIMSchedulerOutput` / `DDPMSchedulerOutput`."""
+    """What `step` returns. diffusers twin: `DDIMSchedulerOutput` / `DDPMSchedulerOutput` (and `SchedulerOutput`).
+
+    Multistep solvers (PNDM, UniPC, DEIS) return only prev_sample, as diffusers' plain `SchedulerOutput` does:
+    pred_original_sample is then None, and `return_dict=False` gives the 1-tuple `(prev_sample,)`.
+    """
 
     prev_sample: torch.Tensor  # x_{t-1}: the next input of the denoising loop
-    pred_original_sample: torch.Tensor  # x_0 as predicted at this step (after clipping / thresholding)
+    pred_original_sample: torch.Tensor | None = None  # x_0 as predicted at this step (after clipping / thresholding)
 
 
 def check_choice(owner: str, key: str, value, choices: tuple) -> None:
