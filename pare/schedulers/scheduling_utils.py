@@ -7,6 +7,7 @@ diffusers twin: `schedulers/scheduling_utils.py` (`SchedulerMixin`), `utils/torc
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import torch
@@ -173,6 +174,12 @@ class DiscreteScheduler(ConfigMixin):
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, **overrides):
+        """Build from a pipeline folder (`subfolder="scheduler"`) or a scheduler folder, as diffusers' `from_pretrained`."""
+        path = Path(pretrained_model_name_or_path)
+        return cls.from_config(path / subfolder if subfolder else path, **overrides)
 
     def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
         """Identity: DDPM-family models take x_t as it is (Karras-style schedulers scale here)."""
