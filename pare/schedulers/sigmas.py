@@ -19,13 +19,21 @@ schedules must agree bit for bit, because a sigma one ulp off moves every later 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from ..configuration import Config
-from .schedule import TIMESTEP_SPACINGS, betas_for_alpha_bar, make_betas, rescale_zero_terminal_snr, spaced_timesteps
+from .schedule import (
+    TIMESTEP_SPACINGS,
+    betas_for_alpha_bar,
+    check_num_inference_steps,
+    make_betas,
+    rescale_zero_terminal_snr,
+    spaced_timesteps,
+)
 from .scheduling_utils import check_choice
 
 SIGMA_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
@@ -78,8 +86,10 @@ def sigma_to_t(sigma, log_sigmas: np.ndarray) -> np.ndarray:
 
     `log_sigmas` are the log noise levels of the training timesteps 0 .. T-1 (ascending). `sigma` is a
     numpy scalar or array; the result has its shape. Levels outside the trained range clamp to 0 or T-1.
+
+    The operations are numpy's, applied to whatever arrays come in: KDPM2 passes 0-dim torch tensors
+    and a torch `log_sigmas`, as diffusers does, and gets diffusers' (partly float32 torch) rounding.
     """
-    sigma = np.asarray(sigma)
     log_sigma = np.log(np.maximum(sigma, 1e-10))  # sigma = 0 (the last level) -> a very small one
     # 1. the last training timestep whose log sigma is <= log_sigma (at most T-2, so that low + 1 exists)
     dists = log_sigma - log_sigmas[:, np.newaxis]  # (T, *sigma.shape)
@@ -89,7 +99,7 @@ def sigma_to_t(sigma, log_sigmas: np.ndarray) -> np.ndarray:
     # 2. interpolate between its neighbours, linearly in log sigma
     w = np.clip((low - log_sigma) / (low - high), 0, 1)
     t = (1 - w) * low_idx + w * high_idx
-    return t.reshape(sigma.shape)
+    return t.reshape(np.shape(sigma))
 
 
 def check_sigma_options(owner: str, use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas) -> None:
@@ -132,17 +142,21 @@ def train_sigmas(alphas_cumprod: torch.Tensor) -> np.ndarray:
 def float_spaced_timesteps(
     timestep_spacing: str, num_inference_steps: int, num_train_timesteps: int, steps_offset: int = 0
 ) -> np.ndarray:
-    """The timesteps sigma schedulers visit (float32 numpy, descending).
+    """The timesteps sigma schedulers visit (float32 numpy, descending): Lin et al., arXiv 2305.08891, Table 2.
 
-    "leading" and "trailing" are `schedule.spaced_timesteps`' integers (with its checks and its
-    fix of diffusers' trailing overshoot). "linspace" is *not* rounded here: diffusers' sigma
-    schedulers keep np.linspace(0, T-1, n) in float32 and interpolate sigma between training steps.
+    "trailing" is `schedule.spaced_timesteps`' (with its fix of diffusers' overshoot to an extra
+    timestep -1). "linspace" is *not* rounded: diffusers' sigma schedulers keep np.linspace(0, T-1, n)
+    in float32 and interpolate sigma between training steps. "leading" with steps_offset may reach
+    T (n = T, steps_offset = 1, as Heun's and LMS's constructors ask for with SD's configs): unlike
+    DDIM, nothing is indexed by it, np.interp clamps its sigma to the last training level, and pare
+    keeps diffusers' behaviour.
     """
+    T, n = num_train_timesteps, check_num_inference_steps(num_inference_steps, num_train_timesteps)
     if timestep_spacing == "linspace":
-        spaced_timesteps("leading", num_inference_steps, num_train_timesteps)  # only for its checks of n
-        return np.linspace(0, num_train_timesteps - 1, num_inference_steps, dtype=np.float32)[::-1].copy()
-    timesteps = spaced_timesteps(timestep_spacing, num_inference_steps, num_train_timesteps, steps_offset)
-    return timesteps.numpy().astype(np.float32)
+        return np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
+    if timestep_spacing == "leading":
+        return (np.arange(0, n) * (T // n)).round()[::-1].astype(np.float32) + steps_offset
+    return spaced_timesteps(timestep_spacing, n, T).numpy().astype(np.float32)
 
 
 # --- the shared state -----------------------------------------------------------------------------
@@ -160,6 +174,7 @@ class SigmaSchedulerMixin:
     beta_schedules: tuple[str, ...] = ("linear", "scaled_linear", "squaredcos_cap_v2")
     prediction_types: tuple[str, ...] = ("epsilon", "sample", "v_prediction")
     _step_index: int | None = None
+    _requires_set_timesteps = True  # False where the constructor already builds a schedule `step` can walk
     _begin_index: int | None = None
 
     # --- construction
@@ -203,6 +218,12 @@ class SigmaSchedulerMixin:
         self.num_inference_steps = None
         self._step_index = None
         self._begin_index = None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, **overrides):
+        """Build from a pipeline folder (`subfolder="scheduler"`) or a scheduler folder, as diffusers' `from_pretrained`."""
+        path = Path(pretrained_model_name_or_path)
+        return cls.from_config(path / subfolder if subfolder else path, **overrides)
 
     # --- the step index
 
@@ -268,10 +289,21 @@ class SigmaSchedulerMixin:
         sigma = sigma.reshape(-1, *[1] * (original_samples.ndim - 1))  # (B,) -> (B, 1, ..., 1)
         return original_samples + noise * sigma
 
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Not provided: the v-prediction target belongs to training, on the DDPM chain (DDPMScheduler.get_velocity).
+
+        Of diffusers' sigma schedulers only Euler has one, and it indexes alphas_cumprod by the step's
+        position in the schedule, not by its timestep.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__}.get_velocity is not provided: compute v-prediction training targets with "
+            "DDPMScheduler.get_velocity (diffusers' EulerDiscreteScheduler.get_velocity indexes alphas_cumprod by step position)"
+        )
+
     def _check_step_input(self, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> None:
         """The errors every sigma scheduler's `step` raises before it does anything."""
         owner = type(self).__name__
-        if self.num_inference_steps is None:
+        if self._requires_set_timesteps and self.num_inference_steps is None:
             raise ValueError(f"{owner}.step() was called before set_timesteps(): call scheduler.set_timesteps(num_inference_steps) first")
         if isinstance(timestep, int) or (isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()):
             # diffusers' error: an int is almost always a loop index from enumerate(timesteps).
@@ -295,4 +327,22 @@ def check_custom_sigmas(sigmas: Sequence[float]) -> np.ndarray:
         raise ValueError(f"sigmas must be finite and >= 0, got {sigmas.tolist()}")
     if (np.diff(sigmas) > 0).any():
         raise ValueError(f"sigmas must not increase (sampling goes from noise to data), got {sigmas.tolist()}")
+    if (sigmas[:-1] == 0).any():
+        # diffusers divides by these and returns NaN; only the end of the schedule may be noise-free.
+        raise ValueError(f"only the last of sigmas may be 0 (each step divides by its sigma), got {sigmas.tolist()}")
     return sigmas
+
+
+def check_custom_float_timesteps(timesteps: Sequence[float], num_train_timesteps: int) -> np.ndarray:
+    """User-given timesteps as float32, checked: non-empty, strictly descending, within [0, T-1]."""
+    timesteps = np.array(timesteps).astype(np.float32)
+    if timesteps.ndim != 1 or len(timesteps) == 0:
+        raise ValueError(f"timesteps must be a non-empty list of training timesteps, got {timesteps.tolist()}")
+    if (np.diff(timesteps) >= 0).any():
+        raise ValueError(f"timesteps must be strictly descending, got {timesteps.tolist()}")
+    if timesteps[0] > num_train_timesteps - 1 or timesteps[-1] < 0:
+        raise ValueError(
+            f"timesteps must lie in [0, {num_train_timesteps - 1}] (num_train_timesteps={num_train_timesteps}), "
+            f"got {timesteps[0]} .. {timesteps[-1]}"
+        )
+    return timesteps
