@@ -132,9 +132,6 @@ def multistep_second_order_update(algorithm_type, solver_type, sample, m, alphas
     """One 2M step s0 -> t from the outputs at s0 and s1 (DPM-Solver++, arXiv 2211.01095, Algorithm 2).
 
     m = [..., m1, m0] (newest last, as `model_outputs` keeps them); alphas / sigmas = (t, s0, s1).
-    The model output is taken as linear in lambda, m(lambda) ~ D0 + (lambda - lambda_s0) / h * D1;
-    "midpoint" evaluates the integral's first-order term at the midpoint (Algorithm 2), "heun" integrates
-    the line exactly (the second-order Taylor term of DPM-Solver, arXiv 2206.00927, eq. 3.6).
     """
     (alpha_t, alpha_s0, alpha_s1), (sigma_t, sigma_s0, sigma_s1) = alphas, sigmas
     lambda_t, lambda_s0, lambda_s1 = log_snr(alpha_t, sigma_t), log_snr(alpha_s0, sigma_s0), log_snr(alpha_s1, sigma_s1)
@@ -142,43 +139,54 @@ def multistep_second_order_update(algorithm_type, solver_type, sample, m, alphas
     # 1. step sizes in lambda: h this step, h_0 the previous one; r0 their ratio
     h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
     r0 = h_0 / h
-    # 2. D1 ~ h * dm/dlambda: the backward difference, scaled to this step
+    # 2. D1 ~ h * dm/dlambda at s0: the backward difference, scaled to this step
     D0, D1 = m0, (1.0 / r0) * (m0 - m1)
-    # 3. integrate (the operations in diffusers' order, so that both round alike)
+    # 3. integrate from s0
+    return second_order_update(algorithm_type, solver_type, sample, h, D0, D1, alpha_t, sigma_t, alpha_s0, sigma_s0, noise)
+
+
+def second_order_update(algorithm_type, solver_type, sample, h, D0, D1, alpha_t, sigma_t, alpha_s, sigma_s, noise=None):
+    """x_t from x_s with the model output taken as linear in lambda: m(lambda) ~ D0 + (lambda - lambda_s) / h * D1.
+
+    "midpoint" keeps the first-order coefficient for D1 / 2 (DPM-Solver++ Algorithms 1-2, DPM-Solver Algorithm 1);
+    "heun" integrates the line exactly (the first two Taylor terms of DPM-Solver, arXiv 2206.00927, eq. 3.6).
+    The multistep (2M) and singlestep (2S) solvers differ only in where D0, D1 come from.
+    The operations run in diffusers' order, so that both libraries round alike.
+    """
     if algorithm_type == "dpmsolver++":
         if solver_type == "midpoint":
             return (
-                (sigma_t / sigma_s0) * sample
+                (sigma_t / sigma_s) * sample
                 - (alpha_t * (torch.exp(-h) - 1.0)) * D0
                 - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * D1
             )
         return (
-            (sigma_t / sigma_s0) * sample
+            (sigma_t / sigma_s) * sample
             - (alpha_t * (torch.exp(-h) - 1.0)) * D0
             + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * D1
         )
     if algorithm_type == "dpmsolver":
         if solver_type == "midpoint":
             return (
-                (alpha_t / alpha_s0) * sample
+                (alpha_t / alpha_s) * sample
                 - (sigma_t * (torch.exp(h) - 1.0)) * D0
                 - 0.5 * (sigma_t * (torch.exp(h) - 1.0)) * D1
             )
         return (
-            (alpha_t / alpha_s0) * sample
+            (alpha_t / alpha_s) * sample
             - (sigma_t * (torch.exp(h) - 1.0)) * D0
             - (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0)) * D1
         )
     if algorithm_type == "sde-dpmsolver++":
         if solver_type == "midpoint":
             return (
-                (sigma_t / sigma_s0 * torch.exp(-h)) * sample
+                (sigma_t / sigma_s * torch.exp(-h)) * sample
                 + (alpha_t * (1 - torch.exp(-2.0 * h))) * D0
                 + 0.5 * (alpha_t * (1 - torch.exp(-2.0 * h))) * D1
                 + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
             )
         return (
-            (sigma_t / sigma_s0 * torch.exp(-h)) * sample
+            (sigma_t / sigma_s * torch.exp(-h)) * sample
             + (alpha_t * (1 - torch.exp(-2.0 * h))) * D0
             + (alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)) * D1
             + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
@@ -186,13 +194,13 @@ def multistep_second_order_update(algorithm_type, solver_type, sample, m, alphas
     if algorithm_type == "sde-dpmsolver":
         if solver_type == "midpoint":
             return (
-                (alpha_t / alpha_s0) * sample
+                (alpha_t / alpha_s) * sample
                 - 2.0 * (sigma_t * (torch.exp(h) - 1.0)) * D0
                 - (sigma_t * (torch.exp(h) - 1.0)) * D1
                 + sigma_t * torch.sqrt(torch.exp(2 * h) - 1.0) * noise
             )
         return (
-            (alpha_t / alpha_s0) * sample
+            (alpha_t / alpha_s) * sample
             - 2.0 * (sigma_t * (torch.exp(h) - 1.0)) * D0
             - 2.0 * (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0)) * D1
             + sigma_t * torch.sqrt(torch.exp(2 * h) - 1.0) * noise
@@ -239,6 +247,26 @@ def multistep_third_order_update(algorithm_type, sample, m, alphas, sigmas, nois
             + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
         )
     raise ValueError(f"algorithm_type={algorithm_type!r} has no third-order multistep update (diffusers has none either)")
+
+
+def add_vp_noise(scheduler, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The forward process x_t = alpha_t x_0 + sigma_t eps at `scheduler.sigmas`, by each timestep's place in the schedule.
+
+    The place is found as `SigmaSchedulerMixin.add_noise` finds it: the timestep's position before the loop has
+    begun (training, or no begin_index), `begin_index` when a pipeline set it (img2img), else the current step.
+    """
+    sigmas = scheduler.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
+    schedule_timesteps = scheduler.timesteps.to(original_samples.device)
+    timesteps = torch.as_tensor(timesteps).to(original_samples.device).reshape(-1)  # (B,)
+    if scheduler.begin_index is None:
+        step_indices = [scheduler.index_for_timestep(t, schedule_timesteps) for t in timesteps]
+    elif scheduler.step_index is not None:
+        step_indices = [scheduler.step_index] * timesteps.shape[0]
+    else:
+        step_indices = [scheduler.begin_index] * timesteps.shape[0]
+    sigma = sigmas[step_indices].flatten().reshape(-1, *[1] * (original_samples.ndim - 1))  # (B,) -> (B, 1, ..., 1)
+    alpha_t, sigma_t = vp_alpha_sigma(sigma)
+    return alpha_t * original_samples + sigma_t * noise
 
 
 def resolve_foreign_values(scheduler) -> None:
@@ -302,8 +330,8 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
       - variance_type: diffusers keeps output channels [:3] (RGB pixel models; a 4-channel latent model fails with a
         shape error); pare keeps the first `sample.shape[1]`, the same for 3 channels.
       - a step of zero length in lambda (the Karras / Lu / exponential / beta spacings with final_sigmas_type=
-        "sigma_min" end with one) returns its input, the h -> 0 limit; diffusers returns NaN there for heun and
-        third-order steps (>= 15 steps), and exactly the input otherwise.
+        "sigma_min" end with one, at >= 15 steps) is taken first order, the h -> 0 limit of every order; diffusers
+        returns NaN there for heun and third-order steps (midpoint gives the first-order result exactly).
       - algorithm_type="deis" (a DEIS config) loads as "dpmsolver++": diffusers intends that remapping but then
         raises "final_sigmas_type zero is not supported for algorithm_type deis".
     """
@@ -521,13 +549,11 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
                 noise = variance_noise.to(device=model_output.device, dtype=torch.float32)
 
         # 4. x_{t_i} -> x_{t_{i+1}}: first (eq. 3.7 / DPM-Solver++ 4.1), second (Algorithm 2) or third order
-        if log_snr(*self._alpha_sigma(i + 1)) == log_snr(*self._alpha_sigma(i)):
-            # A step of length h = 0 (Karras / Lu / exponential / beta sigmas end at sigma_min, and final_sigmas_type=
-            # "sigma_min" repeats it): the exact solution is x_t = x_s, which every update below gives in the limit
-            # h -> 0. diffusers evaluates heun's and the third order's (e^-h - 1) / h at h = 0 and returns NaN;
-            # where it stays finite it returns x_s (to rounding), as here.
-            prev_sample = sample
-        elif c.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
+        # A step of length h = 0 (the Karras / Lu / exponential / beta spacings end at sigma_min, and final_sigmas_type=
+        # "sigma_min" repeats it) takes the first-order update, the limit h -> 0 of every higher order: diffusers
+        # evaluates heun's and the third order's (e^-h - 1) / h at h = 0 and returns NaN (midpoint gives the same).
+        zero_step = log_snr(*self._alpha_sigma(i + 1)) == log_snr(*self._alpha_sigma(i))
+        if c.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final or zero_step:
             (alpha_t, sigma_t), (alpha_s, sigma_s) = self._alpha_sigma(i + 1), self._alpha_sigma(i)
             prev_sample = first_order_update(c.algorithm_type, sample, model_output, alpha_t, sigma_t, alpha_s, sigma_s, noise)
         elif c.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
@@ -551,19 +577,5 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
         return sample
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x_t = alpha_t x_0 + sigma_t eps at the noise level of each timestep's place in the schedule (img2img).
-
-        The place is found as `SigmaSchedulerMixin.add_noise` finds it (begin_index, step_index or the timestep).
-        """
-        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
-        schedule_timesteps = self.timesteps.to(original_samples.device)
-        timesteps = torch.as_tensor(timesteps).to(original_samples.device).reshape(-1)  # (B,)
-        if self.begin_index is None:
-            step_indices = [self.index_for_timestep(t, schedule_timesteps) for t in timesteps]
-        elif self.step_index is not None:
-            step_indices = [self.step_index] * timesteps.shape[0]
-        else:
-            step_indices = [self.begin_index] * timesteps.shape[0]
-        sigma = sigmas[step_indices].flatten().reshape(-1, *[1] * (original_samples.ndim - 1))  # (B,) -> (B, 1, ..., 1)
-        alpha_t, sigma_t = vp_alpha_sigma(sigma)
-        return alpha_t * original_samples + sigma_t * noise
+        """x_t = alpha_t x_0 + sigma_t eps at the noise level of each timestep's place in the schedule (img2img)."""
+        return add_vp_noise(self, original_samples, noise, timesteps)
