@@ -13,9 +13,19 @@ from typing import Callable
 from unittest import mock
 
 import torch
+from hypothesis import event
+from hypothesis.errors import InvalidArgument
 
 from pare.parity import assert_parity
 from parity_tests.test_scheduling_utils import LOW_PRECISION, STEP_FP32, dummy_model, overflows_alike
+
+
+def note(text: str) -> None:
+    """hypothesis' `event` inside a hypothesis test; nothing in a plain one."""
+    try:
+        event(text)
+    except InvalidArgument:
+        pass
 
 
 @contextlib.contextmanager
@@ -43,12 +53,14 @@ def compare_loops(
     seed: int | None = None,
     noise_module=None,
     fields: tuple[str, ...] = ("prev_sample",),
+    check_state: Callable | None = None,
     **step_kwargs,
-) -> torch.Tensor:
+):
     """Run `ours` and a fresh `make_theirs()` (both already set up) over `timesteps` (default: ours), comparing each step.
 
     `seed`: each library gets its own generator of that seed for the whole loop (None: no generator argument).
-    `fields`: names of the `return_dict=False` tuple entries to compare. Returns pare's last sample.
+    `fields`: names of the `return_dict=False` tuple entries to compare. `check_state(ours, theirs)` runs after
+    every step (the multistep state). Returns (pare's last sample, diffusers' last sample, diffusers' scheduler).
     """
     theirs = make_theirs()
     timesteps = ours.timesteps if timesteps is None else timesteps
@@ -77,7 +89,9 @@ def compare_loops(
             assert a.dtype == dtype, f"{name}: step {i} returns {a.dtype} for a {dtype} sample"
             label = f"{name}, step {i} of {len(timesteps)} (t={float(t):g}), {field}"
             if overflows_alike(label, a, b):
-                return out_ours[0]
+                return out_ours[0], out_theirs[0], theirs
             assert_parity(label, a, b, r, dtype=dtype, tolerance=tolerance)
+        if check_state is not None:
+            check_state(ours, theirs)
         x_ours, x_theirs, x_ref = out_ours[0], out_theirs[0], out_ref[0]
-    return x_ours
+    return x_ours, x_theirs, theirs
