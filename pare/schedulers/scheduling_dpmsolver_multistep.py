@@ -249,6 +249,23 @@ def multistep_third_order_update(algorithm_type, sample, m, alphas, sigmas, nois
     raise ValueError(f"algorithm_type={algorithm_type!r} has no third-order multistep update (diffusers has none either)")
 
 
+def ode_type(algorithm_type: str) -> str:
+    """The ODE solver of an SDE algorithm_type (sde-dpmsolver++ -> dpmsolver++)."""
+    return algorithm_type.removeprefix("sde-")
+
+
+def degenerate_step(algorithm_type, alpha_t, sigma_t, alpha_s, sigma_s) -> bool:
+    """Whether the step s -> t has zero length in lambda, or (for an SDE) a rounding-error negative one.
+
+    The Karras / Lu / exponential / beta spacings end at sigma_min, and final_sigmas_type="sigma_min" repeats
+    it (to an ulp). Such a step is taken as a first-order ODE step, the limit h -> 0 of every update: diffusers
+    evaluates heun's and the third order's (e^-h - 1) / h at h = 0, and an SDE's sqrt(1 - e^-2h) at h < 0,
+    and returns NaN. Where diffusers stays finite (h = 0, midpoint or first order) it gives the same numbers.
+    """
+    h = log_snr(alpha_t, sigma_t) - log_snr(alpha_s, sigma_s)
+    return bool(h == 0) or (algorithm_type in SDE_TYPES and bool(h < 0))
+
+
 def add_vp_noise(scheduler, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """The forward process x_t = alpha_t x_0 + sigma_t eps at `scheduler.sigmas`, by each timestep's place in the schedule.
 
@@ -329,9 +346,10 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
         pare takes the n timesteps asked for.
       - variance_type: diffusers keeps output channels [:3] (RGB pixel models; a 4-channel latent model fails with a
         shape error); pare keeps the first `sample.shape[1]`, the same for 3 channels.
-      - a step of zero length in lambda (the Karras / Lu / exponential / beta spacings with final_sigmas_type=
-        "sigma_min" end with one, at >= 15 steps) is taken first order, the h -> 0 limit of every order; diffusers
-        returns NaN there for heun and third-order steps (midpoint gives the first-order result exactly).
+      - a last step of zero length in lambda (the Karras / Lu / exponential / beta spacings with final_sigmas_type=
+        "sigma_min" end with one; for an SDE, also one an ulp negative) is taken as a first-order ODE step, the
+        h -> 0 limit of every update (`degenerate_step`); diffusers returns NaN there for heun, third-order and SDE
+        steps, and the same numbers otherwise.
       - algorithm_type="deis" (a DEIS config) loads as "dpmsolver++": diffusers intends that remapping but then
         raises "final_sigmas_type zero is not supported for algorithm_type deis".
     """
@@ -409,22 +427,27 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
         elif c.timestep_spacing == "leading":
             step_ratio = last_timestep // (n + 1)
             timesteps = (np.arange(0, n + 1) * step_ratio).round()[::-1][:-1].copy().astype(np.int64) + c.steps_offset
-            if timesteps.max() >= T:
-                raise ValueError(
-                    f"timestep_spacing='leading' with steps_offset={c.steps_offset} and num_inference_steps={n} gives "
-                    f"timestep {int(timesteps.max())}, past the last trained timestep {T - 1}: use fewer steps or steps_offset=0"
-                )
         else:  # trailing
             timesteps = np.arange(last_timestep, 0, -T / n).round().copy().astype(np.int64) - 1
             # np.arange can overshoot by one float step and end in round(~0) - 1 = -1, outside the trained range.
             timesteps = timesteps[timesteps >= 0]
+        return timesteps
+
+    def _check_spaced_timesteps(self, timesteps: np.ndarray, n: int) -> None:
+        """Spaced timesteps whose noise levels are interpolated must lie in [0, T-1] and be distinct."""
+        c, T = self.config, self.config.num_train_timesteps
+        if len(timesteps) and timesteps.max() >= T:
+            # diffusers clamps the noise level to sigma_{T-1} and hands the model a timestep it was never trained on.
+            raise ValueError(
+                f"timestep_spacing='leading' with steps_offset={c.steps_offset} and num_inference_steps={n} gives "
+                f"timestep {int(timesteps.max())}, past the last trained timestep {T - 1}: use fewer steps or steps_offset=0"
+            )
         if len(timesteps) == 0 or (np.diff(timesteps) >= 0).any():
             raise ValueError(
                 f"timestep_spacing={c.timestep_spacing!r} with num_inference_steps={n} (lambda_min_clipped="
                 f"{c.lambda_min_clipped}) gives the timesteps {timesteps.tolist()[:8]}...: they must be distinct, "
                 "because the solver divides by the log-SNR step between them; use fewer steps"
             )
-        return timesteps
 
     def set_timesteps(
         self,
@@ -470,6 +493,8 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
             if (c.use_karras_sigmas or c.use_lu_lambdas) and c.beta_schedule != "squaredcos_cap_v2":
                 timesteps = timesteps.round()
         else:
+            if num_inference_steps is not None:
+                self._check_spaced_timesteps(timesteps, num_inference_steps)
             sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
 
         # 2. the last level: where sampling ends
@@ -549,12 +574,10 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
                 noise = variance_noise.to(device=model_output.device, dtype=torch.float32)
 
         # 4. x_{t_i} -> x_{t_{i+1}}: first (eq. 3.7 / DPM-Solver++ 4.1), second (Algorithm 2) or third order
-        # A step of length h = 0 (the Karras / Lu / exponential / beta spacings end at sigma_min, and final_sigmas_type=
-        # "sigma_min" repeats it) takes the first-order update, the limit h -> 0 of every higher order: diffusers
-        # evaluates heun's and the third order's (e^-h - 1) / h at h = 0 and returns NaN (midpoint gives the same).
-        zero_step = log_snr(*self._alpha_sigma(i + 1)) == log_snr(*self._alpha_sigma(i))
-        if c.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final or zero_step:
-            (alpha_t, sigma_t), (alpha_s, sigma_s) = self._alpha_sigma(i + 1), self._alpha_sigma(i)
+        (alpha_t, sigma_t), (alpha_s, sigma_s) = self._alpha_sigma(i + 1), self._alpha_sigma(i)
+        if degenerate_step(c.algorithm_type, alpha_t, sigma_t, alpha_s, sigma_s):
+            prev_sample = first_order_update(ode_type(c.algorithm_type), sample, model_output, alpha_t, sigma_t, alpha_s, sigma_s)
+        elif c.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
             prev_sample = first_order_update(c.algorithm_type, sample, model_output, alpha_t, sigma_t, alpha_s, sigma_s, noise)
         elif c.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
             alphas, sigmas = zip(*(self._alpha_sigma(j) for j in (i + 1, i, i - 1)))

@@ -28,8 +28,10 @@ from .scheduling_dpmsolver_multistep import (
     add_vp_noise,
     check_solver_config,
     convert_model_output,
+    degenerate_step,
     first_order_update,
     log_snr,
+    ode_type,
     resolve_foreign_values,
     second_order_update,
     vp_alpha_sigma,
@@ -143,6 +145,8 @@ class DPMSolverSinglestepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
       - algorithm_type="dpmsolver" with thresholding: diffusers indexes alpha_t by a timestep of None and fails
         with a shape error; pare thresholds at the current noise level, as the multistep twin does.
       - variance_type keeps the first `sample.shape[1]` output channels (diffusers: [:3], see the multistep twin).
+      - a first-order step of zero length in lambda (sigma_min repeated at the end) is an ODE step, where
+        diffusers' sde-dpmsolver++ can take the square root of a rounding error below 0 (NaN): `degenerate_step`.
     """
 
     beta_schedules = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -240,7 +244,7 @@ class DPMSolverSinglestepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
             # "linspace" over the timesteps whose lambda is above lambda_min_clipped, t = 0 dropped from n + 1 points
             clipped_idx = torch.searchsorted(torch.flip(self.lambda_t, [0]), c.lambda_min_clipped).item()
             timesteps = np.linspace(0, T - 1 - clipped_idx, num_inference_steps + 1).round()[::-1][:-1].copy().astype(np.int64)
-            if (np.diff(timesteps) >= 0).any():
+            if not any(c[flag] for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")) and (np.diff(timesteps) >= 0).any():
                 raise ValueError(
                     f"num_inference_steps={num_inference_steps} (lambda_min_clipped={c.lambda_min_clipped}) gives repeated "
                     f"timesteps {timesteps.tolist()[:8]}...: the solver divides by the log-SNR step between them; use fewer steps"
@@ -293,7 +297,10 @@ class DPMSolverSinglestepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
         c, i = self.config, self.step_index
         if order == 1:
             (alpha_t, sigma_t), (alpha_s, sigma_s) = vp_alpha_sigma(self.sigmas[i + 1]), vp_alpha_sigma(self.sigmas[i])
-            return first_order_update(c.algorithm_type, sample, model_output_list[-1], alpha_t, sigma_t, alpha_s, sigma_s, noise)
+            algorithm_type = c.algorithm_type
+            if degenerate_step(algorithm_type, alpha_t, sigma_t, alpha_s, sigma_s):  # see the multistep twin
+                algorithm_type, noise = ode_type(algorithm_type), None
+            return first_order_update(algorithm_type, sample, model_output_list[-1], alpha_t, sigma_t, alpha_s, sigma_s, noise)
         alphas, sigmas = zip(*(vp_alpha_sigma(self.sigmas[j]) for j in range(i + 1, i - order, -1)))  # t, s0, s1[, s2]
         update = singlestep_second_order_update if order == 2 else singlestep_third_order_update
         return update(c.algorithm_type, c.solver_type, sample, model_output_list, alphas, sigmas, noise)

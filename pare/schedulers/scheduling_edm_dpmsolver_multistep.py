@@ -20,10 +20,11 @@ from ..configuration import ConfigMixin, register_to_config
 from .scheduling_dpmsolver_multistep import (
     DATA_PREDICTION_TYPES,
     check_solver_config,
+    degenerate_step,
     first_order_update,
-    log_snr,
     multistep_second_order_update,
     multistep_third_order_update,
+    ode_type,
     resolve_foreign_values,
 )
 from .scheduling_utils import Generator, SchedulerOutput, check_choice, randn_tensor, threshold_sample
@@ -65,8 +66,9 @@ class EDMDPMSolverMultistepScheduler(SigmaSchedulerMixin, ConfigMixin):
     Where pare differs from diffusers on purpose (each has a test): ValueError at construction for
     prediction_type="sample" (diffusers accepts it and fails in the first step) and for algorithm_type=
     "sde-dpmsolver++" with solver_order=3 (diffusers has no such update: UnboundLocalError at the first
-    third-order step); a step of zero length in lambda (final_sigmas_type="sigma_min" repeats the last level,
-    at >= 15 steps) is taken first order, where diffusers' heun and third-order updates return NaN;
+    third-order step); a last step of zero length in lambda (final_sigmas_type="sigma_min" repeats the last
+    level) is taken as a first-order ODE step, where diffusers' heun, third-order and SDE updates can return NaN
+    (`degenerate_step`);
     ValueError for num_inference_steps < 1, a timestep not in the schedule (diffusers
     silently takes the last step) and a step after the last one.
     """
@@ -225,10 +227,11 @@ class EDMDPMSolverMultistepScheduler(SigmaSchedulerMixin, ConfigMixin):
         if c.algorithm_type == "sde-dpmsolver++":
             noise = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
 
-        # 3. the DPM-Solver++ update of that order (first order for a step of zero length, see the VP twin)
-        zero_step = log_snr(*self._alpha_sigma(i + 1)) == log_snr(*self._alpha_sigma(i))
-        if c.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final or zero_step:
-            (alpha_t, sigma_t), (alpha_s, sigma_s) = self._alpha_sigma(i + 1), self._alpha_sigma(i)
+        # 3. the DPM-Solver++ update of that order (first-order ODE for a step of zero length: `degenerate_step`)
+        (alpha_t, sigma_t), (alpha_s, sigma_s) = self._alpha_sigma(i + 1), self._alpha_sigma(i)
+        if degenerate_step(c.algorithm_type, alpha_t, sigma_t, alpha_s, sigma_s):
+            prev_sample = first_order_update(ode_type(c.algorithm_type), sample, model_output, alpha_t, sigma_t, alpha_s, sigma_s)
+        elif c.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
             prev_sample = first_order_update(c.algorithm_type, sample, model_output, alpha_t, sigma_t, alpha_s, sigma_s, noise)
         elif c.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
             alphas, sigmas = zip(*(self._alpha_sigma(j) for j in (i + 1, i, i - 1)))
