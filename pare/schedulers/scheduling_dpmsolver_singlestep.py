@@ -246,8 +246,9 @@ class DPMSolverSinglestepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
             timesteps = np.linspace(0, T - 1 - clipped_idx, num_inference_steps + 1).round()[::-1][:-1].copy().astype(np.int64)
             if not any(c[flag] for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")) and (np.diff(timesteps) >= 0).any():
                 raise ValueError(
-                    f"num_inference_steps={num_inference_steps} (lambda_min_clipped={c.lambda_min_clipped}) gives repeated "
-                    f"timesteps {timesteps.tolist()[:8]}...: the solver divides by the log-SNR step between them; use fewer steps"
+                    f"num_inference_steps={num_inference_steps} (lambda_min_clipped={c.lambda_min_clipped}) gives the timesteps "
+                    f"{timesteps.tolist()[:8]}...: they must be distinct, because the solver divides by the log-SNR step "
+                    "between them; use fewer steps"
                 )
         self.num_inference_steps = num_inference_steps
 
