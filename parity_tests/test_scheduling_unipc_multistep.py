@@ -283,3 +283,21 @@ def test_unipc_bad_calls_raise():
         x = scheduler.step(x, t, x).prev_sample
     with pytest.raises(ValueError, match="all 2 steps are done"):
         scheduler.step(x, scheduler.timesteps[-1], x)
+
+
+@pytest.mark.parametrize("solver_order", [1, 2, 3])
+def test_unipc_trailing_overshoot_is_dropped(solver_order):
+    """diffusers' trailing spacing visits 62 timesteps for 61 steps (the last -1); pare's 61 match it until the orders differ."""
+    config = dict(timestep_spacing="trailing", solver_order=solver_order, final_sigmas_type="zero", solver_type="bh2")
+    ours = UniPCMultistepScheduler(**config)
+    timesteps = set_both(ours, TheirUniPC(**config), 61)
+    assert len(timesteps) == 61
+
+    def make_theirs():
+        theirs = TheirUniPC(**config)
+        theirs.set_timesteps(61)
+        return theirs
+
+    assert len(make_theirs().timesteps) == 62
+    run_both("UniPC trailing 61", config, 61, torch.randn(1, 2, 4, 4), timesteps, ours, make_theirs)
+    assert ours.step_index == 61 - solver_order + 1
