@@ -52,7 +52,7 @@ def make_valid(config: dict) -> dict:
     """The configs pare refuses (test_unipc_refuses_configs_that_cannot_reach_sigma_zero), moved to sigma_min."""
     if config["final_sigmas_type"] == "zero" and (
             not config["predict_x0"] or (not config["lower_order_final"] and config["solver_order"] >= 2)):
-        event("cannot reach sigma = 0: final_sigmas_type='sigma_min' instead")
+        note("cannot reach sigma = 0: final_sigmas_type='sigma_min' instead")
         config["final_sigmas_type"] = "sigma_min"
     return config
 
@@ -64,13 +64,13 @@ def set_both(ours, theirs, n):
         ours.set_timesteps(n)
     except ValueError as e:
         assert "past the last trained timestep" in str(e) or "repeats timesteps" in str(e), str(e)
-        event("pare refuses the spacing")
+        note("pare refuses the spacing")
         return None
     expected = theirs.timesteps
     if len(expected) == len(ours.timesteps) + 1:
         # diffusers' trailing overshoot: one more timestep, -1, and one more sigma
         assert ours.config.timestep_spacing == "trailing" and expected[-1] == -1
-        event("diffusers' trailing overshoot")
+        note("diffusers' trailing overshoot")
         assert torch.equal(ours.timesteps, expected[:-1])
         assert torch.equal(ours.sigmas[:-1], theirs.sigmas[:-2]) and ours.sigmas[-1] == theirs.sigmas[-1]
         return ours.timesteps
