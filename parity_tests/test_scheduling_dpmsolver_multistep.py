@@ -547,3 +547,25 @@ def test_return_dict_false_gives_a_one_tuple():
     out = ours.step(x, ours.timesteps[0], x, return_dict=False)
     assert isinstance(out, tuple) and len(out) == 1 and out[0].shape == x.shape
     assert np.isfinite(out[0].numpy()).all()
+
+
+def test_lu_lambdas_with_another_sigma_spacing_is_refused():
+    theirs = TheirDPM(use_lu_lambdas=True, use_karras_sigmas=True)  # diffusers: Karras silently wins
+    theirs.set_timesteps(10)
+    karras = TheirDPM(use_karras_sigmas=True)
+    karras.set_timesteps(10)
+    assert torch.equal(theirs.sigmas, karras.sigmas)
+    with pytest.raises(ValueError, match="use_lu_lambdas=True cannot be combined"):
+        DPMSolverMultistepScheduler(use_lu_lambdas=True, use_karras_sigmas=True)
+
+
+def test_a_ddpm_config_with_a_fixed_variance_loads_and_samples_as_diffusers():
+    """DDPM's variance_type='fixed_small' describes its training: diffusers' DPM-Solver reads it as no variance."""
+    from diffusers import DDPMScheduler as TheirDDPM
+
+    ddpm = {k: v for k, v in TheirDDPM(beta_schedule="scaled_linear", clip_sample=False).config.items() if not k.startswith("_")}
+    assert ddpm["variance_type"] == "fixed_small"
+    ours = DPMSolverMultistepScheduler.from_config(ddpm)
+    kwargs = {k: v for k, v in ddpm.items() if k in TheirDPM().config}
+    ours.set_timesteps(15)
+    compare_loops("DDPM config loop", ours, make_set(TheirDPM, kwargs, 15), torch.randn(1, 4, 5, 5))

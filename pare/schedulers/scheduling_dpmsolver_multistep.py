@@ -249,6 +249,9 @@ def multistep_third_order_update(algorithm_type, sample, m, alphas, sigmas, nois
     raise ValueError(f"algorithm_type={algorithm_type!r} has no third-order multistep update (diffusers has none either)")
 
 
+# --- what the three twins share besides the updates
+
+
 def ode_type(algorithm_type: str) -> str:
     """The ODE solver of an SDE algorithm_type (sde-dpmsolver++ -> dpmsolver++)."""
     return algorithm_type.removeprefix("sde-")
@@ -341,7 +344,8 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
         custom timesteps that are not strictly descending or leave [0, T-1]; algorithm_type="sde-dpmsolver" with
         solver_order=3 (diffusers has no such update: UnboundLocalError at the first third-order step); a timestep
         that is not in the schedule (diffusers silently takes the last step); a step after the last one;
-        both `generator` and `variance_noise`; `mu` (dynamic shifting is flow matching).
+        both `generator` and `variance_noise`; `mu` (dynamic shifting is flow matching); use_lu_lambdas together
+        with another use_*_sigmas option (diffusers silently lets Karras win).
       - "trailing" never gains diffusers' spurious timestep -1 (its np.arange overshoot, e.g. n = 61 of T = 1000):
         pare takes the n timesteps asked for.
       - variance_type: diffusers keeps output channels [:3] (RGB pixel models; a 4-channel latent model fails with a
