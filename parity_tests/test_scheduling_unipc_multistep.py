@@ -45,6 +45,8 @@ def unipc_configs(draw, **kwargs):
         disable_corrector=draw(st.lists(st.integers(0, 6), max_size=3, unique=True)),
         final_sigmas_type=draw(st.sampled_from(["zero", "sigma_min"])),
     )
+    if draw(st.integers(0, 3)) == 0:  # the range of the Karras / exponential / beta levels (unused without them)
+        config["sigma_min"], config["sigma_max"] = draw(st.floats(0.01, 0.5)), draw(st.floats(5.0, 20.0))
     return config
 
 
