@@ -42,7 +42,7 @@ def deis_state_matches(ours, theirs):
 @settings(max_examples=40)
 @given(config=deis_configs(), n=st.one_of(st.integers(1, 100), st.sampled_from([1, 2, 3, 14, 15, 16, 61])),
        dtype_name=scheduler_dtypes, seed=seeds)
-def test_deis_loop_matches_diffusers_step_by_step(config, n, dtype_name, seed):
+def test_deis_loop_matches_diffusers_step_by_step(device, config, n, dtype_name, seed):
     """Every intermediate sample, orders 1-3, every option; n around 15 switches lower_order_final on and off."""
     ours = DEISMultistepScheduler(**config)
     timesteps = set_both(ours, TheirDEIS(**config), n)
@@ -61,7 +61,7 @@ def test_deis_loop_matches_diffusers_step_by_step(config, n, dtype_name, seed):
         return theirs
 
     # diffusers' trailing overshoot adds a last step from sigma_0 to sigma_0 (h = 0); every step before it is pare's
-    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(seed)).to(DTYPES[dtype_name])
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(seed)).to(device, DTYPES[dtype_name])
     compare_loops(f"DEIS {n} steps", ours, make_theirs, x, timesteps=timesteps, check_state=deis_state_matches)
 
 

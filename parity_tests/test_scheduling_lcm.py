@@ -65,7 +65,7 @@ def test_lcm_timesteps_equal_diffusers(config, n, strength, original):
 @settings(max_examples=40)
 @given(config=lcm_configs(), n=st.one_of(st.integers(1, 100), st.sampled_from([1, 2, 3, 4, 8])), strength=strengths,
        dtype_name=scheduler_dtypes, seed=seeds)
-def test_lcm_loop_matches_diffusers_step_by_step(config, n, strength, dtype_name, seed):
+def test_lcm_loop_matches_diffusers_step_by_step(device, config, n, strength, dtype_name, seed):
     """prev_sample and denoised at every step; the same generator seed draws the same noise in both."""
     config["original_inference_steps"] = max(config["original_inference_steps"], n)  # n <= N, else both refuse
     if config["prediction_type"] == "epsilon" and config["rescale_betas_zero_snr"]:
@@ -79,7 +79,7 @@ def test_lcm_loop_matches_diffusers_step_by_step(config, n, strength, dtype_name
         theirs.set_timesteps(num_inference_steps=n, strength=strength)
         return theirs
 
-    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(seed)).to(DTYPES[dtype_name])
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(seed)).to(device, DTYPES[dtype_name])
     compare_loops(f"LCM {n} steps", ours, make_theirs, x, seed=seed + 1, noise_module=their_lcm_module,
                   fields=("prev_sample", "denoised"))
     assert ours.step_index == len(ours.timesteps)

@@ -88,7 +88,7 @@ def test_pndm_timesteps_equal_diffusers(config, data):
 @settings(max_examples=40)
 @given(config=pndm_configs(), n=st.one_of(st.integers(1, 100), st.sampled_from([1, 2, 3, 4, 5, 25, 50, 99])),
        dtype_name=scheduler_dtypes, seed=seeds)
-def test_pndm_loop_matches_diffusers_step_by_step(config, n, dtype_name, seed):
+def test_pndm_loop_matches_diffusers_step_by_step(device, config, n, dtype_name, seed):
     """Every intermediate sample of a whole loop; fp32 to rel L2 1e-6, fp16/bf16 by the float64 error budget."""
     if n < 4 and not config["skip_prk_steps"]:  # too few for the warm-up (test_pndm_bad_calls_raise): PLMS instead
         config["skip_prk_steps"] = True
@@ -103,7 +103,7 @@ def test_pndm_loop_matches_diffusers_step_by_step(config, n, dtype_name, seed):
     timesteps = set_both(ours, TheirPNDM(**config), n)
     if timesteps is None:
         return
-    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(seed)).to(DTYPES[dtype_name])
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(seed)).to(device, DTYPES[dtype_name])
     compare_loops(f"PNDM {n} steps", ours, make_theirs, x, timesteps=timesteps)
     assert len(ours.ets) == min(4, n)  # one eps per step (the Heun correction's is not kept), the last 4
 

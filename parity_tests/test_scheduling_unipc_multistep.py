@@ -136,7 +136,7 @@ def run_both(name, config, n, x, timesteps, ours, make_theirs):
 @settings(max_examples=40)
 @given(config=unipc_configs(), n=st.one_of(st.integers(1, 100), st.sampled_from([1, 2, 3, 5, 8, 25])),
        dtype_name=scheduler_dtypes, seed=seeds)
-def test_unipc_loop_matches_diffusers_step_by_step(config, n, dtype_name, seed):
+def test_unipc_loop_matches_diffusers_step_by_step(device, config, n, dtype_name, seed):
     """Every intermediate sample (after corrector and predictor) and the corrector's state, over every option."""
     config = make_valid(config)
     ours = UniPCMultistepScheduler(**config)
@@ -155,7 +155,7 @@ def test_unipc_loop_matches_diffusers_step_by_step(config, n, dtype_name, seed):
             theirs.set_begin_index(0)
         return theirs
 
-    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(seed)).to(DTYPES[dtype_name])
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(seed)).to(device, DTYPES[dtype_name])
     run_both(f"UniPC {n} steps", config, n, x, timesteps, ours, make_theirs)
 
 

@@ -3,9 +3,9 @@
 diffusers twin: `schedulers/scheduling_lcm.py` (`LCMScheduler`).
 Source: Luo, Tan, Huang, Li & Zhao, "Latent Consistency Models", arXiv 2310.04378:
 the consistency function f(x, t) = c_skip(t) x + c_out(t) x_0(x, t) with its boundary condition
-(eq. 6 and section 3.1 / appendix D), the skipping-step schedule (section 4.2, "k") and
-multistep sampling (Algorithm 1 of the paper's LCM section, after Song et al.'s consistency models,
-arXiv 2303.01469, Algorithm 1): denoise to x_0, then re-noise to the next timestep with fresh noise.
+(section 3, after Song et al.'s consistency models, arXiv 2303.01469), the skipping-step schedule
+(section 4.2, "k") and multistep sampling (Algorithm 1, "Multistep Latent Consistency Sampling"):
+denoise to x_0, then re-noise to the next timestep with fresh noise.
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ class LCMScheduler(DiscreteScheduler, SigmaSchedulerMixin):
         self._begin_index = None
 
     def get_scalings_for_boundary_condition_discrete(self, timestep) -> tuple:
-        """(c_skip, c_out) at `timestep` (Luo et al., eq. 6 / consistency models, arXiv 2303.01469, appendix C):
+        """(c_skip, c_out) at `timestep` (Luo et al., section 3; consistency models, arXiv 2303.01469):
 
             c_skip(t) = sigma_data^2 / ((s t)^2 + sigma_data^2),   c_out(t) = s t / sqrt((s t)^2 + sigma_data^2)
 
@@ -217,8 +217,8 @@ class LCMScheduler(DiscreteScheduler, SigmaSchedulerMixin):
         z ~ N(0, I) is drawn from `generator` as diffusers draws it, at every step but the last.
         """
         # Notation (Luo et al.): alpha_prod_t -> alpha_bar_t (the paper's alpha(t)^2); prev_timestep -> t', the next
-        # timestep of the schedule; predicted_original_sample -> x_0 from the model's parameterisation (eq. 9-10 of
-        # section 4.1); denoised -> f_theta(x_t, t) = c_skip x_t + c_out x_0 (eq. 6)
+        # timestep of the schedule; predicted_original_sample -> x_0 from the model's parameterisation (eps, x_0 or v:
+        # section 4.1); denoised -> f_theta(x_t, t) = c_skip x_t + c_out x_0 (section 3)
         if self.num_inference_steps is None:
             raise ValueError(
                 "LCMScheduler.step() was called before set_timesteps(): call "
@@ -239,7 +239,7 @@ class LCMScheduler(DiscreteScheduler, SigmaSchedulerMixin):
         alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
         beta_prod_t_prev = 1 - alpha_prod_t_prev
 
-        # 3. the boundary-condition scalings c_skip(t), c_out(t) (eq. 6)
+        # 3. the boundary-condition scalings c_skip(t), c_out(t) (section 3)
         c_skip, c_out = self.get_scalings_for_boundary_condition_discrete(timestep)
 
         # 4. x_0 from the model output (epsilon: x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t))
@@ -250,7 +250,7 @@ class LCMScheduler(DiscreteScheduler, SigmaSchedulerMixin):
         # 5. clip or dynamically threshold x_0
         predicted_original_sample = clip_or_threshold(predicted_original_sample, self.config)
 
-        # 6. the consistency function f(x_t, t) = c_skip x_t + c_out x_0 (eq. 6)
+        # 6. the consistency function f(x_t, t) = c_skip x_t + c_out x_0 (section 3; Algorithm 1)
         denoised = c_out * predicted_original_sample + c_skip * sample
 
         # 7. re-noise to t' for the next step; none after the last step (and so none in one-step sampling)
