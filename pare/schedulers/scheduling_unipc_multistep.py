@@ -3,7 +3,7 @@
 diffusers twin: `schedulers/scheduling_unipc_multistep.py` (`UniPCMultistepScheduler`).
 Source: Zhao, Bai, Rao, Zhou & Lu, "UniPC: A Unified Predictor-Corrector Framework for Fast
 Sampling of Diffusion Models", arXiv 2302.04867: the predictor UniP-p and the corrector UniC-p
-(section 3, Algorithms 1 and 2; the multistep data-prediction form of the appendix), with the
+(section 3; the multistep data- and noise-prediction algorithms of the appendix), with the
 step factor B(h) = h ("bh1") or e^h - 1 ("bh2").
 
 Notation (as `scheduling_dpmsolver_multistep`, whose helpers this file reuses):
@@ -311,7 +311,7 @@ class UniPCMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
         return x_t_ - scale * res
 
     def multistep_uni_p_bh_update(self, sample: torch.Tensor, order: int) -> torch.Tensor:
-        """UniP-p: predict x at sigmas[i + 1] from x at sigmas[i] and the last `order` outputs (Algorithm 2)."""
+        """UniP-p: predict x at sigmas[i + 1] from x at sigmas[i] and the last `order` outputs (section 3)."""
         i = self.step_index
         m = self.model_outputs
         m0, x = m[-1], sample
@@ -337,7 +337,7 @@ class UniPCMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
 
     def multistep_uni_c_bh_update(self, this_model_output: torch.Tensor, last_sample: torch.Tensor,
                                   this_sample: torch.Tensor, order: int) -> torch.Tensor:
-        """UniC-p: correct the predicted x at sigmas[i] with the model's output there (Algorithm 1).
+        """UniC-p: correct the predicted x at sigmas[i] with the model's output there (section 3).
 
         The step is redone from `last_sample` (x at sigmas[i - 1], before the predictor) with the new output
         `this_model_output` at the far end as one more interpolation point, raising the order by one.
