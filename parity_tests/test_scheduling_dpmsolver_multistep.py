@@ -24,7 +24,7 @@ from hypothesis.errors import InvalidArgument
 from pare.parity import DTYPES, Tolerance, assert_parity
 from pare.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler, degenerate_step, vp_alpha_sigma
 from parity_tests.scheduler_loops import compare_loops
-from parity_tests.strategies import scheduler_dtypes, seeds
+from parity_tests.strategies import seeds
 from parity_tests.test_scheduling_pndm import SD15_PNDM_CONFIG
 from parity_tests.test_scheduling_utils import dummy_model
 

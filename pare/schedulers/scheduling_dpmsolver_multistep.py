@@ -467,7 +467,10 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
         """
         c, owner, T = self.config, type(self).__name__, self.config.num_train_timesteps
         if mu is not None:
-            raise ValueError(f"{owner}.set_timesteps: mu={mu} shifts flow-matching schedules (use_dynamic_shifting), which pare does not implement")
+            raise ValueError(
+                f"{owner}.set_timesteps: mu={mu} shifts flow-matching schedules (use_dynamic_shifting), "
+                "which pare does not implement"
+            )
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of num_inference_steps or timesteps to set_timesteps()")
         if timesteps is not None:
@@ -551,7 +554,9 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
         """
         c, owner = self.config, type(self).__name__
         if self.num_inference_steps is None:
-            raise ValueError(f"{owner}.step() was called before set_timesteps(): call scheduler.set_timesteps(num_inference_steps) first")
+            raise ValueError(
+                f"{owner}.step() was called before set_timesteps(): call scheduler.set_timesteps(num_inference_steps) first"
+            )
         if variance_noise is not None and generator is not None:
             raise ValueError("pass either generator or variance_noise to step(), not both: each is a source of the noise")
         if self.step_index is None:
@@ -585,7 +590,9 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
             prev_sample = first_order_update(c.algorithm_type, sample, model_output, alpha_t, sigma_t, alpha_s, sigma_s, noise)
         elif c.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
             alphas, sigmas = zip(*(self._alpha_sigma(j) for j in (i + 1, i, i - 1)))
-            prev_sample = multistep_second_order_update(c.algorithm_type, c.solver_type, sample, self.model_outputs, alphas, sigmas, noise)
+            prev_sample = multistep_second_order_update(
+                c.algorithm_type, c.solver_type, sample, self.model_outputs, alphas, sigmas, noise
+            )
         else:
             alphas, sigmas = zip(*(self._alpha_sigma(j) for j in (i + 1, i, i - 1, i - 2)))
             prev_sample = multistep_third_order_update(c.algorithm_type, sample, self.model_outputs, alphas, sigmas, noise)

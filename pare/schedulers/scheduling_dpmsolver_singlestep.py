@@ -230,7 +230,10 @@ class DPMSolverSinglestepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
         """Choose the timesteps (`self.timesteps`, int64), their noise levels (`self.sigmas`) and the order of each step."""
         c, owner, T = self.config, type(self).__name__, self.config.num_train_timesteps
         if mu is not None:
-            raise ValueError(f"{owner}.set_timesteps: mu={mu} shifts flow-matching schedules (use_dynamic_shifting), which pare does not implement")
+            raise ValueError(
+                f"{owner}.set_timesteps: mu={mu} shifts flow-matching schedules (use_dynamic_shifting), "
+                "which pare does not implement"
+            )
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of num_inference_steps or timesteps to set_timesteps()")
         if timesteps is not None:
@@ -244,7 +247,8 @@ class DPMSolverSinglestepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
             # "linspace" over the timesteps whose lambda is above lambda_min_clipped, t = 0 dropped from n + 1 points
             clipped_idx = torch.searchsorted(torch.flip(self.lambda_t, [0]), c.lambda_min_clipped).item()
             timesteps = np.linspace(0, T - 1 - clipped_idx, num_inference_steps + 1).round()[::-1][:-1].copy().astype(np.int64)
-            if not any(c[flag] for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")) and (np.diff(timesteps) >= 0).any():
+            interpolated = not any(c[flag] for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"))
+            if interpolated and (np.diff(timesteps) >= 0).any():
                 raise ValueError(
                     f"num_inference_steps={num_inference_steps} (lambda_min_clipped={c.lambda_min_clipped}) gives the timesteps "
                     f"{timesteps.tolist()[:8]}...: they must be distinct, because the solver divides by the log-SNR step "
@@ -318,7 +322,9 @@ class DPMSolverSinglestepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
         (in the model output's dtype, as diffusers draws it) at every step."""
         c, owner = self.config, type(self).__name__
         if self.num_inference_steps is None:
-            raise ValueError(f"{owner}.step() was called before set_timesteps(): call scheduler.set_timesteps(num_inference_steps) first")
+            raise ValueError(
+                f"{owner}.step() was called before set_timesteps(): call scheduler.set_timesteps(num_inference_steps) first"
+            )
         if self.step_index is None:
             self._init_step_index(timestep)
         if self.step_index >= len(self.order_list):

@@ -143,9 +143,11 @@ class EDMDPMSolverMultistepScheduler(SigmaSchedulerMixin, ConfigMixin):
         return 0.25 * torch.log(sigma)
 
     def precondition_outputs(self, sample: torch.Tensor, model_output: torch.Tensor, sigma) -> torch.Tensor:
-        """x_0 = c_skip x + c_out F: c_skip = sigma_data^2 / (sigma^2 + sigma_data^2), c_out = +-sigma sigma_data / sqrt(sigma^2 + sigma_data^2).
+        """x_0 = c_skip x + c_out F (Karras et al., Table 1), with
 
-        The sign of c_out is + for an eps-predicting model and - for v-prediction.
+            c_skip = sigma_data^2 / (sigma^2 + sigma_data^2),   c_out = +-sigma sigma_data / sqrt(sigma^2 + sigma_data^2),
+
+        c_out's sign + for an eps-predicting model and - for v-prediction.
         """
         sigma_data = self.config.sigma_data
         c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
@@ -209,7 +211,9 @@ class EDMDPMSolverMultistepScheduler(SigmaSchedulerMixin, ConfigMixin):
         """
         c, owner = self.config, type(self).__name__
         if self.num_inference_steps is None:
-            raise ValueError(f"{owner}.step() was called before set_timesteps(): call scheduler.set_timesteps(num_inference_steps) first")
+            raise ValueError(
+                f"{owner}.step() was called before set_timesteps(): call scheduler.set_timesteps(num_inference_steps) first"
+            )
         if self.step_index is None:
             self._init_step_index(timestep)
         i, n = self.step_index, len(self.timesteps)
@@ -235,7 +239,9 @@ class EDMDPMSolverMultistepScheduler(SigmaSchedulerMixin, ConfigMixin):
             prev_sample = first_order_update(c.algorithm_type, sample, model_output, alpha_t, sigma_t, alpha_s, sigma_s, noise)
         elif c.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
             alphas, sigmas = zip(*(self._alpha_sigma(j) for j in (i + 1, i, i - 1)))
-            prev_sample = multistep_second_order_update(c.algorithm_type, c.solver_type, sample, self.model_outputs, alphas, sigmas, noise)
+            prev_sample = multistep_second_order_update(
+                c.algorithm_type, c.solver_type, sample, self.model_outputs, alphas, sigmas, noise
+            )
         else:
             alphas, sigmas = zip(*(self._alpha_sigma(j) for j in (i + 1, i, i - 1, i - 2)))
             prev_sample = multistep_third_order_update(c.algorithm_type, sample, self.model_outputs, alphas, sigmas)
