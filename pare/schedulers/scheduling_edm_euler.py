@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -76,6 +77,10 @@ class EDMEulerScheduler(SigmaSchedulerMixin, ConfigMixin):
         check_choice(owner, "sigma_schedule", sigma_schedule, SIGMA_SCHEDULES)
         check_choice(owner, "prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice(owner, "final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
+        for key, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("sigma_data", sigma_data), ("rho", rho)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                # e.g. an EulerDiscreteScheduler config's sigma_min=None (diffusers: a TypeError in the sigma formula)
+                raise ValueError(f"{owner}: {key} must be a number, got {value!r}")
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"{owner}: need 0 < sigma_min < sigma_max, got sigma_min={sigma_min!r}, sigma_max={sigma_max!r}")
         if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:

@@ -24,12 +24,17 @@ def get_ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor) -> tupl
     """(sigma_down, sigma_up) with sigma_down^2 + sigma_up^2 = sigma_to^2 (k-diffusion's `get_ancestral_step`, eta = 1).
 
     sigma_up^2 = sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2 is the variance DDPM's posterior
-    q(x_{t-1} | x_t, x_0) adds, written in sigma space; the deterministic step goes to sigma_down.
+    q(x_{t-1} | x_t, x_0) adds, written in sigma space; the deterministic step goes to
+    sigma_down = sqrt(sigma_to^2 - sigma_up^2), which is exactly sigma_to^2 / sigma_from.
+    Works elementwise on tensors of levels (KDPM2 ancestral passes whole schedules).
     """
     sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
-    # The clamp: sigma_to^2 - sigma_up^2 = sigma_to^4 / sigma_from^2 >= 0, but rounding can take it below 0 by an
-    # ulp, whose square root would be NaN (diffusers has no clamp; where it is not NaN, the clamp changes nothing).
-    sigma_down = torch.clamp(sigma_to**2 - sigma_up**2, min=0) ** 0.5
+    down_squared = sigma_to**2 - sigma_up**2
+    # diffusers takes the square root of this difference, which cancels catastrophically when sigma_from >> sigma_to
+    # (the cosine schedule's sigma_max ~ 2e4 with few steps): it rounds to 0 or below, giving sigma_down = 0 or NaN,
+    # and KDPM2 ancestral's log-midpoint of 0 is NaN. pare keeps diffusers' value wherever the difference is
+    # positive, and uses the exact sigma_to^2 / sigma_from where it is not.
+    sigma_down = torch.where(down_squared > 0, down_squared.clamp(min=0) ** 0.5, sigma_to**2 / sigma_from)
     return sigma_down, sigma_up
 
 
@@ -48,8 +53,8 @@ class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin, DiscreteScheduler):
     later): prediction_type="sample" is refused when the config is read (diffusers accepts the config
     and raises NotImplementedError in `step`); num_inference_steps of 0 or below;
     `step` before `set_timesteps`; unknown config values; a timestep not in the schedule. "trailing"
-    spacing never gains diffusers' spurious extra timestep -1. sigma_down is clamped at 0 (see
-    `get_ancestral_step`). `get_velocity` is not provided (see EulerDiscreteScheduler).
+    spacing never gains diffusers' spurious extra timestep -1. Where diffusers' sigma_down rounds to 0
+    or NaN (catastrophic cancellation, see `get_ancestral_step`), pare's is the exact sigma_to^2 / sigma_from. `get_velocity` is not provided (see EulerDiscreteScheduler).
     """
 
     prediction_types = ("epsilon", "v_prediction")

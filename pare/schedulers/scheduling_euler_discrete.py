@@ -57,7 +57,9 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin, DiscreteScheduler):
     num_inference_steps of 0 or below; custom timesteps out of range or
     not descending; custom sigmas that increase, are negative, or are 0 before the last; unknown config
     values (diffusers raises only for beta_schedule, as NotImplementedError); a timestep not in the
-    schedule (diffusers: IndexError). "trailing" spacing never gains diffusers' spurious extra timestep
+    schedule (diffusers: IndexError). A schedule whose first timestep repeats (sigma_max above the largest
+    trained sigma) starts at its first level, where diffusers skips one and fails at the last step (see
+    `SigmaSchedulerMixin._init_step_index`). "trailing" spacing never gains diffusers' spurious extra timestep
     -1 (see `schedule.spaced_timesteps`). `get_velocity` is not provided: diffusers' indexes
     alphas_cumprod by the step's position instead of its timestep; train with DDPMScheduler's.
     """

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .schedule import check_num_inference_steps
+from .scheduling_euler_ancestral_discrete import get_ancestral_step
 from .scheduling_k_dpm_2_discrete import KDPM2DiscreteScheduler, repeat_inner
 from .scheduling_utils import Generator, SchedulerOutput, randn_tensor
 
@@ -27,19 +29,20 @@ class KDPM2AncestralDiscreteScheduler(KDPM2DiscreteScheduler):
     and adds noise of std sigma_up, drawn from `generator` in model_output's dtype as diffusers draws it.
     The loop sees 2n - 1 timesteps, as in KDPM2.
 
-    Where pare differs from diffusers on purpose: as KDPM2DiscreteScheduler.
+    Where pare differs from diffusers on purpose: as KDPM2DiscreteScheduler; and where diffusers' sigma_down
+    rounds to 0 (catastrophic cancellation with a very large sigma_max, e.g. the cosine schedule's), its log-midpoint is NaN;
+    pare uses the exact sigma_{i+1}^2 / sigma_i (`get_ancestral_step`), so the midpoint timestep and the samples stay finite.
     """
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None, num_train_timesteps: int | None = None) -> None:
         """`num_inference_steps` levels, their ancestral split, the midpoints, and the interleaved 2n - 1 timesteps."""
-        self.num_inference_steps = int(num_inference_steps)
+        self.num_inference_steps = check_num_inference_steps(num_inference_steps, self.config.num_train_timesteps)
         sigmas, timesteps = self._spaced_sigmas(num_inference_steps, device, num_train_timesteps)
 
         # 1. sigma_up, sigma_down of each level (get_ancestral_step with eta = 1; the last level has none: 0/0)
         sigmas_next = sigmas.roll(-1)
         sigmas_next[-1] = 0.0
-        sigmas_up = (sigmas_next**2 * (sigmas**2 - sigmas_next**2) / sigmas**2) ** 0.5
-        sigmas_down = (sigmas_next**2 - sigmas_up**2) ** 0.5
+        sigmas_down, sigmas_up = get_ancestral_step(sigmas, sigmas_next)  # exact where diffusers' sigma_down rounds to 0
         sigmas_down[-1] = 0.0
 
         # 2. the midpoints exp((log sigma_i + log sigma_down_i) / 2); the last two levels step straight to 0

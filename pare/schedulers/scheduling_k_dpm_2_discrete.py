@@ -14,6 +14,7 @@ import torch
 
 from ..configuration import register_to_config
 from .scheduling_utils import DiscreteScheduler, SchedulerOutput
+from .schedule import check_num_inference_steps
 from .sigmas import SigmaSchedulerMixin, convert_sigmas, float_spaced_timesteps, sigma_to_t, timesteps_for_sigmas, train_sigmas
 
 
@@ -105,7 +106,7 @@ class KDPM2DiscreteScheduler(SigmaSchedulerMixin, DiscreteScheduler):
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None, num_train_timesteps: int | None = None) -> None:
         """`num_inference_steps` levels, their log-midpoints, and the interleaved 2n - 1 timesteps."""
-        self.num_inference_steps = int(num_inference_steps)
+        self.num_inference_steps = check_num_inference_steps(num_inference_steps, self.config.num_train_timesteps)
         sigmas, timesteps = self._spaced_sigmas(num_inference_steps, device, num_train_timesteps)
 
         # 1. sigma_mid_i = exp((log sigma_i + log sigma_{i-1}) / 2), the geometric mean of a level and the one before

@@ -17,6 +17,7 @@ from numpy.polynomial import polynomial as P
 
 from ..configuration import register_to_config
 from .scheduling_utils import DiscreteScheduler, SchedulerOutput
+from .schedule import check_num_inference_steps
 from .sigmas import SigmaSchedulerMixin, convert_sigmas, float_spaced_timesteps, timesteps_for_sigmas, train_sigmas
 
 logger = logging.getLogger("pare")
@@ -110,7 +111,7 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin, DiscreteScheduler):
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """`num_inference_steps` timesteps per `timestep_spacing` and their sigmas (optionally respaced), then 0."""
         c = self.config
-        self.num_inference_steps = int(num_inference_steps)
+        self.num_inference_steps = check_num_inference_steps(num_inference_steps, self.config.num_train_timesteps)
         timesteps = float_spaced_timesteps(c.timestep_spacing, num_inference_steps, c.num_train_timesteps, c.steps_offset)
         train = train_sigmas(self.alphas_cumprod)
         log_sigmas = np.log(train)

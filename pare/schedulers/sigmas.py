@@ -260,12 +260,22 @@ class SigmaSchedulerMixin:
         return indices[1 if len(indices) > 1 else 0].item()
 
     def _init_step_index(self, timestep) -> None:
-        if self.begin_index is None:
-            if isinstance(timestep, torch.Tensor):
-                timestep = timestep.to(self.timesteps.device)
-            self._step_index = self.index_for_timestep(timestep)
-        else:
+        """Where the walk starts: `begin_index` if set, else the position of `timestep` (diffusers' rule).
+
+        One departure: the schedule's own first timestep starts at position 0 even where it repeats later
+        (levels above the trained range all map to timestep T-1, or Karras levels round to the same
+        timestep). diffusers' second-match rule then skips a level, misaligns every later step, and runs
+        off the end of `sigmas` (IndexError) or into NaN; elsewhere the two rules agree.
+        """
+        if self.begin_index is not None:
             self._step_index = self._begin_index
+            return
+        if isinstance(timestep, torch.Tensor):
+            timestep = timestep.to(self.timesteps.device)
+        if len(self.timesteps) and bool(self.timesteps[0] == timestep):
+            self._step_index = 0
+        else:
+            self._step_index = self.index_for_timestep(timestep)
 
     # --- the forward process
 
