@@ -55,7 +55,7 @@ def test_dpm_singlestep_loop_matches_diffusers_step_by_step_fp32(device, config,
 
 
 @settings(max_examples=10)
-@given(config=dpm_configs(singlestep=True), n=st.integers(1, 30), dtype_name=st.sampled_from(["fp16", "bf16", "fp64"]),
+@given(config=dpm_configs(singlestep=True), n=step_counts, dtype_name=st.sampled_from(["fp16", "bf16", "fp64"]),
        seed=seeds)
 def test_dpm_singlestep_loop_low_precision_within_the_error_budget(device, config, n, dtype_name, seed):
     """fp16 / bf16 judged by err64; the SDE noise is drawn in the model's dtype (upcast for the float64 reference)."""
