@@ -55,8 +55,11 @@ class EDMEulerScheduler(SigmaSchedulerMixin, ConfigMixin):
     goes on): set_timesteps with neither num_inference_steps nor sigmas, or with a single float ramp;
     num_inference_steps below 1; unknown config values (diffusers checks sigma_schedule only); a timestep
     not in the schedule. A list ramp is accepted (diffusers needs a tensor). `get_velocity` is not provided.
+    A schedule whose first timestep repeats (e.g. Karras levels of the cosine schedule) starts at its first
+    level, where diffusers skips one (`SigmaSchedulerMixin._init_step_index`).
     """
 
+    start_at_first_timestep = True  # a repeated first timestep starts at 0 (SigmaSchedulerMixin._init_step_index)
     config_name = "scheduler_config.json"
     order = 1
     _requires_set_timesteps = False  # diffusers' constructor already builds a usable schedule

@@ -54,9 +54,13 @@ class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin, DiscreteScheduler):
     and raises NotImplementedError in `step`); num_inference_steps of 0 or below;
     `step` before `set_timesteps`; unknown config values; a timestep not in the schedule. "trailing"
     spacing never gains diffusers' spurious extra timestep -1. Where diffusers' sigma_down rounds to 0
-    or NaN (catastrophic cancellation, see `get_ancestral_step`), pare's is the exact sigma_to^2 / sigma_from. `get_velocity` is not provided (see EulerDiscreteScheduler).
+    or NaN (catastrophic cancellation, see `get_ancestral_step`), pare's is the exact sigma_to^2 / sigma_from.
+    `get_velocity` is not provided.
+    A schedule whose first timestep repeats (e.g. Karras levels of the cosine schedule) starts at its first
+    level, where diffusers skips one (`SigmaSchedulerMixin._init_step_index`).
     """
 
+    start_at_first_timestep = True  # a repeated first timestep starts at 0 (SigmaSchedulerMixin._init_step_index)
     prediction_types = ("epsilon", "v_prediction")
 
     @register_to_config

@@ -64,6 +64,7 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin, DiscreteScheduler):
     alphas_cumprod by the step's position instead of its timestep; train with DDPMScheduler's.
     """
 
+    start_at_first_timestep = True  # a repeated first timestep starts at 0 (SigmaSchedulerMixin._init_step_index)
     prediction_types = ("epsilon", "sample", "original_sample", "v_prediction")
 
     @register_to_config

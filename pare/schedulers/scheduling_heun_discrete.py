@@ -43,8 +43,11 @@ class HeunDiscreteScheduler(SigmaSchedulerMixin, DiscreteScheduler):
     num_inference_steps of 0 or below; custom timesteps out of range or
     not descending; unknown config values; a timestep not in the schedule. "trailing" spacing never
     gains diffusers' spurious extra timestep -1. `get_velocity` is not provided.
+    A schedule whose first timestep repeats (e.g. Karras levels of the cosine schedule) starts at its first
+    level, where diffusers skips one (`SigmaSchedulerMixin._init_step_index`).
     """
 
+    start_at_first_timestep = True  # a repeated first timestep starts at 0 (SigmaSchedulerMixin._init_step_index)
     order = 2
     beta_schedules = ("linear", "scaled_linear", "squaredcos_cap_v2", "exp")
 

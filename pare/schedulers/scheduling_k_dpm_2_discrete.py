@@ -44,8 +44,11 @@ class KDPM2DiscreteScheduler(SigmaSchedulerMixin, DiscreteScheduler):
     NotImplementedError in `step`); num_inference_steps of 0 or below; unknown config values; a timestep
     not in the schedule. "trailing" spacing never gains diffusers' spurious extra timestep -1.
     `get_velocity` is not provided.
+    A schedule whose first timestep repeats (e.g. Karras levels of the cosine schedule) starts at its first
+    level, where diffusers skips one (`SigmaSchedulerMixin._init_step_index`).
     """
 
+    start_at_first_timestep = True  # a repeated first timestep starts at 0 (SigmaSchedulerMixin._init_step_index)
     order = 2
     prediction_types = ("epsilon", "v_prediction")
 

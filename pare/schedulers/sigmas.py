@@ -174,6 +174,7 @@ class SigmaSchedulerMixin:
     beta_schedules: tuple[str, ...] = ("linear", "scaled_linear", "squaredcos_cap_v2")
     prediction_types: tuple[str, ...] = ("epsilon", "sample", "v_prediction")
     _step_index: int | None = None
+    start_at_first_timestep = False  # see _init_step_index; True departs from diffusers where the first timestep repeats
     _requires_set_timesteps = True  # False where the constructor already builds a schedule `step` can walk
     _begin_index: int | None = None
 
@@ -262,17 +263,19 @@ class SigmaSchedulerMixin:
     def _init_step_index(self, timestep) -> None:
         """Where the walk starts: `begin_index` if set, else the position of `timestep` (diffusers' rule).
 
-        One departure: the schedule's own first timestep starts at position 0 even where it repeats later
-        (levels above the trained range all map to timestep T-1, or Karras levels round to the same
+        With `start_at_first_timestep` (the Karras-family schedulers of this package set it), the
+        schedule's own first timestep starts at position 0 even where it repeats later (levels above the
+        trained range all map to timestep T-1, or Karras levels of the cosine schedule round to the same
         timestep). diffusers' second-match rule then skips a level, misaligns every later step, and runs
-        off the end of `sigmas` (IndexError) or into NaN; elsewhere the two rules agree.
+        off the end of `sigmas` (IndexError) or into NaN; elsewhere the two rules agree. diffusers' SDXL
+        pipeline avoids it by calling set_begin_index(0); its SD 1.x pipeline does not.
         """
         if self.begin_index is not None:
             self._step_index = self._begin_index
             return
         if isinstance(timestep, torch.Tensor):
             timestep = timestep.to(self.timesteps.device)
-        if len(self.timesteps) and bool(self.timesteps[0] == timestep):
+        if self.start_at_first_timestep and len(self.timesteps) and bool(self.timesteps[0] == timestep):
             self._step_index = 0
         else:
             self._step_index = self.index_for_timestep(timestep)
