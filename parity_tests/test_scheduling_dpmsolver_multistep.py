@@ -147,13 +147,13 @@ def make_set(cls, config, n, begin_index=None):
 
 
 def begin_index_for(ours) -> int | None:
-    """0 where the schedule repeats its first timestep (cosine betas with Karras / exponential / beta sigmas
-    truncate fractional timesteps), else None. There both libraries' "second match" rule would start the loop
-    at step 1 and run out of noise levels at the end; a pipeline avoids that with set_begin_index(0)."""
+    """0 for diffusers where the schedule repeats its first timestep (cosine betas with Karras / exponential / beta
+    sigmas truncate fractional timesteps to the same one), else None. There diffusers' "second match" rule starts
+    the loop at step 1 and runs out of noise levels at the end; pare starts at 0 on its own
+    (`SigmaSchedulerMixin._init_step_index`), as diffusers does after set_begin_index(0)."""
     t = ours.timesteps
     if len(t) > 1 and t[0] == t[1]:
-        event("repeated first timestep: set_begin_index(0)")
-        ours.set_begin_index(0)
+        event("repeated first timestep: pare starts at 0, diffusers with set_begin_index(0)")
         return 0
     return None
 
@@ -401,6 +401,10 @@ def test_shipped_configs_load_with_a_note_and_sample_as_diffusers(tmp_path, capl
     theirs = TheirDPM.from_pretrained(tmp_path)
     for key, value in ours.config.items():
         assert theirs.config[key] == value, key
+    pipeline = tmp_path / "pipeline"
+    (pipeline / "scheduler").mkdir(parents=True)
+    (pipeline / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    assert dict(DPMSolverMultistepScheduler.from_pretrained(pipeline, subfolder="scheduler").config) == dict(ours.config)
     ours.set_timesteps(25), theirs.set_timesteps(25)
     assert torch.equal(ours.timesteps, theirs.timesteps) and torch.equal(ours.sigmas, theirs.sigmas)
     x = torch.randn(1, 4, 6, 6)
@@ -569,3 +573,21 @@ def test_a_ddpm_config_with_a_fixed_variance_loads_and_samples_as_diffusers():
     kwargs = {k: v for k, v in ddpm.items() if k in TheirDPM().config}
     ours.set_timesteps(15)
     compare_loops("DDPM config loop", ours, make_set(TheirDPM, kwargs, 15), torch.randn(1, 4, 5, 5))
+
+
+def test_a_repeated_first_timestep_starts_at_step_0_where_diffusers_skips_a_level():
+    """The cosine schedule's Karras timesteps are not rounded but truncated: the first three are all 998.
+
+    diffusers' second-match rule starts at step 1 and runs off the end of its sigmas; pare starts at 0,
+    which is what diffusers does after set_begin_index(0) (its SDXL pipeline calls it, its SD pipeline does not).
+    """
+    config = dict(use_karras_sigmas=True, beta_schedule="squaredcos_cap_v2")
+    ours, theirs = DPMSolverMultistepScheduler(**config), TheirDPM(**config)
+    ours.set_timesteps(8), theirs.set_timesteps(8)
+    assert ours.timesteps[0] == ours.timesteps[1] == 998
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(IndexError):
+        y = x
+        for t in theirs.timesteps:
+            y = theirs.step(dummy_model(y, t), t, y).prev_sample
+    compare_loops("repeated first timestep", ours, make_set(TheirDPM, config, 8, begin_index=0), x)

@@ -354,12 +354,16 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
         "sigma_min" end with one; for an SDE, also one an ulp negative) is taken as a first-order ODE step, the
         h -> 0 limit of every update (`degenerate_step`); diffusers returns NaN there for heun, third-order and SDE
         steps, and the same numbers otherwise.
+      - a schedule whose first timestep repeats (e.g. cosine betas with Karras / exponential /
+        beta sigmas) starts at step 0 (`start_at_first_timestep`); diffusers' second-match rule starts at step 1,
+        skips a noise level and fails with an IndexError at the end (unless the pipeline calls set_begin_index(0)).
       - algorithm_type="deis" (a DEIS config) loads as "dpmsolver++": diffusers intends that remapping but then
         raises "final_sigmas_type zero is not supported for algorithm_type deis".
     """
 
     beta_schedules = ("linear", "scaled_linear", "squaredcos_cap_v2")
     unsupported_config = FLOW_MATCHING_CONFIG
+    start_at_first_timestep = True  # see SigmaSchedulerMixin._init_step_index
 
     @register_to_config
     def __init__(

@@ -144,6 +144,7 @@ class DPMSolverSinglestepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
         values, repeated timesteps, bad custom timesteps, a timestep not in the schedule, a step after the last, `mu`).
       - algorithm_type="dpmsolver" with thresholding: diffusers indexes alpha_t by a timestep of None and fails
         with a shape error; pare thresholds at the current noise level, as the multistep twin does.
+      - a repeated first timestep starts at step 0, where diffusers skips a level (see the multistep twin).
       - variance_type keeps the first `sample.shape[1]` output channels (diffusers: [:3], see the multistep twin).
       - a first-order step of zero length in lambda (sigma_min repeated at the end) is an ODE step, where
         diffusers' sde-dpmsolver++ can take the square root of a rounding error below 0 (NaN): `degenerate_step`.
@@ -151,6 +152,7 @@ class DPMSolverSinglestepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
 
     beta_schedules = ("linear", "scaled_linear", "squaredcos_cap_v2")
     unsupported_config = FLOW_MATCHING_CONFIG
+    start_at_first_timestep = True  # see SigmaSchedulerMixin._init_step_index
 
     @register_to_config
     def __init__(

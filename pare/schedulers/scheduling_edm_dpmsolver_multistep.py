@@ -75,6 +75,7 @@ class EDMDPMSolverMultistepScheduler(SigmaSchedulerMixin, ConfigMixin):
 
     config_name = "scheduler_config.json"
     order = 1
+    start_at_first_timestep = True  # see SigmaSchedulerMixin._init_step_index
 
     @register_to_config
     def __init__(
