@@ -512,6 +512,19 @@ def test_integer_timesteps_raise_like_diffusers(kind):
             scheduler.step(x, 3, x)
 
 
+@pytest.mark.parametrize("kind", ["heun", "kdpm2", "kdpm2_ancestral", "lms"])
+def test_integer_timesteps_are_looked_up_like_diffusers(kind):
+    config = dict(timestep_spacing="leading")  # integral timesteps
+    ours, theirs = make_pair(kind, config)
+    ours.set_timesteps(4), theirs.set_timesteps(4)
+    x = torch.randn(1, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    t = int(ours.timesteps[0])
+    kwargs = {"generator": torch.Generator().manual_seed(0)} if takes_generator(kind) else {}
+    a = ours.step(torch.tanh(x), t, x, **kwargs).prev_sample
+    kwargs = {"generator": torch.Generator().manual_seed(0)} if takes_generator(kind) else {}
+    assert torch.equal(a, theirs.step(torch.tanh(x), t, x, **kwargs).prev_sample)
+
+
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_bad_step_input_raises(kind):
     ours = KINDS[kind][0]()

@@ -48,6 +48,7 @@ class HeunDiscreteScheduler(SigmaSchedulerMixin, DiscreteScheduler):
     """
 
     start_at_first_timestep = True  # a repeated first timestep starts at 0 (SigmaSchedulerMixin._init_step_index)
+    integer_timesteps_allowed = True  # looked up in the float schedule, as diffusers does
     order = 2
     beta_schedules = ("linear", "scaled_linear", "squaredcos_cap_v2", "exp")
 

@@ -49,6 +49,7 @@ class KDPM2DiscreteScheduler(SigmaSchedulerMixin, DiscreteScheduler):
     """
 
     start_at_first_timestep = True  # a repeated first timestep starts at 0 (SigmaSchedulerMixin._init_step_index)
+    integer_timesteps_allowed = True  # looked up in the float schedule, as diffusers does
     order = 2
     prediction_types = ("epsilon", "v_prediction")
 

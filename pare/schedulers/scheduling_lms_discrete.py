@@ -75,6 +75,7 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin, DiscreteScheduler):
     """
 
     start_at_first_timestep = True  # a repeated first timestep starts at 0 (SigmaSchedulerMixin._init_step_index)
+    integer_timesteps_allowed = True  # looked up in the float schedule, as diffusers does
     @register_to_config
     def __init__(
         self,

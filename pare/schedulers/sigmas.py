@@ -175,6 +175,7 @@ class SigmaSchedulerMixin:
     prediction_types: tuple[str, ...] = ("epsilon", "sample", "v_prediction")
     _step_index: int | None = None
     start_at_first_timestep = False  # see _init_step_index; True departs from diffusers where the first timestep repeats
+    integer_timesteps_allowed = False  # diffusers' Euler, Euler a and EDM refuse ints (loop indices); Heun, KDPM2, LMS look them up
     _requires_set_timesteps = True  # False where the constructor already builds a schedule `step` can walk
     _begin_index: int | None = None
 
@@ -318,7 +319,9 @@ class SigmaSchedulerMixin:
         owner = type(self).__name__
         if self._requires_set_timesteps and self.num_inference_steps is None:
             raise ValueError(f"{owner}.step() was called before set_timesteps(): call scheduler.set_timesteps(num_inference_steps) first")
-        if isinstance(timestep, int) or (isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()):
+        if not self.integer_timesteps_allowed and (
+            isinstance(timestep, int) or (isinstance(timestep, torch.Tensor) and not timestep.is_floating_point())
+        ):
             # diffusers' error: an int is almost always a loop index from enumerate(timesteps).
             raise ValueError(
                 f"{owner}.step() got the integer timestep {timestep!r}: passing integer indices (e.g. from "
