@@ -243,3 +243,11 @@ def test_bad_calls_raise():
         scheduler.step(x, scheduler.timesteps[-1], x)
     with pytest.raises(ValueError, match="sigma_min < sigma_max"):
         EDMDPMSolverMultistepScheduler(sigma_min=1.0, sigma_max=0.5)
+
+
+def test_an_euler_config_with_sigma_min_none_is_refused_naming_the_key():
+    """EulerDiscreteScheduler configs carry sigma_min=None: diffusers' EDM twin fails with a TypeError in its formula."""
+    with pytest.raises(TypeError):
+        TheirEDM(sigma_min=None)
+    with pytest.raises(ValueError, match="sigma_min must be a number, got None"):
+        EDMDPMSolverMultistepScheduler.from_config({"sigma_min": None})

@@ -12,7 +12,7 @@ so lambda_t = -log(sigma) and the DPM-Solver++ updates need no other change.
 
 from __future__ import annotations
 
-import math
+import numbers
 
 import torch
 
@@ -27,25 +27,10 @@ from .scheduling_dpmsolver_multistep import (
     ode_type,
     resolve_foreign_values,
 )
+from .scheduling_edm_euler import PREDICTION_TYPES as EDM_PREDICTION_TYPES
+from .scheduling_edm_euler import SIGMA_SCHEDULES, EDMEulerScheduler
 from .scheduling_utils import Generator, SchedulerOutput, check_choice, randn_tensor, threshold_sample
 from .sigmas import SigmaSchedulerMixin
-
-SIGMA_SCHEDULES = ("karras", "exponential")
-EDM_PREDICTION_TYPES = ("epsilon", "v_prediction")
-
-
-def edm_karras_sigmas(ramp: torch.Tensor, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
-    """Karras et al. eq. 5 on a torch float32 ramp, as the EDM twins compute it (`sigmas.karras_sigmas` is numpy float64).
-
-    sigma_i = (sigma_max^(1/rho) + ramp_i (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, ramp from 0 to 1.
-    """
-    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
-
-
-def edm_exponential_sigmas(ramp: torch.Tensor, sigma_min: float, sigma_max: float) -> torch.Tensor:
-    """len(ramp) levels evenly spaced in log sigma, descending (k-diffusion's `get_sigmas_exponential`; CosXL), float32."""
-    return torch.linspace(math.log(sigma_min), math.log(sigma_max), len(ramp)).exp().flip(0)
 
 
 class EDMDPMSolverMultistepScheduler(SigmaSchedulerMixin, ConfigMixin):
@@ -63,14 +48,15 @@ class EDMDPMSolverMultistepScheduler(SigmaSchedulerMixin, ConfigMixin):
     The model sees c_in * x (`scale_model_input`) and the timestep c_noise = log(sigma) / 4 (`timesteps` are these
     floats); its output F becomes x_0 = c_skip x + c_out F (`precondition_outputs`, Table 1).
 
-    Where pare differs from diffusers on purpose (each has a test): ValueError at construction for
-    prediction_type="sample" (diffusers accepts it and fails in the first step) and for algorithm_type=
-    "sde-dpmsolver++" with solver_order=3 (diffusers has no such update: UnboundLocalError at the first
-    third-order step); a last step of zero length in lambda (final_sigmas_type="sigma_min" repeats the last
-    level) is taken as a first-order ODE step, where diffusers' heun, third-order and SDE updates can return NaN
-    (`degenerate_step`);
-    ValueError for num_inference_steps < 1, a timestep not in the schedule (diffusers
-    silently takes the last step) and a step after the last one.
+    Where pare differs from diffusers on purpose (each has a test):
+      - ValueError at construction for a sigma_min, sigma_max, sigma_data or rho that is not a number (an Euler
+        config's sigma_min=None: diffusers' TypeError), for prediction_type="sample" (diffusers accepts it and
+        fails in the first step) and for algorithm_type="sde-dpmsolver++" with solver_order=3 (diffusers has no
+        such update: UnboundLocalError at the first third-order step).
+      - ValueError for num_inference_steps < 1, a timestep not in the schedule (diffusers silently takes the
+        last step) and a step after the last one.
+      - a last step of zero length in lambda (final_sigmas_type="sigma_min" repeats the last level) is taken as
+        a first-order ODE step, where diffusers' heun, third-order and SDE updates return NaN (`degenerate_step`).
     """
 
     config_name = "scheduler_config.json"
@@ -108,6 +94,10 @@ class EDMDPMSolverMultistepScheduler(SigmaSchedulerMixin, ConfigMixin):
                 f"{owner}: algorithm_type='sde-dpmsolver++' has no third-order update here (diffusers fails at the "
                 "first third-order step): use solver_order=2, or algorithm_type='dpmsolver++'"
             )
+        for key, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("sigma_data", sigma_data), ("rho", rho)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                # e.g. an EulerDiscreteScheduler config's sigma_min=None (diffusers: a TypeError in the sigma formula)
+                raise ValueError(f"{owner}: {key} must be a number, got {value!r}")
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"{owner}: need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
         sigmas = self._compute_sigmas(torch.linspace(0, 1, num_train_timesteps))
@@ -119,52 +109,14 @@ class EDMDPMSolverMultistepScheduler(SigmaSchedulerMixin, ConfigMixin):
         self._step_index = None
         self._begin_index = None
 
-    @property
-    def init_noise_sigma(self) -> float:
-        """The scale of the initial noise: sqrt(sigma_max^2 + 1), as diffusers has it (x_T = sigma_max eps in the paper)."""
-        return (self.config.sigma_max**2 + 1) ** 0.5
-
-    # --- EDM preconditioning (Karras et al., arXiv 2206.00364, Table 1)
-
-    def _compute_sigmas(self, ramp: torch.Tensor) -> torch.Tensor:
-        c = self.config
-        if c.sigma_schedule == "karras":
-            return edm_karras_sigmas(ramp, c.sigma_min, c.sigma_max, c.rho)
-        return edm_exponential_sigmas(ramp, c.sigma_min, c.sigma_max)
-
-    def precondition_inputs(self, sample: torch.Tensor, sigma) -> torch.Tensor:
-        """c_in x with c_in = 1 / sqrt(sigma^2 + sigma_data^2): the model's input at unit variance."""
-        c_in = 1 / ((sigma**2 + self.config.sigma_data**2) ** 0.5)
-        return sample * c_in
-
-    def precondition_noise(self, sigma) -> torch.Tensor:
-        """c_noise = log(sigma) / 4: the "timestep" the model is conditioned on."""
-        if not isinstance(sigma, torch.Tensor):
-            sigma = torch.tensor([sigma])
-        return 0.25 * torch.log(sigma)
-
-    def precondition_outputs(self, sample: torch.Tensor, model_output: torch.Tensor, sigma) -> torch.Tensor:
-        """x_0 = c_skip x + c_out F (Karras et al., Table 1), with
-
-            c_skip = sigma_data^2 / (sigma^2 + sigma_data^2),   c_out = +-sigma sigma_data / sqrt(sigma^2 + sigma_data^2),
-
-        c_out's sign + for an eps-predicting model and - for v-prediction.
-        """
-        sigma_data = self.config.sigma_data
-        c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
-        if self.config.prediction_type == "epsilon":
-            c_out = sigma * sigma_data / (sigma**2 + sigma_data**2) ** 0.5
-        else:  # v_prediction
-            c_out = -sigma * sigma_data / (sigma**2 + sigma_data**2) ** 0.5
-        return c_skip * sample + c_out * model_output
-
-    def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
-        """c_in x at the current step's sigma (starts the step index, as `step` does)."""
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        sample = self.precondition_inputs(sample, self.sigmas[self.step_index])
-        self.is_scale_input_called = True
-        return sample
+    # EDM's preconditioning (Karras et al., Table 1), c_noise as the timesteps, and the sigma schedule (eq. 5, or
+    # log-even levels): written once, in EDMEulerScheduler, whose diffusers twin has the same methods.
+    init_noise_sigma = EDMEulerScheduler.init_noise_sigma  # sqrt(sigma_max^2 + 1), as diffusers has it
+    precondition_inputs = EDMEulerScheduler.precondition_inputs  # c_in x
+    precondition_noise = EDMEulerScheduler.precondition_noise  # c_noise = log(sigma) / 4
+    precondition_outputs = EDMEulerScheduler.precondition_outputs  # x_0 = c_skip x + c_out F
+    scale_model_input = EDMEulerScheduler.scale_model_input  # c_in x at the current step (starts the step index)
+    _compute_sigmas = EDMEulerScheduler._sigmas_from_ramp  # ramp in [0, 1] -> sigma_max .. sigma_min
 
     # --- timesteps
 
