@@ -174,10 +174,10 @@ class SigmaSchedulerMixin:
     beta_schedules: tuple[str, ...] = ("linear", "scaled_linear", "squaredcos_cap_v2")
     prediction_types: tuple[str, ...] = ("epsilon", "sample", "v_prediction")
     _step_index: int | None = None
+    _begin_index: int | None = None
     start_at_first_timestep = False  # see _init_step_index; True departs from diffusers where the first timestep repeats
     integer_timesteps_allowed = False  # diffusers' Euler, Euler a and EDM refuse ints (loop indices); Heun, KDPM2, LMS look them up
     _requires_set_timesteps = True  # False where the constructor already builds a schedule `step` can walk
-    _begin_index: int | None = None
 
     # --- construction
 
