@@ -85,7 +85,7 @@ class StableDiffusionPipeline(PipelineMixin):
             return scheduler
         logger.warning("%s config is outdated for Stable Diffusion: using %s, as diffusers does",
                        type(scheduler).__name__, fixes)
-        return type(scheduler).from_config({**scheduler.config, **fixes})
+        return type(scheduler).from_config(scheduler.config, **fixes)
 
     @torch.no_grad()
     def __call__(
