@@ -167,6 +167,27 @@ def test_switching_from_every_other_class_gives_diffusers_config(name, caplog):
         assert comparable(again.config) == comparable(ours.config)
 
 
+CHAINS = [("PNDMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler"),
+          ("DPMSolverMultistepScheduler", "EDMEulerScheduler", "UniPCMultistepScheduler", "DPMSolverMultistepScheduler"),
+          ("EulerDiscreteScheduler", "LCMScheduler", "HeunDiscreteScheduler", "DDIMScheduler")]
+
+
+@pytest.mark.parametrize("chain", CHAINS, ids="->".join)
+def test_switching_back_and_forth_keeps_diffusers_config(chain, caplog):
+    """Each hop from the last object's config: the keys a class does not use come back at a later hop
+    (SD1.5's skip_prk_steps survives Euler and DPM-Solver), the defaulted ones do not, as in diffusers."""
+    for name in chain:
+        landed(name)
+    source = SHIPPED_SCHEDULERS["sd15"] if chain[0] == "PNDMScheduler" else SHIPPED_SCHEDULERS["dpmpp-2m-karras-finetune"]
+    ours = get_scheduler_class(chain[0]).from_config(dict(source))
+    theirs = their_class(chain[0]).from_config(dict(source))
+    for name in chain[1:]:
+        ours, theirs = get_scheduler_class(name).from_config(ours.config), their_class(name).from_config(theirs.config)
+        assert_same_config(name, ours, theirs)
+    if chain[0] == "PNDMScheduler":
+        assert ours.config.skip_prk_steps is True and ours.config.timestep_spacing == "leading"
+
+
 # A config file written by another class holds every key, its defaults included, so the values
 # are switched over too. Where the libraries part, pare's outcome (None: it builds) and why.
 WRITTEN_CONFIG_DEPARTURES = {
