@@ -79,7 +79,8 @@ def test_registry_is_lazy_and_refuses_unknown_names():
     code = ("import sys, pare.schedulers; "
             "print(sorted(m for m in sys.modules if m.startswith('pare.schedulers.scheduling_') "
             "and m != 'pare.schedulers.scheduling_utils'))")
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert imported.strip() == "[]"
     assert set(SCHEDULERS) == {name for name in SCHEDULER_MODULES if module_present(name)}
     assert all(pare._EXPORTS.get(name) == "pare.schedulers" for name in SCHEDULER_MODULES)
     with pytest.raises(ValueError, match=r"'DPMSolverSDEScheduler' is not implemented in pare; known schedulers: \["):
@@ -168,7 +169,8 @@ def test_switching_from_every_other_class_gives_diffusers_config(name, caplog):
 
 
 CHAINS = [("PNDMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler"),
-          ("DPMSolverMultistepScheduler", "EDMEulerScheduler", "UniPCMultistepScheduler", "DPMSolverMultistepScheduler"),
+          ("DPMSolverMultistepScheduler", "EDMEulerScheduler", "UniPCMultistepScheduler",
+           "DPMSolverMultistepScheduler"),
           ("EulerDiscreteScheduler", "LCMScheduler", "HeunDiscreteScheduler", "DDIMScheduler")]
 
 
@@ -178,7 +180,7 @@ def test_switching_back_and_forth_keeps_diffusers_config(chain, caplog):
     (SD1.5's skip_prk_steps survives Euler and DPM-Solver), the defaulted ones do not, as in diffusers."""
     for name in chain:
         landed(name)
-    source = SHIPPED_SCHEDULERS["sd15"] if chain[0] == "PNDMScheduler" else SHIPPED_SCHEDULERS["dpmpp-2m-karras-finetune"]
+    source = SHIPPED_SCHEDULERS["sd15" if chain[0] == "PNDMScheduler" else "dpmpp-2m-karras-finetune"]
     ours = get_scheduler_class(chain[0]).from_config(dict(source))
     theirs = their_class(chain[0]).from_config(dict(source))
     for name in chain[1:]:
@@ -351,7 +353,8 @@ def test_pipeline_can_be_called_twice_with_a_multistep_scheduler(sd):
     kwargs = dict(prompt="a cat", num_inference_steps=3, height=16, width=16, output_type="np")
     first = ours(generator=torch.Generator().manual_seed(0), **kwargs).images
     img2img = pare.StableDiffusionImg2ImgPipeline(**ours.components)
-    img2img(prompt="a cat", image=image(), strength=0.6, num_inference_steps=5, generator=torch.Generator().manual_seed(1))
+    img2img(prompt="a cat", image=image(), strength=0.6, num_inference_steps=5,
+            generator=torch.Generator().manual_seed(1))
     assert_same_run(ours, theirs, "second call", prompt="a cat", num_inference_steps=3, height=16, width=16)
     np.testing.assert_array_equal(first, ours(generator=torch.Generator().manual_seed(0), **kwargs).images)
 
@@ -410,8 +413,8 @@ def test_custom_timesteps_or_sigmas_pass_through_or_are_refused_as_in_diffusers(
     # img2img with a custom list: strength applies to len(scheduler.timesteps), as diffusers does.
     ours_i, theirs_i = switched(sd, "sd", True, lambda lib, base: getattr(lib, name).from_config(base.config))
     img2img = dict(prompt="a cat", image=image(), strength=0.6)
-    assert_same_run_split(ours_i, theirs_i, f"{name} img2img custom {argument}", {**img2img, argument: kwargs[argument]},
-                          {**img2img, argument: their_kwargs[argument]})
+    assert_same_run_split(ours_i, theirs_i, f"{name} img2img custom {argument}",
+                          {**img2img, argument: kwargs[argument]}, {**img2img, argument: their_kwargs[argument]})
 
 
 def assert_same_run_split(ours, theirs, label, our_kwargs, their_kwargs):
@@ -453,7 +456,8 @@ def test_folder_loads_the_scheduler_it_names_and_matches_diffusers(tmp_path, fam
         folder, **({"add_watermarker": False} if xl else {}))
     assert type(ours.scheduler).__name__ == name == type(theirs.scheduler).__name__
     assert_same_config(name, ours.scheduler, theirs.scheduler)
-    leftovers = sorted(k for k in SHIPPED_SCHEDULERS[shipped] if not k.startswith("_") and k not in ours.scheduler.config)
+    leftovers = sorted(k for k in SHIPPED_SCHEDULERS[shipped]
+                       if not k.startswith("_") and k not in ours.scheduler.config)
     if leftovers:  # SDXL's Euler config carries PNDM's and DDIM's keys: named, once
         assert any(str(leftovers) in r.getMessage() for r in caplog.records), caplog.text
     for pipe in (ours, theirs):

@@ -70,7 +70,8 @@ SAMPLERS: dict[str, Sampler] = {
 
 # Web-UI names that diffusers has no scheduler for (its docs' table says N/A), and why.
 NO_TWIN: dict[str, str] = {
-    "DPM++ 2S a": "ancestral single-step DPM-Solver++(2S); diffusers has no twin (DPMSolverSinglestepScheduler is close)",
+    "DPM++ 2S a": "ancestral single-step DPM-Solver++(2S); diffusers has no twin "
+                  "(DPMSolverSinglestepScheduler is close)",
     "DPM++ 2S a Karras": "as DPM++ 2S a, with Karras sigmas; diffusers has no twin",
     "DPM adaptive": "k-diffusion's adaptive-step DPM-Solver; diffusers has no twin",
     "DPM fast": "k-diffusion's fixed-order DPM-Solver; diffusers has no twin",
