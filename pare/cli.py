@@ -3,7 +3,7 @@
     pare generate --model DIR_OR_HUB_ID_OR_FILE --prompt "a photo of a cat" --out cat.png
                   [--config DIR_OR_ID] [--lora FILE[:SCALE] ...] [--allow-pickle]
                   [--negative-prompt TEXT] [--steps 50] [--guidance 7.5] [--seed 0]
-                  [--height H] [--width W] [--scheduler DDIMScheduler]
+                  [--height H] [--width W] [--sampler "DPM++ 2M Karras" | --scheduler EulerDiscreteScheduler]
                   [--image in.png --strength 0.8] [--device cuda] [--dtype fp16]
 
     pare parity [--model DIR_OR_ID | --config tiny|tiny-sdxl|sd15|sd21|sdxl] [--device cuda] [--dtype fp16]
@@ -12,13 +12,16 @@
     pare bench  [--models sd15,sd21,sdxl] [--cases ...] [--modes eager,graph,compile,compile-ro]
 
 `generate` reads the folder's model_index.json to choose Stable Diffusion or SDXL, and runs
-image-to-image when `--image` is given. It shows a progress bar over the denoising steps.
+image-to-image when `--image` is given. It runs the scheduler the folder names, unless
+`--scheduler` (a class name) or `--sampler` (a web-UI name, `pare/schedulers/samplers.py`) picks
+another, built from the folder's scheduler config. It shows a progress bar over the denoising steps.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -28,8 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pare", description="Stable Diffusion, one readable component at a time.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from .schedulers import SCHEDULER_MODULES
+    from .schedulers.samplers import table
+
     gen = commands.add_parser("generate", help="text-to-image (or image-to-image with --image)",
-                              description="Generate an image with a Stable Diffusion 1.x/2.x or SDXL pipeline folder.")
+                              description="Generate an image with a Stable Diffusion 1.x/2.x or SDXL pipeline folder.",
+                              epilog=f"samplers (--sampler NAME: the scheduler class and options it sets on top of "
+                                     f"the folder's scheduler config):\n{table()}\n\n"
+                                     f"schedulers (--scheduler NAME):\n"
+                                     + textwrap.fill(", ".join(SCHEDULER_MODULES), initial_indent="  ",
+                                                     subsequent_indent="  "),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     gen.add_argument("--model", required=True,
                      help="pipeline folder (diffusers layout), Hub repo id, or one original-layout checkpoint file "
                           "(.safetensors; .ckpt only with --allow-pickle)")
@@ -48,9 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seed of the CPU generator (default: a random one, printed)")
     gen.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
     gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--scheduler", default=None, metavar="NAME",
-                     help="scheduler class, e.g. DDIMScheduler, built from the folder's scheduler config "
-                          "(default: the folder's own)")
+    choice = gen.add_mutually_exclusive_group()
+    choice.add_argument("--scheduler", default=None, metavar="NAME",
+                        help="scheduler class, e.g. EulerDiscreteScheduler, built from the folder's scheduler config "
+                             "(default: the folder's own; the list is below)")
+    choice.add_argument("--sampler", default=None, metavar="NAME",
+                        help='web-UI sampler name, e.g. "Euler a" or "DPM++ 2M Karras": a scheduler class and '
+                             "options, on top of the folder's scheduler config (the table is below)")
     gen.add_argument("--image", default=None, help="input image: run image-to-image (SDEdit) from it")
     gen.add_argument("--strength", type=float, default=None, help="img2img: how much to change, in (0, 1]")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -84,11 +100,17 @@ def generate(args, parser) -> int:
 
     from .pipelines.pipeline_utils import pipeline_root, read_model_index
     from .schedulers import SCHEDULERS, get_scheduler_class
+    from .schedulers.samplers import get_sampler
 
     # 1. Check every argument before loading anything.
     if args.scheduler is not None and args.scheduler not in SCHEDULERS:
         parser.error(f"--scheduler {args.scheduler!r} is not a pare scheduler; "
                      f"choose from {', '.join(sorted(SCHEDULERS))}")
+    if args.sampler is not None:
+        try:
+            sampler = get_sampler(args.sampler)
+        except ValueError as e:
+            parser.error(f"--sampler: {e}")
     for name in ("height", "width"):
         value = getattr(args, name)
         if value is not None and (value <= 0 or value % 8):
@@ -124,15 +146,21 @@ def generate(args, parser) -> int:
         index = read_model_index(config_root)
         pipeline_class = choose_pipeline(class_name or index.get("_class_name", ""), img2img=args.image is not None)
         named = (index.get("scheduler") or [None, None])[1]
-        if args.scheduler is None and named is not None and named not in SCHEDULERS:
-            raise ValueError(f"{args.model} names {named}, which pare does not implement; pass --scheduler with "
-                             f"one of {', '.join(sorted(SCHEDULERS))} to build it from the folder's scheduler config")
+        if args.scheduler is None and args.sampler is None and named is not None and named not in SCHEDULERS:
+            raise ValueError(f"{args.model} names {named}, which pare does not implement; pass --sampler or "
+                             f"--scheduler (one of {', '.join(sorted(SCHEDULERS))}) to build another from the "
+                             f"folder's scheduler config")
         components = {}
-        if args.scheduler is not None:
+        if args.scheduler is not None or args.sampler is not None:
             from .loading import resolve_folder
 
             scheduler_folder = resolve_folder(config_root if single_file else args.model, "scheduler")
-            components["scheduler"] = get_scheduler_class(args.scheduler).from_config(scheduler_folder)
+            if args.sampler is not None:
+                options = sampler.options
+                scheduler_class = get_scheduler_class(sampler.class_name)
+            else:
+                options, scheduler_class = {}, get_scheduler_class(args.scheduler)
+            components["scheduler"] = scheduler_class.from_config(scheduler_folder, **options)
         if single_file:
             pipe = pipeline_class.from_single_file(args.model, config=str(config_root), torch_dtype=dtype,
                                                    allow_pickle=args.allow_pickle, **components).to(device)
@@ -165,8 +193,9 @@ def generate(args, parser) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
+    sampler = f" (sampler {args.sampler!r})" if args.sampler is not None else ""
     print(f"wrote {out} ({image.width}x{image.height}, seed {seed}, {pipeline_class.__name__}, "
-          f"{type(pipe.scheduler).__name__}, {args.steps} steps)")
+          f"{type(pipe.scheduler).__name__}{sampler}, {args.steps} steps)")
     return 0
 
 

@@ -13,6 +13,16 @@ way a real checkpoint carries it:
   that carries that value loads; any other value raises, naming the key;
 - any other key is unknown to both libraries: diffusers ignores such keys with a warning,
   and so does pare.
+
+Switching classes, `Other.from_config(scheduler.config)`, follows diffusers' two rules, since
+they change which values the new class gets:
+
+- a key the old object took from its `__init__` default (not given in its config) is dropped,
+  so the new class takes its own default: SD1.5's PNDM config sets no timestep_spacing, so Euler
+  built from it spaces "linspace" (Euler's default), not "leading" (PNDM's). diffusers records
+  these keys in `_use_default_values`; pare in `config._defaulted`, and reads either;
+- keys the new class does not use are kept aside (`config._hidden`) and handed on at the next
+  switch, so PNDM -> Euler -> PNDM gets `skip_prk_steps` back.
 """
 
 from __future__ import annotations
@@ -29,7 +39,16 @@ logger = logging.getLogger("pare")
 
 
 class Config(dict):
-    """A read-only dict whose keys are also attributes (`unet.config.in_channels`)."""
+    """A read-only dict whose keys are also attributes (`unet.config.in_channels`).
+
+    Beside the keys: `_defaulted`, the keys whose values came from `__init__`'s defaults, and
+    `_hidden`, the keys of another class's config carried along for switching back.
+    """
+
+    def __init__(self, values=(), defaulted=(), hidden=None):
+        super().__init__(values)
+        object.__setattr__(self, "_defaulted", frozenset(defaulted))
+        object.__setattr__(self, "_hidden", dict(hidden or {}))
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -43,7 +62,7 @@ class Config(dict):
     __setitem__ = __delitem__ = update = pop = setdefault = clear = _readonly
 
     def __reduce__(self):  # pickle and copy.deepcopy rebuild from a plain dict, not item by item
-        return (type(self), (dict(self),))
+        return (type(self), (dict(self), self._defaulted, self._hidden))
 
 
 def register_to_config(init):
@@ -53,11 +72,14 @@ def register_to_config(init):
     @functools.wraps(init)
     def wrapper(self, *args, **kwargs):
         bound = signature.bind(self, *args, **kwargs)
+        given = set(bound.arguments) - {"self"}
         bound.apply_defaults()
         values = {k: v for k, v in bound.arguments.items() if k != "self"}
         # Store tuples as lists so that the config round-trips through JSON unchanged.
         values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
-        object.__setattr__(self, "_pare_config", Config(values))
+        # Kept on the object too, so that a subclass replacing `_pare_config` in __init__ keeps them.
+        object.__setattr__(self, "_pare_config_meta", (frozenset(set(values) - given), {}))
+        object.__setattr__(self, "_pare_config", Config(values, *self._pare_config_meta))
         init(self, *args, **kwargs)
 
     return wrapper
@@ -85,7 +107,12 @@ class ConfigMixin:
 
     @property
     def config(self) -> Config:
-        return self._pare_config
+        config = self._pare_config
+        meta = getattr(self, "_pare_config_meta", None)
+        if meta is not None and (config._defaulted, config._hidden) != meta:
+            config = Config(config, *meta)
+            object.__setattr__(self, "_pare_config", config)
+        return config
 
     @classmethod
     def config_keys(cls) -> list[str]:
@@ -94,6 +121,13 @@ class ConfigMixin:
     @classmethod
     def resolve_config(cls, config: dict, source: str = "config") -> dict:
         """Split a checkpoint's config into the kwargs of `cls.__init__`, checking what pare cannot honour."""
+        return cls._split_config(config, source)[0]
+
+    @classmethod
+    def _split_config(cls, config: dict, source: str = "config") -> tuple[dict, dict]:
+        """(kwargs of `cls.__init__`, the keys it does not use): as `resolve_config`, after the switching rules."""
+        defaulted = set(config.get("_use_default_values", ())) | set(getattr(config, "_defaulted", ()))
+        config = {**getattr(config, "_hidden", {}), **{k: v for k, v in config.items() if k not in defaulted}}
         accepted = set(cls.config_keys())
         kwargs, ignored = {}, []
         for key, value in config.items():
@@ -112,16 +146,26 @@ class ConfigMixin:
                 ignored.append(key)
         if ignored:
             logger.warning("%s: %s keys %s are not used by this class and are ignored", cls.__name__, source, ignored)
-        return kwargs
+        return kwargs, {key: config[key] for key in ignored}
 
     @classmethod
     def from_config(cls, config: dict | str | os.PathLike, **overrides):
-        """Build from a config dict, a config file or its folder; `overrides` replace config values."""
+        """Build from a config dict, a config file or its folder; `overrides` replace config values.
+
+        A config of another class (`Other.from_config(scheduler.config)`) follows diffusers' switching
+        rules (module docstring): its defaulted keys are dropped, its unused keys carried along.
+        """
         source = "config"
         if isinstance(config, (str, os.PathLike)):
             source = str(config)
             config = load_config_file(config, cls.config_name)
-        return cls(**cls.resolve_config({**dict(config), **overrides}, source))
+        merged = Config({**config, **overrides}, set(getattr(config, "_defaulted", ())) - set(overrides),
+                        getattr(config, "_hidden", {}))
+        kwargs, hidden = cls._split_config(merged, source)
+        obj = cls(**kwargs)
+        defaulted, _ = obj._pare_config_meta
+        object.__setattr__(obj, "_pare_config_meta", (defaulted, hidden))
+        return obj
 
     def save_config(self, folder: str | os.PathLike) -> Path:
         folder = Path(folder)

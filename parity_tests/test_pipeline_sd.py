@@ -211,13 +211,13 @@ def test_from_pretrained_without_model_index(folder, tmp_path):
 
 
 def test_unimplemented_scheduler_says_how_to_pass_one(folder, tmp_path, count_loads):
-    """SD1.5's folder names PNDMScheduler, which pare has not: a clear error, and scheduler= works."""
-    pndm = shutil.copytree(folder, tmp_path / "pipe")
-    edit_index(pndm, scheduler=["diffusers", "PNDMScheduler"])
-    with pytest.raises(ValueError, match=r"PNDMScheduler, which pare does not implement.*scheduler="):
-        pare.StableDiffusionPipeline.from_pretrained(pndm)
+    """A folder naming a scheduler pare has not (DPMSolverSDEScheduler needs torchsde): a clear error, and scheduler= works."""
+    sde = shutil.copytree(folder, tmp_path / "pipe")
+    edit_index(sde, scheduler=["diffusers", "DPMSolverSDEScheduler"])
+    with pytest.raises(ValueError, match=r"DPMSolverSDEScheduler, which pare does not implement.*scheduler="):
+        pare.StableDiffusionPipeline.from_pretrained(sde)
     assert count_loads == []
-    pipe = pare.StableDiffusionPipeline.from_pretrained(pndm, scheduler=pare.DDIMScheduler.from_config(pndm / "scheduler"))
+    pipe = pare.StableDiffusionPipeline.from_pretrained(sde, scheduler=pare.DDIMScheduler.from_config(sde / "scheduler"))
     assert isinstance(pipe.scheduler, pare.DDIMScheduler)
 
 

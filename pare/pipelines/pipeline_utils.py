@@ -91,17 +91,65 @@ def rescale_noise_cfg(noise_cfg: torch.Tensor, noise_pred_text: torch.Tensor, gu
     return guidance_rescale * noise_pred_rescaled + (1 - guidance_rescale) * noise_cfg
 
 
+def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int) -> torch.Tensor:
+    """An LCM-distilled UNet's guidance condition: sinusoidal features of 1000 w, (B,) -> (B, embedding_dim), float32.
+
+    Latent consistency models distil CFG into the UNet, which takes the guidance weight as an input
+    (Luo et al., arXiv 2310.04378, section 4.2), embedded as VDM embeds timesteps. diffusers twin:
+    `StableDiffusionPipeline.get_guidance_scale_embedding`.
+    """
+    w = w.to(torch.float32) * 1000.0
+    half = embedding_dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)  # a float32 tensor, as in diffusers, for the same rounding
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -step)  # (half,)
+    angles = w[:, None] * frequencies[None, :]  # (B, 1) * (1, half) -> (B, half)
+    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (B, 2 * half)
+    if embedding_dim % 2 == 1:
+        embedding = torch.nn.functional.pad(embedding, (0, 1))  # (B, embedding_dim)
+    return embedding
+
+
 def accepts(fn, name: str) -> bool:
     return name in inspect.signature(fn).parameters
 
 
-def set_timesteps(scheduler, num_inference_steps: int, device, timesteps: list[int] | None = None):
-    """`scheduler.set_timesteps` with either a step count or a custom list; returns (timesteps, steps)."""
-    if timesteps is None:
+def retrieve_timesteps(scheduler, num_inference_steps: int, device, timesteps: list[int] | None = None,
+                       sigmas: list[float] | None = None):
+    """`scheduler.set_timesteps` from a step count, or a custom list of `timesteps` or of `sigmas`.
+
+    Returns (scheduler.timesteps, the step count). With a custom list the count is
+    len(scheduler.timesteps), which for a second-order scheduler (Heun) counts each repeated
+    timestep: diffusers' `retrieve_timesteps` does the same, and img2img's `strength` applies to it.
+    `check_timestep_inputs` has refused a list the scheduler does not take.
+    """
+    if timesteps is not None:
+        scheduler.set_timesteps(timesteps=list(timesteps), device=device)
+    elif sigmas is not None:
+        scheduler.set_timesteps(sigmas=list(sigmas), device=device)
+    else:
         scheduler.set_timesteps(num_inference_steps, device=device)
         return scheduler.timesteps, num_inference_steps
-    scheduler.set_timesteps(timesteps=list(timesteps), device=device)
     return scheduler.timesteps, len(scheduler.timesteps)
+
+
+def check_timestep_inputs(scheduler, num_inference_steps, timesteps, sigmas) -> None:
+    """Refuse a step count below 1, both custom lists at once, or a list the scheduler's set_timesteps does not take."""
+    if timesteps is not None and sigmas is not None:
+        raise ValueError("pass at most one of `timesteps` and `sigmas`: each sets the whole schedule")
+    if timesteps is None and sigmas is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+        raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps!r}")
+    for name, value in (("timesteps", timesteps), ("sigmas", sigmas)):
+        if value is not None and not accepts(scheduler.set_timesteps, name):
+            takers = custom_schedule_takers(name)
+            raise ValueError(f"{type(scheduler).__name__}.set_timesteps takes no custom `{name}`; use "
+                             f"num_inference_steps, or a scheduler that takes them ({', '.join(takers)})")
+
+
+def custom_schedule_takers(argument: str) -> list[str]:
+    """The registered schedulers whose set_timesteps takes `argument` ("timesteps" or "sigmas")."""
+    from ..schedulers import SCHEDULERS
+
+    return [name for name, cls in SCHEDULERS.items() if accepts(cls.set_timesteps, argument)]
 
 
 def extra_step_kwargs(scheduler, generator, eta: float) -> dict:
@@ -322,8 +370,9 @@ def _class_problem(kind: str, class_name: str) -> str | None:
 
         if class_name not in SCHEDULERS:
             return (f"model_index.json names {class_name}, which pare does not implement (pare has "
-                    f"{', '.join(sorted(SCHEDULERS))}). Pass a scheduler explicitly: "
-                    f"from_pretrained(path, scheduler=pare.DDIMScheduler.from_config(f\"{{path}}/scheduler\"))")
+                    f"{', '.join(sorted(SCHEDULERS))}). Pass one of those explicitly, built from the folder's "
+                    f"scheduler config: from_pretrained(path, scheduler="
+                    f"pare.EulerDiscreteScheduler.from_config(f\"{{path}}/scheduler\"))")
     elif class_name not in KNOWN_CLASSES[kind]:
         return f"model_index.json names {class_name}; pare loads {' or '.join(KNOWN_CLASSES[kind])} here"
     return None

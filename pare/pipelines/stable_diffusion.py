@@ -24,13 +24,14 @@ from .pipeline_utils import (
     OUTPUT_TYPES,
     PipelineMixin,
     PipelineOutput,
-    accepts,
+    check_timestep_inputs,
     extra_step_kwargs,
+    guidance_scale_embedding,
     postprocess_image,
     preprocess_image,
     randn_tensor,
     rescale_noise_cfg,
-    set_timesteps,
+    retrieve_timesteps,
 )
 
 logger = logging.getLogger("pare")
@@ -84,7 +85,7 @@ class StableDiffusionPipeline(PipelineMixin):
             return scheduler
         logger.warning("%s config is outdated for Stable Diffusion: using %s, as diffusers does",
                        type(scheduler).__name__, fixes)
-        return type(scheduler).from_config({**scheduler.config, **fixes})
+        return type(scheduler).from_config(scheduler.config, **fixes)
 
     @torch.no_grad()
     def __call__(
@@ -94,6 +95,7 @@ class StableDiffusionPipeline(PipelineMixin):
         width: int | None = None,
         num_inference_steps: int = 50,
         timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float = 7.5,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
@@ -110,7 +112,8 @@ class StableDiffusionPipeline(PipelineMixin):
     ) -> PipelineOutput:
         """Generate images from text. Arguments, names and defaults are diffusers'.
 
-        timesteps: a custom descending schedule, for schedulers whose set_timesteps takes one (DDPM).
+        timesteps / sigmas: a custom descending schedule, for schedulers whose set_timesteps takes
+        one (timesteps: DDPM, Euler, Heun, DPM-Solver, LCM; sigmas: Euler, UniPC, EDM Euler).
         guidance_scale: CFG weight w (Ho & Salimans eq. 6); guidance is off at w <= 1.
         guidance_rescale: phi of Lin et al., arXiv 2305.08891 section 3.4 (0: off).
         clip_skip: use the CLIP layer this many below the last (1: the penultimate), then the final norm.
@@ -122,8 +125,9 @@ class StableDiffusionPipeline(PipelineMixin):
         batch_size = self.check_inputs(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, generator,
             output_type, callback_on_step_end_tensor_inputs, num_inference_steps, timesteps, height, width, latents,
+            sigmas=sigmas,
         )
-        do_cfg = guidance_scale > 1.0
+        do_cfg = self.uses_cfg(guidance_scale)
 
         # 1. encode_prompt: text -> CLIP hidden states; with CFG the unconditional half goes first.
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
@@ -133,7 +137,7 @@ class StableDiffusionPipeline(PipelineMixin):
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])  # (2B, T, D)
 
         # 2. get_latent: Gaussian noise, scaled to the scheduler's first sigma.
-        timesteps, _ = set_timesteps(self.scheduler, num_inference_steps, self.device, timesteps)
+        timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, self.device, timesteps, sigmas)
         latents = self.get_latent(batch_size * num_images_per_prompt, height, width, prompt_embeds.dtype,
                                   generator, latents)
 
@@ -201,12 +205,22 @@ class StableDiffusionPipeline(PipelineMixin):
 
         Classifier-free guidance (Ho & Salimans, arXiv 2207.12598, eq. 6): the UNet sees the batch
         twice, unconditional half first, and eps = eps_uncond + w * (eps_text - eps_uncond).
+
+        The loop is the same for every scheduler, as diffusers' is: `scale_model_input` before the
+        UNet (x / sqrt(sigma^2 + 1) for the Karras-style ones), `step` after it. `timesteps` holds
+        one entry per UNet call, so a second-order scheduler (Heun, KDPM2: `scheduler.order` 2)
+        lists its timesteps twice and keeps the half-step in its own state.
         """
-        do_cfg = guidance_scale > 1.0
+        do_cfg = self.uses_cfg(guidance_scale)
+        timestep_cond = None
+        if self.unet.config.time_cond_proj_dim is not None:  # an LCM-distilled UNet takes w - 1 as an input
+            w = torch.tensor(guidance_scale - 1.0).repeat(latents.shape[0])  # (B,)
+            timestep_cond = guidance_scale_embedding(w, self.unet.config.time_cond_proj_dim)
+            timestep_cond = timestep_cond.to(device=latents.device, dtype=latents.dtype)
         for i, t in enumerate(self.progress_bar(timesteps)):
             model_input = torch.cat([latents] * 2) if do_cfg else latents  # (B, 4, h, w) -> (2B, 4, h, w)
             model_input = self.scheduler.scale_model_input(model_input, t)
-            noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds,
+            noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, timestep_cond=timestep_cond,
                                    added_cond_kwargs=added_cond_kwargs)
             if do_cfg:
                 noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)  # (2B, ...) -> 2 x (B, ...)
@@ -236,6 +250,10 @@ class StableDiffusionPipeline(PipelineMixin):
 
     # --- checks ---------------------------------------------------------------------------
 
+    def uses_cfg(self, guidance_scale: float) -> bool:
+        """CFG runs for w > 1, except on an LCM-distilled UNet (`time_cond_proj_dim`), which takes w as an input."""
+        return guidance_scale > 1.0 and self.unet.config.time_cond_proj_dim is None
+
     def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
         s = self.vae_scale_factor
         return batch_size, self.unet.config.in_channels, height // s, width // s  # (B, 4, H/8, W/8)
@@ -246,7 +264,7 @@ class StableDiffusionPipeline(PipelineMixin):
 
     def check_inputs(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
                      generator, output_type, callback_inputs, num_inference_steps, timesteps, height=None, width=None,
-                     latents=None) -> int:
+                     latents=None, sigmas=None) -> int:
         """Refuse bad arguments before any work is done; return the number of prompts."""
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("pass exactly one of `prompt` and `prompt_embeds`")
@@ -273,11 +291,7 @@ class StableDiffusionPipeline(PipelineMixin):
             raise ValueError(f"`height` and `width` must be multiples of 8, got {height} x {width}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be a positive int, got {num_images_per_prompt!r}")
-        if timesteps is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
-            raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps!r}")
-        if timesteps is not None and not accepts(self.scheduler.set_timesteps, "timesteps"):
-            raise ValueError(f"{type(self.scheduler).__name__}.set_timesteps takes no custom `timesteps`; "
-                             f"use num_inference_steps, or a scheduler that takes them")
+        check_timestep_inputs(self.scheduler, num_inference_steps, timesteps, sigmas)
         images = batch_size * num_images_per_prompt
         if isinstance(generator, list) and len(generator) != images:
             raise ValueError(f"{len(generator)} generators were passed for {images} images "
@@ -332,14 +346,16 @@ class Img2ImgMixin:
         return torch.cat([self.vae.encode_safely(image[i : i + 1], upcast=upcast).sample(generator[i])
                           for i in range(batch_size)])
 
-    def prepare_image(self, image, strength: float, num_inference_steps: int, timesteps, images: int) -> torch.Tensor:
+    def prepare_image(self, image, strength: float, num_inference_steps: int, timesteps, images: int,
+                      sigmas=None) -> torch.Tensor:
         """Check `image` and `strength` and preprocess the image, before any work is done."""
         if image is None:
             raise ValueError("img2img needs an `image`")
         if not 0 < strength <= 1:
             raise ValueError(f"`strength` must be in (0, 1], got {strength}: it is the fraction of the schedule "
                              f"to run, 1 being a full text-to-image run from noise")
-        steps = len(timesteps) if timesteps is not None else num_inference_steps
+        custom = timesteps if timesteps is not None else sigmas
+        steps = len(custom) if custom is not None else num_inference_steps
         if int(steps * strength) < 1:
             raise ValueError(f"strength {strength} x {steps} steps leaves no denoising step (int({steps} x "
                              f"{strength}) = 0): raise `strength` or `num_inference_steps`")
@@ -363,6 +379,7 @@ class StableDiffusionImg2ImgPipeline(Img2ImgMixin, StableDiffusionPipeline):
         strength: float = 0.8,
         num_inference_steps: int = 50,
         timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float = 7.5,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
@@ -383,11 +400,11 @@ class StableDiffusionImg2ImgPipeline(Img2ImgMixin, StableDiffusionPipeline):
         """
         batch_size = self.check_inputs(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, generator,
-            output_type, callback_on_step_end_tensor_inputs, num_inference_steps, timesteps,
+            output_type, callback_on_step_end_tensor_inputs, num_inference_steps, timesteps, sigmas=sigmas,
         )
         images = batch_size * num_images_per_prompt
-        image = self.prepare_image(image, strength, num_inference_steps, timesteps, images)
-        do_cfg = guidance_scale > 1.0
+        image = self.prepare_image(image, strength, num_inference_steps, timesteps, images, sigmas)
+        do_cfg = self.uses_cfg(guidance_scale)
 
         # 1. encode_prompt
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
@@ -397,7 +414,7 @@ class StableDiffusionImg2ImgPipeline(Img2ImgMixin, StableDiffusionPipeline):
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])  # (2B, T, D)
 
         # 2. get_latent: the image's latents, noised to the first timestep that is kept.
-        _, num_inference_steps = set_timesteps(self.scheduler, num_inference_steps, self.device, timesteps)
+        _, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, self.device, timesteps, sigmas)
         timesteps = self.get_timesteps(num_inference_steps, strength)
         latent_timestep = timesteps[:1].repeat(images)
         latents = self.get_latent(image, latent_timestep, images, prompt_embeds.dtype, generator)

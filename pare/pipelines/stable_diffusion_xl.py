@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .pipeline_utils import PipelineOutput, extra_step_kwargs, postprocess_image, set_timesteps
+from .pipeline_utils import PipelineOutput, extra_step_kwargs, postprocess_image, retrieve_timesteps
 from .stable_diffusion import Img2ImgMixin, StableDiffusionPipeline, tokenize
 
 
@@ -64,6 +64,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         width: int | None = None,
         num_inference_steps: int = 50,
         timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float = 5.0,
         negative_prompt: str | list[str] | None = None,
         negative_prompt_2: str | list[str] | None = None,
@@ -100,11 +101,12 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         batch_size = self.check_inputs(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, generator,
             output_type, callback_on_step_end_tensor_inputs, num_inference_steps, timesteps, height, width, latents,
+            sigmas=sigmas,
         )
         self.check_sdxl_inputs(prompt_2, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
                                pooled_prompt_embeds, negative_pooled_prompt_embeds, batch_size)
         images = batch_size * num_images_per_prompt
-        do_cfg = guidance_scale > 1.0
+        do_cfg = self.uses_cfg(guidance_scale)
 
         # 1. encode_prompt: both encoders, plus the pooled embedding and the six micro-conditioning numbers.
         prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = self.encode_prompt(
@@ -129,7 +131,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         # 2. get_latent
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)
-        timesteps, _ = set_timesteps(self.scheduler, num_inference_steps, self.device, timesteps)
+        timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, self.device, timesteps, sigmas)
         latents = self.get_latent(images, height, width, prompt_embeds.dtype, generator, latents)
 
         # 3. denoise
@@ -235,6 +237,7 @@ class StableDiffusionXLImg2ImgPipeline(Img2ImgMixin, StableDiffusionXLPipeline):
         strength: float = 0.3,
         num_inference_steps: int = 50,
         timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float = 5.0,
         negative_prompt: str | list[str] | None = None,
         negative_prompt_2: str | list[str] | None = None,
@@ -263,13 +266,13 @@ class StableDiffusionXLImg2ImgPipeline(Img2ImgMixin, StableDiffusionXLPipeline):
         """
         batch_size = self.check_inputs(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, generator,
-            output_type, callback_on_step_end_tensor_inputs, num_inference_steps, timesteps,
+            output_type, callback_on_step_end_tensor_inputs, num_inference_steps, timesteps, sigmas=sigmas,
         )
         self.check_sdxl_inputs(prompt_2, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
                                pooled_prompt_embeds, negative_pooled_prompt_embeds, batch_size)
         images = batch_size * num_images_per_prompt
-        image = self.prepare_image(image, strength, num_inference_steps, timesteps, images)
-        do_cfg = guidance_scale > 1.0
+        image = self.prepare_image(image, strength, num_inference_steps, timesteps, images, sigmas)
+        do_cfg = self.uses_cfg(guidance_scale)
 
         # 1. encode_prompt
         prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = self.encode_prompt(
@@ -278,7 +281,7 @@ class StableDiffusionXLImg2ImgPipeline(Img2ImgMixin, StableDiffusionXLPipeline):
         )
 
         # 2. get_latent: the image's latents, noised to the first timestep that is kept.
-        _, num_inference_steps = set_timesteps(self.scheduler, num_inference_steps, self.device, timesteps)
+        _, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, self.device, timesteps, sigmas)
         timesteps = self.get_timesteps(num_inference_steps, strength)
         latents = self.get_latent(image, timesteps[:1].repeat(images), images, prompt_embeds.dtype, generator)
 

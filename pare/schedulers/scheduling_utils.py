@@ -7,6 +7,7 @@ diffusers twin: `schedulers/scheduling_utils.py` (`SchedulerMixin`), `utils/torc
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import torch
@@ -20,10 +21,14 @@ Generator = torch.Generator | Sequence[torch.Generator] | None
 
 
 class SchedulerOutput(NamedTuple):
-    """What `step` returns. diffusers twin: `DDIMSchedulerOutput` / `DDPMSchedulerOutput`."""
+    """What `step` returns. diffusers twin: `DDIMSchedulerOutput` / `DDPMSchedulerOutput` (and `SchedulerOutput`).
+
+    Multistep solvers (PNDM, UniPC, DEIS) return only prev_sample, as diffusers' plain `SchedulerOutput` does:
+    pred_original_sample is then None, and `return_dict=False` gives the 1-tuple `(prev_sample,)`.
+    """
 
     prev_sample: torch.Tensor  # x_{t-1}: the next input of the denoising loop
-    pred_original_sample: torch.Tensor  # x_0 as predicted at this step (after clipping / thresholding)
+    pred_original_sample: torch.Tensor | None = None  # x_0 as predicted at this step (after clipping / thresholding)
 
 
 def check_choice(owner: str, key: str, value, choices: tuple) -> None:
@@ -131,7 +136,10 @@ class DiscreteScheduler(ConfigMixin):
     beta_schedules: tuple[str, ...] = ()
 
     def _build_schedule(self) -> None:
-        """Check the config's shared keys, then compute betas, alphas and alphas_cumprod (float32, CPU)."""
+        """Check the config's shared keys, then compute betas, alphas and alphas_cumprod (float32, CPU).
+
+        Keys a class does not have (PNDM has no `thresholding`, DEIS no `rescale_betas_zero_snr`) count as off.
+        """
         c, owner = self.config, type(self).__name__
         check_choice(owner, "beta_schedule", c.beta_schedule, self.beta_schedules)
         check_choice(owner, "prediction_type", c.prediction_type, PREDICTION_TYPES)
@@ -140,7 +148,7 @@ class DiscreteScheduler(ConfigMixin):
             raise ValueError(f"{owner}: num_train_timesteps must be a positive int, got {c.num_train_timesteps!r}")
         if not isinstance(c.steps_offset, int) or c.steps_offset < 0:
             raise ValueError(f"{owner}: steps_offset must be a non-negative int, got {c.steps_offset!r}")
-        if c.thresholding and not 0 <= c.dynamic_thresholding_ratio <= 1:
+        if c.get("thresholding") and not 0 <= c.dynamic_thresholding_ratio <= 1:
             raise ValueError(f"{owner}: dynamic_thresholding_ratio must lie in [0, 1], got {c.dynamic_thresholding_ratio!r}")
         if c.trained_betas is not None and len(c.trained_betas) != c.num_train_timesteps:
             # diffusers would build a schedule of len(trained_betas) but space timesteps over num_train_timesteps.
@@ -155,7 +163,7 @@ class DiscreteScheduler(ConfigMixin):
             c = self.config
 
         self.betas = make_betas(c.beta_schedule, c.num_train_timesteps, c.beta_start, c.beta_end, c.trained_betas)
-        if c.rescale_betas_zero_snr:
+        if c.get("rescale_betas_zero_snr"):
             self.betas = rescale_zero_terminal_snr(self.betas)
         if not bool(((self.betas >= 0) & (self.betas <= 1)).all()):
             raise ValueError(f"{owner}: every beta must lie in [0, 1]; this config gives {self.betas.min():.3g} .. {self.betas.max():.3g}")
@@ -166,6 +174,12 @@ class DiscreteScheduler(ConfigMixin):
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, **overrides):
+        """Build from a pipeline folder (`subfolder="scheduler"`) or a scheduler folder, as diffusers' `from_pretrained`."""
+        path = Path(pretrained_model_name_or_path)
+        return cls.from_config(path / subfolder if subfolder else path, **overrides)
 
     def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
         """Identity: DDPM-family models take x_t as it is (Karras-style schedulers scale here)."""
