@@ -92,6 +92,26 @@ SD15_INPAINT_UNET = {**SD15_UNET, "in_channels": 9}
 # SimianLuo/LCM_Dreamshaper_v7: SD1.5 distilled for few-step sampling, with a guidance-scale embedding.
 LCM_SD15_UNET = {**SD15_UNET, "time_cond_proj_dim": 256}
 
+# stabilityai/stable-diffusion-x4-upscaler: the low-res image's 3 channels beside the 4 latents; the noise level
+# added to that image is a class label (1000 of them); no self-attention in the first three stages.
+X4_UPSCALER_UNET = {
+    **SD15_UNET,
+    "block_out_channels": [256, 512, 512, 1024],
+    "cross_attention_dim": 1024,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "in_channels": 7,
+    "num_class_embeds": 1000,
+    "only_cross_attention": [True, True, True, False],
+    "sample_size": 128,
+    "use_linear_projection": True,
+}
+
+# Kwai-Kolors/Kolors-diffusers: SDXL's UNet reading ChatGLM3's 4096-wide states through a projection
+# (encoder_hid_dim_type "text_proj"); its pooled text is 4096 wide too (4096 + 6 x 256 = 5632).
+KOLORS_UNET = {**SDXL_UNET, "encoder_hid_dim": 4096, "encoder_hid_dim_type": "text_proj",
+               "projection_class_embeddings_input_dim": 5632}
+
 SD_VAE = {
     "_class_name": "AutoencoderKL",
     "act_fn": "silu",
@@ -107,7 +127,10 @@ SD_VAE = {
     "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
 
-SD21_VAE = {**SD_VAE, "sample_size": 768}  # stabilityai/stable-diffusion-2-1: the SD VAE, at 768 px
+SD21_VAE = {**SD_VAE, "sample_size": 768}
+# the x4 upscaler's VAE: three levels (a factor of 4), latents scaled by 0.08333
+X4_UPSCALER_VAE = {**SD_VAE, "block_out_channels": [128, 256, 512], "down_block_types": ["DownEncoderBlock2D"] * 3,
+                   "up_block_types": ["UpDecoderBlock2D"] * 3, "sample_size": 256, "scaling_factor": 0.08333}  # stabilityai/stable-diffusion-2-1: the SD VAE, at 768 px
 SDXL_VAE = {**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
 
 # Tiny twins: same block types and options, channels small enough for CPU tests in seconds.
@@ -150,6 +173,18 @@ TINY_SDXL_UNET = {
 TINY_SD_INPAINT_UNET = {**TINY_SD_UNET, "in_channels": 9}
 TINY_LCM_UNET = {**TINY_SD_UNET, "time_cond_proj_dim": 16}
 
+TINY_X4_UPSCALER_UNET = {
+    **TINY_SD2_UNET,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "in_channels": 7,
+    "num_class_embeds": 1000,
+    "only_cross_attention": [True, False],
+}
+TINY_KOLORS_UNET = {**TINY_SDXL_UNET, "encoder_hid_dim": 40, "encoder_hid_dim_type": "text_proj",
+                    # pooled text 40 wide + 6 time ids x 8
+                    "projection_class_embeddings_input_dim": 88}
+
 TINY_VAE = {
     **SD_VAE,
     "block_out_channels": [8, 16],
@@ -162,9 +197,11 @@ TINY_VAE = {
 
 UNET_CONFIGS = {"tiny-sd": TINY_SD_UNET, "tiny-sd2": TINY_SD2_UNET, "tiny-sdxl": TINY_SDXL_UNET,
                 "tiny-sd-inpaint": TINY_SD_INPAINT_UNET, "tiny-lcm": TINY_LCM_UNET,
+                "tiny-x4-upscaler": TINY_X4_UPSCALER_UNET, "tiny-kolors": TINY_KOLORS_UNET,
                 "sd15": SD15_UNET, "sd21": SD21_UNET, "sdxl": SDXL_UNET,
-                "sd15-inpaint": SD15_INPAINT_UNET, "lcm-sd15": LCM_SD15_UNET}
-VAE_CONFIGS = {"tiny": TINY_VAE, "sd": SD_VAE, "sd21": SD21_VAE, "sdxl": SDXL_VAE}
+                "sd15-inpaint": SD15_INPAINT_UNET, "lcm-sd15": LCM_SD15_UNET,
+                "x4-upscaler": X4_UPSCALER_UNET, "kolors": KOLORS_UNET}
+VAE_CONFIGS = {"tiny": TINY_VAE, "sd": SD_VAE, "sd21": SD21_VAE, "sdxl": SDXL_VAE, "x4-upscaler": X4_UPSCALER_VAE}
 
 # Text encoders: `transformers.CLIPTextConfig` arguments of the official repos' text_encoder/ folders
 # (vocabulary and positions aside: those follow the tokenizer a checkpoint is made with).
