@@ -22,6 +22,8 @@ _EXPORTS = {
     "ModelMixin": "pare.models.modeling",
     "UNet2DConditionModel": "pare.models.unet_2d_condition",
     "AutoencoderKL": "pare.models.autoencoder_kl",
+    "ControlNetModel": "pare.models.controlnet",
+    "MultiControlNetModel": "pare.models.multicontrolnet",
     "DDIMScheduler": "pare.schedulers",
     "DDPMScheduler": "pare.schedulers",
     "StableDiffusionPipeline": "pare.pipelines",

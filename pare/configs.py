@@ -219,3 +219,82 @@ OPENCLIP_BIGG_TEXT = {  # SDXL's second encoder (CLIPTextModelWithProjection): O
 }
 TINY_TEXT = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 3,
              "projection_dim": 32}
+
+# --- ControlNets -------------------------------------------------------------------------------
+# lllyasviel/sd-controlnet-canny (and -depth, -hed, ...): SD1.5's down half, the condition encoder at
+# the paper's (16, 32, 96, 256) channels.
+SD15_CONTROLNET = {
+    "_class_name": "ControlNetModel",
+    **{k: SD15_UNET[k] for k in ("act_fn", "attention_head_dim", "block_out_channels", "cross_attention_dim",
+                                 "down_block_types", "downsample_padding", "flip_sin_to_cos", "freq_shift",
+                                 "in_channels", "layers_per_block", "mid_block_scale_factor", "norm_eps",
+                                 "norm_num_groups")},
+    "class_embed_type": None,
+    "conditioning_embedding_out_channels": [16, 32, 96, 256],
+    "controlnet_conditioning_channel_order": "rgb",
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "projection_class_embeddings_input_dim": None,
+    "resnet_time_scale_shift": "default",
+    "upcast_attention": False,
+    "use_linear_projection": False,
+}
+
+# diffusers/controlnet-canny-sdxl-1.0: SDXL base's down half.
+SDXL_CONTROLNET = {
+    "_class_name": "ControlNetModel",
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "class_embed_type": None,
+    "conditioning_channels": 3,
+    "conditioning_embedding_out_channels": [16, 32, 96, 256],
+    "controlnet_conditioning_channel_order": "rgb",
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "global_pool_conditions": False,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "projection_class_embeddings_input_dim": 2816,
+    "resnet_time_scale_shift": "default",
+    "transformer_layers_per_block": [1, 2, 10],
+    "upcast_attention": None,
+    "use_linear_projection": True,
+}
+
+
+def controlnet_config_like(unet: dict, conditioning_embedding_out_channels=(16, 32, 96, 256)) -> dict:
+    """A ControlNet config for a UNet config: its down half, as `ControlNetModel.from_unet` makes it."""
+    keys = ("act_fn", "addition_embed_type", "addition_time_embed_dim", "attention_head_dim", "block_out_channels",
+            "cross_attention_dim", "down_block_types", "downsample_padding", "flip_sin_to_cos", "freq_shift",
+            "in_channels", "layers_per_block", "mid_block_scale_factor", "norm_eps", "norm_num_groups",
+            "projection_class_embeddings_input_dim", "transformer_layers_per_block", "upcast_attention",
+            "use_linear_projection")
+    return {"_class_name": "ControlNetModel", **{k: unet[k] for k in keys if k in unet},
+            "conditioning_embedding_out_channels": list(conditioning_embedding_out_channels)}
+
+
+# Tiny ControlNets: the published condition encoder (a factor of 8 from pixels to latents) ...
+TINY_SD_CONTROLNET = controlnet_config_like(TINY_SD_UNET)
+TINY_SDXL_CONTROLNET = controlnet_config_like(TINY_SDXL_UNET)
+# ... and, for the tiny pipelines, whose VAE has 2 levels (a factor of 2), a one-stage encoder.
+TINY_SD_CONTROLNET_PIPE = controlnet_config_like(TINY_SD_UNET, (8, 16))
+TINY_SDXL_CONTROLNET_PIPE = controlnet_config_like(TINY_SDXL_UNET, (8, 16))
+
+CONTROLNET_CONFIGS = {"tiny-sd": TINY_SD_CONTROLNET, "tiny-sdxl": TINY_SDXL_CONTROLNET,
+                      "tiny-sd-pipe": TINY_SD_CONTROLNET_PIPE, "tiny-sdxl-pipe": TINY_SDXL_CONTROLNET_PIPE,
+                      "sd15": SD15_CONTROLNET, "sdxl": SDXL_CONTROLNET}
