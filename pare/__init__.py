@@ -30,6 +30,8 @@ _EXPORTS = {
     "StableDiffusionImg2ImgPipeline": "pare.pipelines",
     "StableDiffusionXLPipeline": "pare.pipelines",
     "StableDiffusionXLImg2ImgPipeline": "pare.pipelines",
+    "StableDiffusionControlNetPipeline": "pare.pipelines",
+    "StableDiffusionXLControlNetPipeline": "pare.pipelines",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

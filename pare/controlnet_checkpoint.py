@@ -75,3 +75,18 @@ def reference_controlnet_pipeline(reference: ModuleType, family: str, seed: int 
     parts = {k: parts[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "controlnet", "scheduler")}
     return reference.StableDiffusionControlNetPipeline(**parts, safety_checker=None, feature_extractor=None,
                                                        requires_safety_checker=False)
+
+
+def pare_controlnet_twin(pipe, dtype: torch.dtype | None = None):
+    """pare's ControlNet pipeline with the weights of diffusers' (SDXL) ControlNet pipeline `pipe`, no files
+    written: `pare.parity.checkpoint.pare_twin` for the rest, the ControlNet(s) copied the same way."""
+    import pare
+    from .parity.checkpoint import pare_model_like, pare_twin
+
+    base = pare_twin(pipe, dtype)
+    nets = getattr(pipe.controlnet, "nets", None)
+    controlnet = ([pare_model_like(pare.ControlNetModel, net, dtype) for net in nets] if nets is not None
+                  else pare_model_like(pare.ControlNetModel, pipe.controlnet, dtype))
+    xl = isinstance(base, pare.StableDiffusionXLPipeline)
+    cls = pare.StableDiffusionXLControlNetPipeline if xl else pare.StableDiffusionControlNetPipeline
+    return cls(**base.components, controlnet=controlnet)

@@ -4,14 +4,18 @@
 
 `stable_diffusion.py` writes the steps out; `stable_diffusion_xl.py` replaces the first and the
 last with SDXL's; `pipeline_utils.py` holds loading, seeded noise and image conversion.
+`controlnet.py` adds the ControlNet step to denoise; `image_inputs.py` reads condition images and masks.
 """
 
+from .controlnet import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 from .pipeline_utils import PipelineOutput, randn_tensor
 from .stable_diffusion import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from .stable_diffusion_xl import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
 __all__ = [
     "PipelineOutput",
+    "StableDiffusionControlNetPipeline",
+    "StableDiffusionXLControlNetPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionPipeline",
     "StableDiffusionXLImg2ImgPipeline",
