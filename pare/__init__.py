@@ -31,6 +31,8 @@ _EXPORTS = {
     "StableDiffusionXLPipeline": "pare.pipelines",
     "StableDiffusionXLImg2ImgPipeline": "pare.pipelines",
     "StableDiffusionControlNetPipeline": "pare.pipelines",
+    "StableDiffusionInpaintPipeline": "pare.pipelines",
+    "StableDiffusionXLInpaintPipeline": "pare.pipelines",
     "StableDiffusionXLControlNetPipeline": "pare.pipelines",
 }
 

@@ -4,10 +4,11 @@
 
 `stable_diffusion.py` writes the steps out; `stable_diffusion_xl.py` replaces the first and the
 last with SDXL's; `pipeline_utils.py` holds loading, seeded noise and image conversion.
-`controlnet.py` adds the ControlNet step to denoise; `image_inputs.py` reads condition images and masks.
+`controlnet.py` adds the ControlNet step to denoise; `inpaint.py` the mask (prepare_mask) and the blend; `image_inputs.py` reads condition images and masks.
 """
 
 from .controlnet import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+from .inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 from .pipeline_utils import PipelineOutput, randn_tensor
 from .stable_diffusion import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from .stable_diffusion_xl import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
@@ -17,6 +18,8 @@ __all__ = [
     "StableDiffusionControlNetPipeline",
     "StableDiffusionXLControlNetPipeline",
     "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "StableDiffusionXLInpaintPipeline",
     "StableDiffusionPipeline",
     "StableDiffusionXLImg2ImgPipeline",
     "StableDiffusionXLPipeline",
