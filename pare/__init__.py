@@ -32,6 +32,7 @@ _EXPORTS = {
     "StableDiffusionXLImg2ImgPipeline": "pare.pipelines",
     "StableDiffusionControlNetPipeline": "pare.pipelines",
     "StableDiffusionInpaintPipeline": "pare.pipelines",
+    "StableDiffusionUpscalePipeline": "pare.pipelines",
     "StableDiffusionXLInpaintPipeline": "pare.pipelines",
     "StableDiffusionXLControlNetPipeline": "pare.pipelines",
 }

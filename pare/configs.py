@@ -175,6 +175,7 @@ TINY_LCM_UNET = {**TINY_SD_UNET, "time_cond_proj_dim": 16}
 
 TINY_X4_UPSCALER_UNET = {
     **TINY_SD2_UNET,
+    "cross_attention_dim": 32,  # TINY_TEXT's width
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
     "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
     "in_channels": 7,
@@ -298,3 +299,14 @@ TINY_SDXL_CONTROLNET_PIPE = controlnet_config_like(TINY_SDXL_UNET, (8, 16))
 CONTROLNET_CONFIGS = {"tiny-sd": TINY_SD_CONTROLNET, "tiny-sdxl": TINY_SDXL_CONTROLNET,
                       "tiny-sd-pipe": TINY_SD_CONTROLNET_PIPE, "tiny-sdxl-pipe": TINY_SDXL_CONTROLNET_PIPE,
                       "sd15": SD15_CONTROLNET, "sdxl": SDXL_CONTROLNET}
+
+TINY_X4_UPSCALER_VAE = {**TINY_VAE, "scaling_factor": 0.08333}
+
+# The x4 upscaler's schedulers (scheduler/ and low_res_scheduler/ of stabilityai/stable-diffusion-x4-upscaler):
+# DDIM on v-prediction for the latents, DDPM to noise the low-resolution image to `noise_level`.
+X4_UPSCALER_SCHEDULER = {"_class_name": "DDIMScheduler", "beta_start": 0.0001, "beta_end": 0.02,
+                         "beta_schedule": "scaled_linear", "clip_sample": False, "num_train_timesteps": 1000,
+                         "prediction_type": "v_prediction", "set_alpha_to_one": False, "steps_offset": 1}
+X4_UPSCALER_LOW_RES_SCHEDULER = {"_class_name": "DDPMScheduler", "beta_start": 0.0001, "beta_end": 0.02,
+                                 "beta_schedule": "scaled_linear", "clip_sample": True, "num_train_timesteps": 1000,
+                                 "variance_type": "fixed_small"}

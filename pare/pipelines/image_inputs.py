@@ -13,11 +13,12 @@ import torch
 
 
 def image_tensor(image, vae_scale_factor: int, height: int | None = None, width: int | None = None,
-                 grayscale: bool = False) -> torch.Tensor:
+                 grayscale: bool = False, resample: str = "lanczos") -> torch.Tensor:
     """PIL / numpy / torch image(s) -> (B, C, H, W) float32 in [0, 1], resized to (height, width).
 
     height / width default to the image's own, cut down to a multiple of `vae_scale_factor`.
-    PIL images are resized with Lanczos (made RGB, or L with `grayscale`); arrays ((H, W[, C]) or
+    PIL images are resized with `resample` ("lanczos", or "bicubic" as the x4 upscaler's processor
+    does; made RGB, or L with `grayscale`); arrays ((H, W[, C]) or
     (B, H, W[, C])) and tensors ((C, H, W) or (B, C, H, W)) with nearest interpolation, as diffusers does.
     """
     import PIL.Image
@@ -37,7 +38,8 @@ def image_tensor(image, vae_scale_factor: int, height: int | None = None, width:
 
     if isinstance(first, PIL.Image.Image):
         mode = "L" if grayscale else "RGB"
-        images = [i.resize((width, height), resample=PIL.Image.LANCZOS) for i in images]
+        method = {"lanczos": PIL.Image.LANCZOS, "bicubic": PIL.Image.BICUBIC}[resample]
+        images = [i.resize((width, height), resample=method) for i in images]
         images = [i if i.mode == mode else i.convert(mode) for i in images]
         array = np.stack([np.array(i).astype(np.float32) / 255.0 for i in images])  # (B, H, W[, 3])
         array = array[..., None] if array.ndim == 3 else array
