@@ -127,10 +127,10 @@ SD_VAE = {
     "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
 
-SD21_VAE = {**SD_VAE, "sample_size": 768}
+SD21_VAE = {**SD_VAE, "sample_size": 768}  # stabilityai/stable-diffusion-2-1: the SD VAE, at 768 px
 # the x4 upscaler's VAE: three levels (a factor of 4), latents scaled by 0.08333
 X4_UPSCALER_VAE = {**SD_VAE, "block_out_channels": [128, 256, 512], "down_block_types": ["DownEncoderBlock2D"] * 3,
-                   "up_block_types": ["UpDecoderBlock2D"] * 3, "sample_size": 256, "scaling_factor": 0.08333}  # stabilityai/stable-diffusion-2-1: the SD VAE, at 768 px
+                   "up_block_types": ["UpDecoderBlock2D"] * 3, "sample_size": 256, "scaling_factor": 0.08333}
 SDXL_VAE = {**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
 
 # Tiny twins: same block types and options, channels small enough for CPU tests in seconds.

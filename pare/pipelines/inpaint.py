@@ -142,7 +142,8 @@ class InpaintMixin(Img2ImgMixin):
         return latents
 
     def blend(self, latents, image_latents, noise, mask, timesteps, i: int) -> torch.Tensor:
-        """Keep the known region (mask 0): the image's latents, noised to the next step's level (none after the last)."""
+        """Keep the known region (mask 0): the image's latents, noised to the next step's level (clean after the
+        last step)."""
         known = image_latents
         if i < len(timesteps) - 1:
             known = self.scheduler.add_noise(image_latents, noise, torch.tensor([timesteps[i + 1]]))

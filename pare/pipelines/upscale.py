@@ -72,7 +72,7 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ) -> PipelineOutput:
-        """Upscale `image` (PIL / numpy / torch in [0, 1]) 4x, following the prompt. Arguments and defaults are diffusers'.
+        """Upscale `image` (PIL / numpy / torch in [0, 1]) 4x, following the prompt. Arguments, defaults: diffusers'.
 
         noise_level: how much the low-res image is noised before the UNet sees it (0 ... max_noise_level,
         default 20); more lets the model invent more detail. Other arguments as in StableDiffusionPipeline.
@@ -84,7 +84,8 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
         if image is None:
             raise ValueError("the upscaler needs the low-resolution `image`")
         if not 0 <= noise_level <= self.max_noise_level:
-            raise ValueError(f"`noise_level` must be in [0, max_noise_level = {self.max_noise_level}], got {noise_level}")
+            raise ValueError(f"`noise_level` must be in [0, max_noise_level = {self.max_noise_level}], "
+                             f"got {noise_level}")
         do_cfg = guidance_scale > 1.0
 
         # 1. encode_prompt
