@@ -90,3 +90,83 @@ def pare_controlnet_twin(pipe, dtype: torch.dtype | None = None):
     xl = isinstance(base, pare.StableDiffusionXLPipeline)
     cls = pare.StableDiffusionXLControlNetPipeline if xl else pare.StableDiffusionControlNetPipeline
     return cls(**base.components, controlnet=controlnet)
+
+
+# --- for `pare parity --components controlnet` and `pare bench` ---------------------------------------
+
+
+def controlnet_inputs(config: str | dict, batch: int = 2, side: int | None = None, seed: int = 0, device="cpu",
+                      dtype=torch.float32, tokens: int = 77) -> tuple[tuple, dict]:
+    """(args, kwargs) of one ControlNet call at `config`: latents (B, 4, side, side), t, text (B, tokens, D),
+    a condition image 2^(stages-1) times the latents' size in [0, 1], and SDXL's added_cond_kwargs.
+    `side` defaults to the config's UNet's native latent size (64 for SD1.5, 128 for SDXL)."""
+    config = configs.CONTROLNET_CONFIGS[config] if isinstance(config, str) else config
+    sdxl = config.get("addition_embed_type") == "text_time"
+    side = side or (128 if sdxl else 64)
+    factor = 2 ** (len(config["conditioning_embedding_out_channels"]) - 1)
+    g = torch.Generator(device).manual_seed(seed)
+    args = (torch.randn(batch, config["in_channels"], side, side, generator=g, device=device).to(dtype),
+            torch.tensor(500, device=device),
+            torch.randn(batch, tokens, config["cross_attention_dim"], generator=g, device=device).to(dtype),
+            torch.rand(batch, config.get("conditioning_channels", 3), factor * side, factor * side, generator=g,
+                       device=device).to(dtype))
+    kwargs = {}
+    if sdxl:
+        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        size = 8 * side
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, pooled, generator=g, device=device).to(dtype),
+            "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * batch, device=device, dtype=dtype)}
+    return args, kwargs
+
+
+def controlnet_rows(reference: ModuleType, config: str, device="cpu", dtype=torch.float32, seed: int = 0,
+                    with64: bool = False, side: int | None = None):
+    """Block-by-block rows (`pare.parity.blocks.compare_blocks`) of pare's ControlNet against diffusers' at a
+    config of CONTROLNET_CONFIGS ("sd15", "sdxl", "tiny-sd", ...), on one seeded call; float64 reference if with64.
+    pare's model is loaded from the checkpoint folder diffusers wrote, as a user would load it."""
+    import copy
+    import tempfile
+
+    from .models.controlnet import ControlNetModel
+    from .parity.blocks import compare_blocks
+
+    theirs = reference_controlnet(reference, config, seed, device, dtype)
+    with tempfile.TemporaryDirectory() as folder:
+        theirs.save_pretrained(folder, safe_serialization=True)
+        ours = ControlNetModel.from_pretrained(folder, torch_dtype=dtype, device=device)
+    args, kwargs = controlnet_inputs(config, 2, side, seed, device, dtype)
+    kwargs["return_dict"] = False  # both return (down residuals, mid residual)
+    ref64 = copy.deepcopy(theirs).to(torch.float64) if with64 else None
+    return compare_blocks(ours, theirs, args, kwargs, reference64=ref64).rows
+
+
+def controlnet_step(reference: ModuleType, family: str, batch: int = 2, device="cpu", dtype=torch.float32):
+    """One denoising step with a ControlNet, for `pare bench`: (ours, theirs, call_ours, call_theirs).
+
+    `family` is "sd15", "sdxl", "tiny" or "tiny-sdxl"; ours and theirs are (UNet, ControlNet) pairs with the same
+    seeded weights; a call runs the ControlNet and then the UNet with its residuals, returning the UNet's output.
+    """
+    from .models.controlnet import ControlNetModel
+    from .models.unet_2d_condition import UNet2DConditionModel
+    from .parity.checkpoint import FAMILIES, pare_model_like
+
+    unet_config = FAMILIES[family][0]
+    name = FAMILY_CONTROLNETS[family]
+    with torch.device(device):
+        torch.manual_seed(0)
+        their_unet = reference.UNet2DConditionModel.from_config(
+            {k: v for k, v in unet_config.items() if not k.startswith("_")}).to(dtype).eval()
+    their_net = reference_controlnet(reference, name, 0, device, dtype)
+    ours = (pare_model_like(UNet2DConditionModel, their_unet), pare_model_like(ControlNetModel, their_net))
+    args, kwargs = controlnet_inputs(name, batch, unet_config["sample_size"], 0, device, dtype)
+
+    def call(pair, diffusers_side: bool):
+        unet, net = pair
+        extra = {"return_dict": False} if diffusers_side else {}
+        down, mid = net(*args, **kwargs, **extra)[:2]
+        out = unet(*args[:3], **kwargs, down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                   **extra)
+        return out[0] if diffusers_side else out
+
+    return ours, (their_unet, their_net), lambda pair: call(pair, False), lambda pair: call(pair, True)

@@ -201,3 +201,16 @@ def test_a_condition_image_of_the_wrong_size_says_what_it_must_be():
 def test_unsupported_controlnet_options_raise_naming_the_key(change, message):
     with pytest.raises(ValueError, match=message):
         ControlNetModel.from_config({**CONTROLNET_CONFIGS["tiny-sd"], **change})
+
+
+# --- the builders that `pare parity` and `pare bench` call ------------------------------------------
+
+
+def test_controlnet_rows_and_step_builders_run_and_agree():
+    from pare.controlnet_checkpoint import controlnet_rows, controlnet_step
+
+    rows = controlnet_rows(diffusers, "tiny-sd", side=4)
+    assert rows and all(r.passed for r in rows) and rows[-1].name == "ControlNetModel"
+    ours, theirs, call_ours, call_theirs = controlnet_step(diffusers, "tiny")
+    with torch.no_grad():
+        assert_parity("tiny ControlNet step", call_ours(ours), call_theirs(theirs), scope="end_to_end")
