@@ -230,6 +230,8 @@ def test_controlnet_residuals_of_the_wrong_count_or_shape_are_refused():
     with pytest.raises(ValueError, match=r"pass one residual per skip"):
         ours(*args, down_block_additional_residuals=[torch.zeros(s) for s in down[:-1]],
              mid_block_additional_residual=torch.zeros(mid))
+    with pytest.raises(ValueError, match=r"ControlNet residuals come as a pair"):
+        ours(*args, down_block_additional_residuals=[torch.zeros(s) for s in down])
 
 
 @torch.no_grad()

@@ -264,6 +264,11 @@ class UNet2DConditionModel(ModelMixin):
         """
         timesteps = self._check_inputs(sample, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond,
                                        class_labels)
+        if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
+            # diffusers takes down residuals alone for T2I-Adapter's (deprecated) and ignores a mid one alone.
+            raise ValueError("ControlNet residuals come as a pair: pass down_block_additional_residuals and "
+                             "mid_block_additional_residual together (T2I-Adapter features go in "
+                             "down_intrablock_additional_residuals)")
         # Everything the transformers take, per call: text, masks as additive biases, the LoRA scale.
         attn = dict(encoder_hidden_states=encoder_hidden_states,
                     encoder_attention_mask=attention_bias(encoder_attention_mask, sample.dtype),
