@@ -214,3 +214,17 @@ def test_controlnet_rows_and_step_builders_run_and_agree():
     ours, theirs, call_ours, call_theirs = controlnet_step(diffusers, "tiny")
     with torch.no_grad():
         assert_parity("tiny ControlNet step", call_ours(ours), call_theirs(theirs), scope="end_to_end")
+
+
+def test_every_diffusers_controlnet_config_key_is_accepted_or_refused_by_name():
+    import inspect
+
+    theirs = inspect.signature(diffusers.ControlNetModel.__init__).parameters
+    ours = set(ControlNetModel.config_keys()) | set(ControlNetModel.unsupported_config)
+    assert set(theirs) - {"self"} == ours
+    # the defaults are diffusers' (tuples and lists alike)
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+    pare_defaults = inspect.signature(ControlNetModel.__init__).parameters
+    assert {k: norm(pare_defaults[k].default) for k in ControlNetModel.config_keys()} == {
+        k: norm(theirs[k].default) for k in ControlNetModel.config_keys()}
+    assert {k: theirs[k].default for k in ControlNetModel.unsupported_config} == ControlNetModel.unsupported_config
