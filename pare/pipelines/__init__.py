@@ -12,8 +12,8 @@ from .controlnet import StableDiffusionControlNetPipeline, StableDiffusionXLCont
 from .inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 from .pipeline_utils import PipelineOutput, randn_tensor
 from .stable_diffusion import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
-from .upscale import StableDiffusionUpscalePipeline
 from .stable_diffusion_xl import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from .upscale import StableDiffusionUpscalePipeline
 
 __all__ = [
     "PipelineOutput",
