@@ -22,6 +22,8 @@ _EXPORTS = {
     "ModelMixin": "pare.models.modeling",
     "UNet2DConditionModel": "pare.models.unet_2d_condition",
     "AutoencoderKL": "pare.models.autoencoder_kl",
+    "ControlNetModel": "pare.models.controlnet",
+    "MultiControlNetModel": "pare.models.multicontrolnet",
     "DDIMScheduler": "pare.schedulers",
     "DDPMScheduler": "pare.schedulers",
     "save_single_file": "pare.single_file",
@@ -44,6 +46,11 @@ _EXPORTS = {
     "StableDiffusionImg2ImgPipeline": "pare.pipelines",
     "StableDiffusionXLPipeline": "pare.pipelines",
     "StableDiffusionXLImg2ImgPipeline": "pare.pipelines",
+    "StableDiffusionControlNetPipeline": "pare.pipelines",
+    "StableDiffusionInpaintPipeline": "pare.pipelines",
+    "StableDiffusionUpscalePipeline": "pare.pipelines",
+    "StableDiffusionXLInpaintPipeline": "pare.pipelines",
+    "StableDiffusionXLControlNetPipeline": "pare.pipelines",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -5,14 +5,17 @@
                   [--negative-prompt TEXT] [--steps 50] [--guidance 7.5] [--seed 0]
                   [--height H] [--width W] [--sampler "DPM++ 2M Karras" | --scheduler EulerDiscreteScheduler]
                   [--image in.png --strength 0.8] [--device cuda] [--dtype fp16]
+                  [--controlnet DIR --control-image edges.png [--controlnet-scale 1.0]]
+                  [--image in.png --mask mask.png [--strength 1.0]]
 
     pare parity [--model DIR_OR_ID | --config tiny|tiny-sdxl|sd15|sd21|sdxl] [--device cuda] [--dtype fp16]
                 [--components unet,vae,scheduler,pipeline] [--steps 50] [--seed N]
                 [--reference-path DIFFUSERS_CHECKOUT] [--out REPORT]
     pare bench  [--models sd15,sd21,sdxl] [--cases ...] [--modes eager,graph,compile,compile-ro]
 
-`generate` reads the folder's model_index.json to choose Stable Diffusion or SDXL, and runs
-image-to-image when `--image` is given. It runs the scheduler the folder names, unless
+`generate` reads the folder's model_index.json to choose Stable Diffusion or SDXL (or the x4
+upscaler), and runs image-to-image when `--image` is given, inpainting with `--mask` (white =
+repaint), ControlNet with `--controlnet`. It runs the scheduler the folder names, unless
 `--scheduler` (a class name) or `--sampler` (a web-UI name, `pare/schedulers/samplers.py`) picks
 another, built from the folder's scheduler config. It shows a progress bar over the denoising steps.
 """
@@ -69,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "options, on top of the folder's scheduler config (the table is below)")
     gen.add_argument("--image", default=None, help="input image: run image-to-image (SDEdit) from it")
     gen.add_argument("--strength", type=float, default=None, help="img2img: how much to change, in (0, 1]")
+    gen.add_argument("--mask", default=None, help="inpainting: mask image for --image, white = repaint, black = keep")
+    gen.add_argument("--controlnet", default=None, metavar="DIR",
+                     help="ControlNet folder (diffusers layout) or Hub id; needs --control-image")
+    gen.add_argument("--control-image", default=None, help="the ControlNet's condition image (edges, depth, ...)")
+    gen.add_argument("--controlnet-scale", type=float, default=None, help="weight of the ControlNet (default 1.0)")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     gen.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on CUDA, fp32 on CPU")
     gen.add_argument("--out", default="out.png", help="where to write the PNG (default out.png)")
@@ -119,8 +127,17 @@ def generate(args, parser) -> int:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     if args.strength is not None and args.image is None:
         parser.error("--strength applies to image-to-image only: give --image too")
-    if args.image is not None and not Path(args.image).is_file():
-        parser.error(f"--image {args.image} does not exist")
+    for flag, path in (("--image", args.image), ("--mask", args.mask), ("--control-image", args.control_image)):
+        if path is not None and not Path(path).is_file():
+            parser.error(f"{flag} {path} does not exist")
+    if args.mask is not None and args.image is None:
+        parser.error("--mask is for inpainting: give the --image to inpaint too")
+    if (args.controlnet is None) != (args.control_image is None):
+        parser.error("--controlnet and --control-image go together: the ControlNet folder and its condition image")
+    if args.controlnet_scale is not None and args.controlnet is None:
+        parser.error("--controlnet-scale applies to --controlnet only")
+    if args.controlnet is not None and args.image is not None:
+        parser.error("--controlnet runs text-to-image: ControlNet with --image (img2img, inpainting) is not in pare")
     loras = [parse_lora(spec) for spec in args.lora]
     for path, _ in loras:
         if not Path(path).exists():
@@ -144,7 +161,8 @@ def generate(args, parser) -> int:
             config_root = pipeline_root(args.model)
             class_name = None
         index = read_model_index(config_root)
-        pipeline_class = choose_pipeline(class_name or index.get("_class_name", ""), img2img=args.image is not None)
+        pipeline_class = choose_pipeline(class_name or index.get("_class_name", ""), img2img=args.image is not None,
+                                         inpaint=args.mask is not None, controlnet=args.controlnet is not None)
         named = (index.get("scheduler") or [None, None])[1]
         if args.scheduler is None and args.sampler is None and named is not None and named not in SCHEDULERS:
             raise ValueError(f"{args.model} names {named}, which pare does not implement; pass --sampler or "
@@ -161,6 +179,10 @@ def generate(args, parser) -> int:
             else:
                 options, scheduler_class = {}, get_scheduler_class(args.scheduler)
             components["scheduler"] = scheduler_class.from_config(scheduler_folder, **options)
+        if args.controlnet is not None:
+            from .models.controlnet import ControlNetModel
+
+            components["controlnet"] = ControlNetModel.from_pretrained(args.controlnet, torch_dtype=dtype)
         if single_file:
             pipe = pipeline_class.from_single_file(args.model, config=str(config_root), torch_dtype=dtype,
                                                    allow_pickle=args.allow_pickle, **components).to(device)
@@ -177,14 +199,22 @@ def generate(args, parser) -> int:
                       generator=torch.Generator("cpu").manual_seed(seed))
         if args.guidance is not None:
             kwargs["guidance_scale"] = args.guidance
-        if args.image is not None:
-            from PIL import Image
+        from PIL import Image
 
+        if args.image is not None:
             kwargs["image"] = Image.open(args.image)
             if args.strength is not None:
                 kwargs["strength"] = args.strength
-        else:
+        if args.mask is not None:
+            kwargs["mask_image"] = Image.open(args.mask)
+        if args.control_image is not None:
+            kwargs["image"] = Image.open(args.control_image)
+            if args.controlnet_scale is not None:
+                kwargs["controlnet_conditioning_scale"] = args.controlnet_scale
+        if args.image is None or args.mask is not None:
             kwargs.update(height=args.height, width=args.width)
+        if pipeline_class.__name__ == "StableDiffusionUpscalePipeline" and "strength" in kwargs:
+            raise ValueError("--strength does not apply to the x4 upscaler (it takes the image as it is)")
         image = pipe(**kwargs).images[0]
     except (ValueError, OSError) as e:  # bad folders, bad images, bad arguments: a message, not a traceback
         print(f"pare generate: error: {e}", file=sys.stderr)
@@ -210,11 +240,19 @@ def parse_lora(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
-def choose_pipeline(class_name: str, img2img: bool):
+def choose_pipeline(class_name: str, img2img: bool, inpaint: bool = False, controlnet: bool = False):
     """model_index.json's `_class_name` -> pare's pipeline: SDXL if it names an XL pipeline, else SD."""
     from . import pipelines
 
     xl = "XL" in class_name
+    if "Upscale" in class_name:
+        if not img2img or inpaint or controlnet:
+            raise ValueError(f"{class_name} upscales an image: give --image (and neither --mask nor --controlnet)")
+        return pipelines.StableDiffusionUpscalePipeline
+    if inpaint:
+        return pipelines.StableDiffusionXLInpaintPipeline if xl else pipelines.StableDiffusionInpaintPipeline
+    if controlnet:
+        return pipelines.StableDiffusionXLControlNetPipeline if xl else pipelines.StableDiffusionControlNetPipeline
     if img2img:
         return pipelines.StableDiffusionXLImg2ImgPipeline if xl else pipelines.StableDiffusionImg2ImgPipeline
     return pipelines.StableDiffusionXLPipeline if xl else pipelines.StableDiffusionPipeline

@@ -197,3 +197,46 @@ def test_scheduler_and_sampler_together_is_a_usage_error(tmp_path, capsys):
                  "--out", str(tmp_path / "x.png"))
     assert info.value.code == 2
     assert "argument --sampler: not allowed with argument --scheduler" in capsys.readouterr().err
+
+
+
+
+# --- ControlNet and inpainting (issue 17) -------------------------------------------------------
+
+
+def test_generate_with_a_controlnet_and_its_condition_image(tmp_path, capsys):
+    import diffusers
+
+    from pare.controlnet_checkpoint import make_controlnet_checkpoint
+
+    controlnet = make_controlnet_checkpoint(diffusers, tmp_path / "controlnet", "tiny-sd-pipe")
+    edges, out = tmp_path / "edges.png", tmp_path / "cn.png"
+    PIL.Image.new("RGB", (24, 16), "white").save(edges)
+    assert generate("--model", str(pipeline_folder("tiny-sd")), "--controlnet", str(controlnet),
+                    "--control-image", str(edges), "--controlnet-scale", "0.5", "--out", str(out)) == 0
+    assert "StableDiffusionControlNetPipeline" in capsys.readouterr().out
+    assert PIL.Image.open(out).size == (24, 16)  # the condition image sets the size
+
+
+def test_generate_inpaints_with_a_mask(tmp_path, capsys):
+    photo, mask, out = tmp_path / "in.png", tmp_path / "mask.png", tmp_path / "out.png"
+    PIL.Image.new("RGB", (16, 16), "blue").save(photo)
+    PIL.Image.new("L", (16, 16), 255).save(mask)
+    assert generate("--model", str(pipeline_folder("tiny-sd")), "--image", str(photo), "--mask", str(mask),
+                    "--height", "16", "--width", "16", "--out", str(out)) == 0
+    assert "StableDiffusionInpaintPipeline" in capsys.readouterr().out  # the 4-channel UNet: blend mode
+    assert PIL.Image.open(out).size == (16, 16)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mask", "MASK"], "--mask is for inpainting: give the --image"),
+    (["--controlnet", "DIR"], "--controlnet and --control-image go together"),
+    (["--controlnet", "DIR", "--control-image", "MASK", "--image", "MASK"], "ControlNet with --image"),
+])
+def test_controlnet_and_mask_flags_are_checked(tmp_path, capsys, flags, message):
+    mask = tmp_path / "mask.png"
+    PIL.Image.new("L", (16, 16), 255).save(mask)
+    flags = [str(mask) if f == "MASK" else f for f in flags]
+    with pytest.raises(SystemExit) as info:
+        generate("--model", str(pipeline_folder("tiny-sd")), *flags, "--out", str(tmp_path / "x.png"))
+    assert info.value.code == 2 and message in capsys.readouterr().err

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lora_scale import lora_call
+
 
 class Attention(nn.Module):
     """Self-attention (`cross_attention_dim=None`) or cross-attention over `encoder_hidden_states`.
@@ -67,8 +69,10 @@ class Attention(nn.Module):
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        lora_scale: float = 1.0,
     ) -> torch.Tensor:
-        """`attention_mask`: an additive bias broadcastable to (B, heads, N, M), e.g. (B, 1, M) -> unsqueezed."""
+        """`attention_mask`: an additive bias broadcastable to (B, heads, N, M), e.g. (B, 1, M) -> unsqueezed.
+        `lora_scale`: the LoRA scale of this call, for the projections (`pare.models.lora_scale`)."""
         residual = hidden_states
         is_map = hidden_states.ndim == 4
         if is_map:
@@ -80,17 +84,28 @@ class Attention(nn.Module):
 
         batch = hidden_states.shape[0]
         # (B, N, heads*d) -> (B, heads, N, d)
-        q = self.to_q(hidden_states).view(batch, -1, self.heads, self.inner_dim // self.heads).transpose(1, 2)
-        k = self.to_k(context).view(batch, -1, self.heads, self.inner_dim // self.heads).transpose(1, 2)
-        v = self.to_v(context).view(batch, -1, self.heads, self.inner_dim // self.heads).transpose(1, 2)
-        if attention_mask is not None and attention_mask.ndim == 3:
-            attention_mask = attention_mask.unsqueeze(1)  # (B, N or 1, M) -> (B, 1, N or 1, M)
+        q = lora_call(self.to_q, hidden_states, lora_scale)
+        k = lora_call(self.to_k, context, lora_scale)
+        v = lora_call(self.to_v, context, lora_scale)
+        q, k, v = (x.view(batch, -1, self.heads, self.inner_dim // self.heads).transpose(1, 2) for x in (q, k, v))
+        if attention_mask is not None:
+            attention_mask = self._check_mask(attention_mask, context.shape[1])
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)  # (B, heads, N, d)
         out = out.transpose(1, 2).reshape(batch, -1, self.inner_dim)  # (B, N, heads*d)
-        out = self.to_out[1](self.to_out[0](out))
+        out = self.to_out[1](lora_call(self.to_out[0], out, lora_scale))
 
         if is_map:
             out = out.transpose(1, 2).reshape(b, -1, h, w)  # (B, H*W, C) -> (B, C, H, W)
         if self.residual_connection:
             out = out + residual
         return out / self.rescale_output_factor
+
+    @staticmethod
+    def _check_mask(attention_mask: torch.Tensor, keys: int) -> torch.Tensor:
+        """An additive bias over the M keys: (B, N or 1, M) -> (B, 1, N or 1, M); M must be the keys' count."""
+        if attention_mask.shape[-1] != keys:
+            # diffusers pads a mask of another length with `keys` zeros (Attention.prepare_attention_mask) and
+            # then fails in the kernel; pare says what was expected.
+            raise ValueError(f"attention mask of shape {tuple(attention_mask.shape)} does not fit {keys} keys: its "
+                             f"last dimension must be the number of tokens attended to ({keys})")
+        return attention_mask.unsqueeze(1) if attention_mask.ndim == 3 else attention_mask

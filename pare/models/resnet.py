@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .activations import get_activation
+from .lora_scale import lora_call
 
 TIME_EMBEDDING_NORMS = ("default", "scale_shift")
 
@@ -78,16 +79,18 @@ class ResnetBlock2D(nn.Module):
         if use_in_shortcut:
             self.conv_shortcut = nn.Conv2d(in_channels, conv_2d_out_channels, kernel_size=1, bias=conv_shortcut_bias)
 
-    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        # input_tensor: (B, C_in, H, W); temb: (B, temb_channels) or None
-        hidden_states = self.conv1(self.nonlinearity(self.norm1(input_tensor)))  # (B, C_out, H, W)
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None,
+                lora_scale: float = 1.0) -> torch.Tensor:
+        # input_tensor: (B, C_in, H, W); temb: (B, temb_channels) or None; lora_scale: see lora_scale.py
+        hidden_states = self.nonlinearity(self.norm1(input_tensor))
+        hidden_states = lora_call(self.conv1, hidden_states, lora_scale)  # (B, C_out, H, W)
 
         if self.time_emb_proj is not None:
             if temb is None:
                 raise ValueError("this ResnetBlock2D has temb_channels set, so forward() needs a time embedding `temb`")
             if not self.skip_time_act:
                 temb = self.nonlinearity(temb)
-            temb = self.time_emb_proj(temb)[:, :, None, None]  # (B, C_out or 2*C_out, 1, 1)
+            temb = lora_call(self.time_emb_proj, temb, lora_scale)[:, :, None, None]  # (B, C_out or 2*C_out, 1, 1)
 
         if self.time_embedding_norm == "scale_shift":
             scale, shift = temb.chunk(2, dim=1)  # (B, C_out, 1, 1) each
@@ -97,7 +100,7 @@ class ResnetBlock2D(nn.Module):
                 hidden_states = hidden_states + temb
             hidden_states = self.norm2(hidden_states)
 
-        hidden_states = self.conv2(self.dropout(self.nonlinearity(hidden_states)))
+        hidden_states = lora_call(self.conv2, self.dropout(self.nonlinearity(hidden_states)), lora_scale)
         if self.conv_shortcut is not None:
-            input_tensor = self.conv_shortcut(input_tensor)
+            input_tensor = lora_call(self.conv_shortcut, input_tensor, lora_scale)
         return (input_tensor + hidden_states) / self.output_scale_factor

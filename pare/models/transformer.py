@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention
+from .lora_scale import lora_call
 
 FEED_FORWARD_ACTIVATIONS = ("geglu",)
 
@@ -31,8 +32,8 @@ class GEGLU(nn.Module):
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out * 2, bias=bias)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states, gate = self.proj(hidden_states).chunk(2, dim=-1)  # (B, N, 2*dim_out) -> 2 x (B, N, dim_out)
+    def forward(self, hidden_states: torch.Tensor, lora_scale: float = 1.0) -> torch.Tensor:
+        hidden_states, gate = lora_call(self.proj, hidden_states, lora_scale).chunk(2, dim=-1)  # (B, N, 2*dim_out) -> 2 x (B, N, dim_out)
         return hidden_states * F.gelu(gate)
 
 
@@ -55,10 +56,10 @@ class FeedForward(nn.Module):
             nn.Linear(inner_dim, dim_out if dim_out is not None else dim, bias=bias),
         ])
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        for module in self.net:
-            hidden_states = module(hidden_states)
-        return hidden_states
+    def forward(self, hidden_states: torch.Tensor, lora_scale: float = 1.0) -> torch.Tensor:
+        geglu, dropout, out = self.net
+        hidden_states = dropout(geglu(hidden_states, lora_scale))
+        return lora_call(out, hidden_states, lora_scale)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -68,6 +69,8 @@ class BasicTransformerBlock(nn.Module):
     Source: the transformer block of Vaswani et al. (arXiv 1706.03762), normalised before each
     sub-layer (Xiong et al., arXiv 2002.04745), as LDM's SpatialTransformer uses it (arXiv 2112.10752).
     `cross_attention_dim=None` leaves out the cross-attention (and its norm2), as diffusers does.
+    `only_cross_attention=True` makes the first attention a cross-attention too (the SD2 x4
+    upscaler's `disable_self_attentions`): both then read the text.
     """
 
     def __init__(
@@ -82,12 +85,15 @@ class BasicTransformerBlock(nn.Module):
         upcast_attention: bool = False,
         norm_elementwise_affine: bool = True,
         norm_eps: float = 1e-5,
+        only_cross_attention: bool = False,
     ):
         super().__init__()
         attention = dict(heads=num_attention_heads, dim_head=attention_head_dim, dropout=dropout, bias=attention_bias,
                          upcast_attention=upcast_attention)
+        self.only_cross_attention = only_cross_attention
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=norm_elementwise_affine)
-        self.attn1 = Attention(query_dim=dim, **attention)
+        self.attn1 = Attention(query_dim=dim, cross_attention_dim=cross_attention_dim if only_cross_attention else None,
+                               **attention)
         self.norm2 = self.attn2 = None
         if cross_attention_dim is not None:
             self.norm2 = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=norm_elementwise_affine)
@@ -100,16 +106,21 @@ class BasicTransformerBlock(nn.Module):
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        lora_scale: float = 1.0,
     ) -> torch.Tensor:
+        """Masks are additive biases: `attention_mask` (B, 1, N) over the keys of the first attention (the
+        image tokens; the text with only_cross_attention), `encoder_attention_mask` (B, 1, M) over the text."""
         # hidden_states: (B, N, dim); encoder_hidden_states: (B, M, cross_attention_dim)
         # 1. self-attention over the N image tokens
-        hidden_states = self.attn1(self.norm1(hidden_states)) + hidden_states
+        context = encoder_hidden_states if self.only_cross_attention else None
+        hidden_states = self.attn1(self.norm1(hidden_states), context, attention_mask, lora_scale) + hidden_states
         # 2. cross-attention: image tokens query the text tokens
         if self.attn2 is not None:
-            attn = self.attn2(self.norm2(hidden_states), encoder_hidden_states, encoder_attention_mask)
+            attn = self.attn2(self.norm2(hidden_states), encoder_hidden_states, encoder_attention_mask, lora_scale)
             hidden_states = attn + hidden_states
         # 3. feed-forward, token by token
-        return self.ff(self.norm3(hidden_states)) + hidden_states
+        return self.ff(self.norm3(hidden_states), lora_scale) + hidden_states
 
 
 class Transformer2DModel(nn.Module):
@@ -139,6 +150,7 @@ class Transformer2DModel(nn.Module):
         upcast_attention: bool = False,
         norm_elementwise_affine: bool = True,
         norm_eps: float = 1e-5,
+        only_cross_attention: bool = False,
     ):
         super().__init__()
         if in_channels is None:
@@ -160,6 +172,7 @@ class Transformer2DModel(nn.Module):
                 self.inner_dim, num_attention_heads, attention_head_dim, dropout=dropout,
                 cross_attention_dim=cross_attention_dim, activation_fn=activation_fn, attention_bias=attention_bias,
                 upcast_attention=upcast_attention, norm_elementwise_affine=norm_elementwise_affine, norm_eps=norm_eps,
+                only_cross_attention=only_cross_attention,
             )
             for _ in range(num_layers)
         ])
@@ -173,8 +186,11 @@ class Transformer2DModel(nn.Module):
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        lora_scale: float = 1.0,
     ) -> torch.Tensor:
-        """`encoder_attention_mask`: an additive bias of shape (B, 1, M) over the M text tokens, or None."""
+        """`encoder_attention_mask`: an additive bias of shape (B, 1, M) over the M text tokens, or None;
+        `attention_mask`: one of shape (B, 1, H*W) for the self-attention, or None. `lora_scale`: see lora_scale.py."""
         b, c, h, w = hidden_states.shape
         residual = hidden_states
         hidden_states = self.norm(hidden_states)
@@ -182,22 +198,23 @@ class Transformer2DModel(nn.Module):
         # 1. project in and flatten: (B, C, H, W) -> (B, H*W, inner_dim)
         if self.use_linear_projection:
             hidden_states = hidden_states.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, H*W, C)
-            hidden_states = self.proj_in(hidden_states)  # (B, H*W, inner_dim)
+            hidden_states = lora_call(self.proj_in, hidden_states, lora_scale)  # (B, H*W, inner_dim)
         else:
-            hidden_states = self.proj_in(hidden_states)  # (B, inner_dim, H, W)
+            hidden_states = lora_call(self.proj_in, hidden_states, lora_scale)  # (B, inner_dim, H, W)
             hidden_states = hidden_states.permute(0, 2, 3, 1).reshape(b, h * w, self.inner_dim)
 
         # 2. the transformer blocks, on tokens
         for block in self.transformer_blocks:
-            hidden_states = block(hidden_states, encoder_hidden_states, encoder_attention_mask)
+            hidden_states = block(hidden_states, encoder_hidden_states, encoder_attention_mask, attention_mask,
+                                  lora_scale)
 
         # 3. unflatten and project out: (B, H*W, inner_dim) -> (B, C_out, H, W). `.contiguous()` as in
         #    diffusers, so that both libraries hand the same memory layout to the conv (the kernel, and with
         #    it the rounding, depends on the layout).
         if self.use_linear_projection:
-            hidden_states = self.proj_out(hidden_states)  # (B, H*W, C_out)
+            hidden_states = lora_call(self.proj_out, hidden_states, lora_scale)  # (B, H*W, C_out)
             hidden_states = hidden_states.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
         else:
             hidden_states = hidden_states.reshape(b, h, w, self.inner_dim).permute(0, 3, 1, 2).contiguous()
-            hidden_states = self.proj_out(hidden_states)  # (B, C_out, H, W)
+            hidden_states = lora_call(self.proj_out, hidden_states, lora_scale)  # (B, C_out, H, W)
         return hidden_states + residual

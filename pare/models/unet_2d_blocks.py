@@ -59,14 +59,20 @@ class DownBlock2D(nn.Module):
             self.downsamplers = nn.ModuleList([Downsample2D(out_channels, use_conv=True, out_channels=out_channels,
                                                             padding=downsample_padding, name="op")])
 
-    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor, lora_scale: float = 1.0,
+                additional_residuals: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """`additional_residuals`: a T2I-Adapter feature map, added to the block's output."""
         output_states = ()
         for resnet in self.resnets:
-            hidden_states = resnet(hidden_states, temb)  # (B, C_out, H, W)
+            hidden_states = resnet(hidden_states, temb, lora_scale)  # (B, C_out, H, W)
             output_states += (hidden_states,)
         if self.downsamplers is not None:
             hidden_states = self.downsamplers[0](hidden_states)  # (B, C_out, ceil(H/2), ceil(W/2))
             output_states += (hidden_states,)
+        if additional_residuals is not None:
+            # diffusers adds it in place to the output, which is also the last skip: both get it.
+            hidden_states = hidden_states + additional_residuals
+            output_states = output_states[:-1] + (hidden_states,)
         return hidden_states, output_states
 
 
@@ -83,7 +89,7 @@ class CrossAttnDownBlock2D(nn.Module):
                  resnet_time_scale_shift: str = "default", resnet_act_fn: str = "swish", resnet_groups: int = 32,
                  num_attention_heads: int = 1, cross_attention_dim: int = 1280, output_scale_factor: float = 1.0,
                  downsample_padding: int = 1, add_downsample: bool = True, use_linear_projection: bool = False,
-                 upcast_attention: bool = False):
+                 upcast_attention: bool = False, only_cross_attention: bool = False):
         super().__init__()
         layers = _per_layer(transformer_layers_per_block, num_layers)
         self.resnets = nn.ModuleList([
@@ -96,7 +102,7 @@ class CrossAttnDownBlock2D(nn.Module):
             Transformer2DModel(num_attention_heads, out_channels // num_attention_heads, in_channels=out_channels,
                                num_layers=layers[i], cross_attention_dim=cross_attention_dim,
                                norm_num_groups=resnet_groups, use_linear_projection=use_linear_projection,
-                               upcast_attention=upcast_attention)
+                               upcast_attention=upcast_attention, only_cross_attention=only_cross_attention)
             for i in range(num_layers)
         ])
         self.downsamplers = None
@@ -105,11 +111,19 @@ class CrossAttnDownBlock2D(nn.Module):
                                                             padding=downsample_padding, name="op")])
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                encoder_attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+                encoder_attention_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                lora_scale: float = 1.0, additional_residuals: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Masks: additive biases (see Transformer2DModel). `additional_residuals`: a T2I-Adapter feature
+        map, added after the last transformer (before the downsampler), as diffusers does."""
         output_states = ()
-        for resnet, attn in zip(self.resnets, self.attentions):
-            hidden_states = resnet(hidden_states, temb)  # (B, C_out, H, W)
-            hidden_states = attn(hidden_states, encoder_hidden_states, encoder_attention_mask)
+        last = len(self.resnets) - 1
+        for i, (resnet, attn) in enumerate(zip(self.resnets, self.attentions)):
+            hidden_states = resnet(hidden_states, temb, lora_scale)  # (B, C_out, H, W)
+            hidden_states = attn(hidden_states, encoder_hidden_states, encoder_attention_mask, attention_mask,
+                                 lora_scale)
+            if i == last and additional_residuals is not None:
+                hidden_states = hidden_states + additional_residuals
             output_states += (hidden_states,)
         if self.downsamplers is not None:
             hidden_states = self.downsamplers[0](hidden_states)  # (B, C_out, ceil(H/2), ceil(W/2))
@@ -147,11 +161,13 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         ])
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                encoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        hidden_states = self.resnets[0](hidden_states, temb)
+                encoder_attention_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                lora_scale: float = 1.0) -> torch.Tensor:
+        hidden_states = self.resnets[0](hidden_states, temb, lora_scale)
         for attn, resnet in zip(self.attentions, self.resnets[1:]):
-            hidden_states = attn(hidden_states, encoder_hidden_states, encoder_attention_mask)
-            hidden_states = resnet(hidden_states, temb)
+            hidden_states = attn(hidden_states, encoder_hidden_states, encoder_attention_mask, attention_mask,
+                                 lora_scale)
+            hidden_states = resnet(hidden_states, temb, lora_scale)
         return hidden_states
 
 
@@ -192,11 +208,12 @@ class UpBlock2D(nn.Module):
             self.upsamplers = nn.ModuleList([Upsample2D(out_channels, use_conv=True, out_channels=out_channels)])
 
     def forward(self, hidden_states: torch.Tensor, res_hidden_states_tuple: tuple[torch.Tensor, ...],
-                temb: torch.Tensor, upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
+                temb: torch.Tensor, upsample_size: tuple[int, int] | None = None,
+                lora_scale: float = 1.0) -> torch.Tensor:
         for resnet in self.resnets:
             skip, res_hidden_states_tuple = res_hidden_states_tuple[-1], res_hidden_states_tuple[:-1]
             hidden_states = torch.cat([hidden_states, skip], dim=1)  # (B, C + C_skip, H, W)
-            hidden_states = resnet(hidden_states, temb)  # (B, C_out, H, W)
+            hidden_states = resnet(hidden_states, temb, lora_scale)  # (B, C_out, H, W)
         if self.upsamplers is not None:
             hidden_states = self.upsamplers[0](hidden_states, upsample_size)  # (B, C_out, 2H, 2W) or upsample_size
         return hidden_states
@@ -215,7 +232,8 @@ class CrossAttnUpBlock2D(nn.Module):
                  transformer_layers_per_block: int | list[int] = 1, resnet_eps: float = 1e-6,
                  resnet_time_scale_shift: str = "default", resnet_act_fn: str = "swish", resnet_groups: int = 32,
                  num_attention_heads: int = 1, cross_attention_dim: int = 1280, output_scale_factor: float = 1.0,
-                 add_upsample: bool = True, use_linear_projection: bool = False, upcast_attention: bool = False):
+                 add_upsample: bool = True, use_linear_projection: bool = False, upcast_attention: bool = False,
+                 only_cross_attention: bool = False):
         super().__init__()
         self.resolution_idx = resolution_idx  # diffusers keeps it for FreeU, which pare does not implement
         layers = _per_layer(transformer_layers_per_block, num_layers)
@@ -227,7 +245,7 @@ class CrossAttnUpBlock2D(nn.Module):
             Transformer2DModel(num_attention_heads, out_channels // num_attention_heads, in_channels=out_channels,
                                num_layers=layers[i], cross_attention_dim=cross_attention_dim,
                                norm_num_groups=resnet_groups, use_linear_projection=use_linear_projection,
-                               upcast_attention=upcast_attention)
+                               upcast_attention=upcast_attention, only_cross_attention=only_cross_attention)
             for i in range(num_layers)
         ])
         self.upsamplers = None
@@ -236,12 +254,14 @@ class CrossAttnUpBlock2D(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, res_hidden_states_tuple: tuple[torch.Tensor, ...],
                 temb: torch.Tensor, encoder_hidden_states: torch.Tensor, upsample_size: tuple[int, int] | None = None,
-                encoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                encoder_attention_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                lora_scale: float = 1.0) -> torch.Tensor:
         for resnet, attn in zip(self.resnets, self.attentions):
             skip, res_hidden_states_tuple = res_hidden_states_tuple[-1], res_hidden_states_tuple[:-1]
             hidden_states = torch.cat([hidden_states, skip], dim=1)  # (B, C + C_skip, H, W)
-            hidden_states = resnet(hidden_states, temb)  # (B, C_out, H, W)
-            hidden_states = attn(hidden_states, encoder_hidden_states, encoder_attention_mask)
+            hidden_states = resnet(hidden_states, temb, lora_scale)  # (B, C_out, H, W)
+            hidden_states = attn(hidden_states, encoder_hidden_states, encoder_attention_mask, attention_mask,
+                                 lora_scale)
         if self.upsamplers is not None:
             hidden_states = self.upsamplers[0](hidden_states, upsample_size)  # (B, C_out, 2H, 2W) or upsample_size
         return hidden_states

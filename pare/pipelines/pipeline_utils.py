@@ -261,6 +261,7 @@ KNOWN_CLASSES = {
     "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
     "text_encoder": ("CLIPTextModel",),
     "text_encoder_2": ("CLIPTextModelWithProjection",),
+    "controlnet": ("ControlNetModel",),
 }
 
 
@@ -383,6 +384,10 @@ def _load_component(kind: str, class_name: str, folder: Path, torch_dtype, varia
         from ..models.unet_2d_condition import UNet2DConditionModel
 
         return UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch_dtype, variant=variant)
+    if kind == "controlnet":
+        from ..models.controlnet import ControlNetModel
+
+        return ControlNetModel.from_pretrained(folder, torch_dtype=torch_dtype, variant=variant)
     if kind == "vae":
         from ..models.autoencoder_kl import AutoencoderKL
 
