@@ -46,3 +46,12 @@ def test_bench_rejects_unknown_names(tmp_path, capsys):
 
     with pytest.raises(SystemExit, match=r"unknown mode \['turbo'\]"):
         main(["bench", "--device", "cpu", "--models", "tiny", "--modes", "turbo", "--out", str(tmp_path)])
+
+
+def test_bench_times_a_controlnet_step_for_both_libraries(tmp_path):
+    assert main(["bench", "--device", "cpu", "--models", "tiny", "--cases", "controlnet-step", "--iters", "1",
+                 "--warmup", "1", "--batches", "2", "--out", str(tmp_path), "--stem", "cn"]) == 0
+    rows = json.loads((tmp_path / "cn.json").read_text())["results"]
+    assert {(r["case"], r["library"]) for r in rows} == {("tiny controlnet + unet b2", "pare"),
+                                                        ("tiny controlnet + unet b2", "diffusers")}
+    assert all(math.isfinite(r["median_ms"]) and r["gflop"] > 0 for r in rows)

@@ -207,7 +207,7 @@ def test_scheduler_and_sampler_together_is_a_usage_error(tmp_path, capsys):
 def test_generate_with_a_controlnet_and_its_condition_image(tmp_path, capsys):
     import diffusers
 
-    from pare.controlnet_checkpoint import make_controlnet_checkpoint
+    from pare.parity.controlnet_checkpoint import make_controlnet_checkpoint
 
     controlnet = make_controlnet_checkpoint(diffusers, tmp_path / "controlnet", "tiny-sd-pipe")
     edges, out = tmp_path / "edges.png", tmp_path / "cn.png"

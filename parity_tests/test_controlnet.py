@@ -2,7 +2,7 @@
 
 The ControlNets have the published configs' structure (SD1.5 canny/depth, diffusers'
 controlnet-canny-sdxl-1.0), tiny for the CPU and official in the GPU tier, with random zero
-convolutions (`pare.controlnet_checkpoint`), since zero ones would make every residual 0.
+convolutions (`pare.parity.controlnet_checkpoint`), since zero ones would make every residual 0.
 """
 
 import copy
@@ -14,7 +14,7 @@ import torch
 
 from pare import ControlNetModel, MultiControlNetModel, UNet2DConditionModel
 from pare.configs import CONTROLNET_CONFIGS, TINY_SD_UNET, UNET_CONFIGS
-from pare.controlnet_checkpoint import make_controlnet_checkpoint, reference_controlnet
+from pare.parity.controlnet_checkpoint import make_controlnet_checkpoint, reference_controlnet
 from pare.parity import assert_parity
 from pare.parity.blocks import compare_blocks
 from parity_tests.checkpoints import build_diffusers_model
@@ -207,7 +207,7 @@ def test_unsupported_controlnet_options_raise_naming_the_key(change, message):
 
 
 def test_controlnet_rows_and_step_builders_run_and_agree():
-    from pare.controlnet_checkpoint import controlnet_rows, controlnet_step
+    from pare.parity.controlnet_checkpoint import controlnet_rows, controlnet_step
 
     rows = controlnet_rows(diffusers, "tiny-sd", side=4)
     assert rows and all(r.passed for r in rows) and rows[-1].name == "ControlNetModel"

@@ -192,3 +192,12 @@ def test_reference_path_imports_diffusers_from_that_tree(tmp_path):
     assert data["header"]["dtype"] == "fp64"  # the default for --reference-path on the CPU
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert data["first_failure"] == {"component": "unet", "name": "down_blocks.0.resnets.0"}
+
+
+def test_controlnet_component_compares_every_block_of_the_published_config(tmp_path):
+    report = report_for(tmp_path, "--components", "controlnet")
+    names = [r.name for _, r in report.rows]
+    assert report.passed and names[-1] == "ControlNetModel" and "controlnet_cond_embedding" in names
+    assert {c for c, _ in report.rows} == {"controlnet"}
+    with pytest.raises(SystemExit, match="no published ControlNet config for --config sd21"):
+        report_for(tmp_path, "--components", "controlnet", "--config", "sd21")

@@ -1,6 +1,6 @@
 """pare's ControlNet pipelines (SD and SDXL) against diffusers': same seeds, the same latents after every step.
 
-Both pipelines share one set of seeded random weights (`pare.controlnet_checkpoint`: the tiny
+Both pipelines share one set of seeded random weights (`pare.parity.controlnet_checkpoint`: the tiny
 pipelines of `pare parity` plus a ControlNet with random zero convolutions).
 """
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import pare
-from pare.controlnet_checkpoint import (
+from pare.parity.controlnet_checkpoint import (
     make_controlnet_checkpoint,
     pare_controlnet_twin,
     reference_controlnet,

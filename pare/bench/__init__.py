@@ -27,7 +27,8 @@ def _driver() -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default=None, help=f"comma list of {list(workloads.FAMILIES)} "
                         "(default: sd15 on CUDA, tiny on CPU)")
-    parser.add_argument("--cases", default=",".join(workloads.CASES), help=f"comma list of {workloads.CASES}")
+    parser.add_argument("--cases", default=",".join(workloads.CASES),
+                        help=f"comma list of {workloads.CASES} (the default) and {workloads.EXTRA_CASES}")
     parser.add_argument("--modes", default=None, help=f"comma list of {MODES} (default: eager,graph on CUDA, eager on CPU)")
     parser.add_argument("--batches", default="1,2", help="UNet batch sizes (2 = classifier-free guidance)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     modes = tuple((args.modes or ("eager,graph" if cuda else "eager")).split(","))
     cases = args.cases.split(",")
     for name, values, allowed in (("model", families, workloads.FAMILIES), ("mode", modes, MODES),
-                                  ("case", cases, workloads.CASES)):
+                                  ("case", cases, workloads.CASES + workloads.EXTRA_CASES)):
         unknown = [v for v in values if v not in allowed]
         if unknown:
             raise SystemExit(f"pare bench: unknown {name} {unknown}; expected some of {list(allowed)}")
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     }
     result = Run(header)
     stem = args.stem or f"bench-{header['device'].replace(' ', '_')}-{header['dtype']}"
-    plan = [(f, c, b) for f in families for c in cases for b in (map(int, args.batches.split(",")) if c == "unet" else [1])]
+    plan = [(f, c, b) for f in families for c in cases for b in (map(int, args.batches.split(",")) if c in ("unet", "controlnet-step") else [1])]
     for family, case, batch in tqdm(plan, desc="pare bench", unit="case"):
         w = workloads.build(ref, family, case, device, dtype, batch)
         case_modes = modes if w.graphable else ("eager",)

@@ -21,7 +21,8 @@ FAMILIES = {
     "sdxl": (configs.SDXL_UNET, configs.SDXL_VAE, 1024),
     "tiny": (configs.TINY_SD_UNET, configs.TINY_VAE, 64),
 }
-CASES = ("unet", "vae-decode", "vae-encode", "scheduler-step", "pipeline")
+CASES = ("unet", "vae-decode", "vae-encode", "scheduler-step", "pipeline")  # the default run
+EXTRA_CASES = ("controlnet-step",)  # on request: ControlNet + UNet, one CFG step (families with a published ControlNet)
 TEXT_TOKENS = 77  # CLIP's context length: what every SD pipeline feeds the UNet
 PIPELINE_STEPS = 50  # diffusers' default num_inference_steps
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -143,4 +144,9 @@ def build(ref: ModuleType, family: str, case: str, device, dtype, batch: int = 2
         return scheduler_step(ref, family, device, dtype)
     if case == "pipeline":
         return pipeline(ref, family, device, dtype)
-    raise ValueError(f"unknown benchmark case {case!r}; expected one of {CASES}")
+    if case == "controlnet-step":
+        from ..parity.controlnet_checkpoint import controlnet_step
+
+        ours, theirs, call_ours, call_theirs = controlnet_step(ref, family, batch, device, dtype)
+        return Workload(f"{family} controlnet + unet b{batch}", ours, theirs, call_ours, call_theirs)
+    raise ValueError(f"unknown benchmark case {case!r}; expected one of {CASES + EXTRA_CASES}")

@@ -39,7 +39,8 @@ from .report import Report, make_header, to_text, write
 from .scheduler_rows import scheduler_rows
 from .tolerances import DTYPES
 
-COMPONENTS = ("unet", "vae", "scheduler", "pipeline")
+COMPONENTS = ("unet", "vae", "scheduler", "pipeline")  # the default run
+EXTRA_COMPONENTS = ("controlnet",)  # on request: a ControlNet at the published config of --config's family
 TEXT_TOKENS = 77
 
 
@@ -249,9 +250,10 @@ def run(args: argparse.Namespace) -> Report:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     components = args.components.split(",")
-    unknown = [c for c in components if c not in COMPONENTS]
+    unknown = [c for c in components if c not in COMPONENTS + EXTRA_COMPONENTS]
     if unknown:
-        raise SystemExit(f"pare parity: unknown components {unknown}; expected some of {list(COMPONENTS)}")
+        raise SystemExit(f"pare parity: unknown components {unknown}; expected some of "
+                         f"{list(COMPONENTS + EXTRA_COMPONENTS)}")
 
     tmp = None
     if args.model is None:
@@ -268,6 +270,15 @@ def run(args: argparse.Namespace) -> Report:
                                 depth=depth))
     with torch.no_grad():
         for component in components:
+            if component == "controlnet":
+                from .controlnet_checkpoint import FAMILY_CONTROLNETS, controlnet_rows
+
+                if args.config not in FAMILY_CONTROLNETS:
+                    raise SystemExit(f"pare parity: no published ControlNet config for --config {args.config}; "
+                                     f"choose one of {sorted(FAMILY_CONTROLNETS)}")
+                report.add("controlnet", controlnet_rows(reference, FAMILY_CONTROLNETS[args.config], device, dtype,
+                                                         args.seed, with64, depth=depth))
+                continue
             if not (folder / ("model_index.json" if component == "pipeline" else component)).exists():
                 what = "model_index.json" if component == "pipeline" else f"{component}/ folder"
                 raise SystemExit(f"pare parity: {folder} has no {what}; pass --components without {component}")
@@ -306,7 +317,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", default="blocks", choices=DEPTHS,
                         help="blocks: stages, resnets, transformer blocks (default); all: every module down to "
                              "attention, GEGLU, norms, projections and convs")
-    parser.add_argument("--components", default=",".join(COMPONENTS), help=f"comma list of {COMPONENTS}")
+    parser.add_argument("--components", default=",".join(COMPONENTS),
+                        help=f"comma list of {COMPONENTS} (the default) and {EXTRA_COMPONENTS}")
     parser.add_argument("--schedulers", default=None, metavar="NAMES",
                         help="scheduler and pipeline rows for these classes (comma list, or 'all'), each built from "
                              "the folder's scheduler config (default: the class the folder names)")

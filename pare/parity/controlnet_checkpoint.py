@@ -19,8 +19,8 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from . import configs
-from .parity.checkpoint import perturb_norms, reference_pipeline
+from .. import configs
+from .checkpoint import perturb_norms, reference_pipeline
 
 # The zero-initialised layers of a ControlNet, by diffusers' module names.
 ZERO_CONVS = ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")
@@ -81,7 +81,7 @@ def pare_controlnet_twin(pipe, dtype: torch.dtype | None = None):
     """pare's ControlNet pipeline with the weights of diffusers' (SDXL) ControlNet pipeline `pipe`, no files
     written: `pare.parity.checkpoint.pare_twin` for the rest, the ControlNet(s) copied the same way."""
     import pare
-    from .parity.checkpoint import pare_model_like, pare_twin
+    from .checkpoint import pare_model_like, pare_twin
 
     base = pare_twin(pipe, dtype)
     nets = getattr(pipe.controlnet, "nets", None)
@@ -121,15 +121,15 @@ def controlnet_inputs(config: str | dict, batch: int = 2, side: int | None = Non
 
 
 def controlnet_rows(reference: ModuleType, config: str, device="cpu", dtype=torch.float32, seed: int = 0,
-                    with64: bool = False, side: int | None = None):
+                    with64: bool = False, side: int | None = None, depth: str = "blocks"):
     """Block-by-block rows (`pare.parity.blocks.compare_blocks`) of pare's ControlNet against diffusers' at a
     config of CONTROLNET_CONFIGS ("sd15", "sdxl", "tiny-sd", ...), on one seeded call; float64 reference if with64.
     pare's model is loaded from the checkpoint folder diffusers wrote, as a user would load it."""
     import copy
     import tempfile
 
-    from .models.controlnet import ControlNetModel
-    from .parity.blocks import compare_blocks
+    from ..models.controlnet import ControlNetModel
+    from .blocks import compare_blocks
 
     theirs = reference_controlnet(reference, config, seed, device, dtype)
     with tempfile.TemporaryDirectory() as folder:
@@ -138,7 +138,7 @@ def controlnet_rows(reference: ModuleType, config: str, device="cpu", dtype=torc
     args, kwargs = controlnet_inputs(config, 2, side, seed, device, dtype)
     kwargs["return_dict"] = False  # both return (down residuals, mid residual)
     ref64 = copy.deepcopy(theirs).to(torch.float64) if with64 else None
-    return compare_blocks(ours, theirs, args, kwargs, reference64=ref64).rows
+    return compare_blocks(ours, theirs, args, kwargs, reference64=ref64, depth=depth).rows
 
 
 def controlnet_step(reference: ModuleType, family: str, batch: int = 2, device="cpu", dtype=torch.float32):
@@ -147,9 +147,9 @@ def controlnet_step(reference: ModuleType, family: str, batch: int = 2, device="
     `family` is "sd15", "sdxl", "tiny" or "tiny-sdxl"; ours and theirs are (UNet, ControlNet) pairs with the same
     seeded weights; a call runs the ControlNet and then the UNet with its residuals, returning the UNet's output.
     """
-    from .models.controlnet import ControlNetModel
-    from .models.unet_2d_condition import UNet2DConditionModel
-    from .parity.checkpoint import FAMILIES, pare_model_like
+    from ..models.controlnet import ControlNetModel
+    from ..models.unet_2d_condition import UNet2DConditionModel
+    from .checkpoint import FAMILIES, pare_model_like
 
     unet_config = FAMILIES[family][0]
     name = FAMILY_CONTROLNETS[family]
