@@ -43,8 +43,9 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="also the edits that need CUDA")
     args = parser.parse_args()
     mutations = [m for m in MUTATIONS if args.gpu or not m.gpu]
+    # --depth all only where it names a module inside the block (elsewhere it names the same row).
     jobs = [(m, mode, (*m.flags, *flags)) for m in mutations for mode, flags in MODES.items()
-            if not (m.gpu and mode != "default (fp64, blocks)")]
+            if not (m.gpu and mode != "default (fp64, blocks)") and not (mode == "--depth all" and not m.expected_all)]
     with TemporaryDirectory() as tmp, ThreadPoolExecutor(max_workers=2) as pool:
         def one(job):
             m, mode, flags = job
@@ -62,7 +63,8 @@ def main() -> None:
                                               "expected": expected, "summary": report["summary"]}
     rows = ["| edit | file | flags it needs | " + " | ".join(MODES) + " |", "|---" * (3 + len(MODES)) + "|"]
     for m in mutations:
-        cells = [table[m.name].get(mode, {}).get("verdict", "—") for mode in MODES]
+        cells = [table[m.name].get(mode, {}).get("verdict", "same as default" if mode == "--depth all" else "—")
+                 for mode in MODES]
         rows.append(f"| {m.what} | `{m.path}` | {' '.join(m.flags) or '—'} | " + " | ".join(cells) + " |")
     cpu = [m for m in mutations if not m.gpu]
     caught = sum(table[m.name]["default (fp64, blocks)"]["verdict"] != "missed" for m in cpu)

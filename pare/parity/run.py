@@ -255,6 +255,13 @@ def run(args: argparse.Namespace) -> Report:
         raise SystemExit(f"pare parity: unknown components {unknown}; expected some of "
                          f"{list(COMPONENTS + EXTRA_COMPONENTS)}")
 
+    if "controlnet" in components:
+        from .controlnet_checkpoint import FAMILY_CONTROLNETS
+
+        if args.config not in FAMILY_CONTROLNETS:
+            raise SystemExit(f"pare parity: no published ControlNet config for --config {args.config}; "
+                             f"choose one of {sorted(FAMILY_CONTROLNETS)}")
+
     tmp = None
     if args.model is None:
         tmp = tempfile.TemporaryDirectory(prefix="pare-parity-")
@@ -273,9 +280,6 @@ def run(args: argparse.Namespace) -> Report:
             if component == "controlnet":
                 from .controlnet_checkpoint import FAMILY_CONTROLNETS, controlnet_rows
 
-                if args.config not in FAMILY_CONTROLNETS:
-                    raise SystemExit(f"pare parity: no published ControlNet config for --config {args.config}; "
-                                     f"choose one of {sorted(FAMILY_CONTROLNETS)}")
                 report.add("controlnet", controlnet_rows(reference, FAMILY_CONTROLNETS[args.config], device, dtype,
                                                          args.seed, with64, depth=depth))
                 continue
