@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .image_inputs import image_tensor, preprocess_mask
-from .pipeline_utils import PipelineOutput, extra_step_kwargs, randn_tensor, rescale_noise_cfg, set_timesteps
+from .pipeline_utils import PipelineOutput, extra_step_kwargs, randn_tensor, rescale_noise_cfg, retrieve_timesteps
 from .stable_diffusion import Img2ImgMixin, StableDiffusionPipeline
 from .stable_diffusion_xl import StableDiffusionXLPipeline
 
@@ -209,7 +209,7 @@ class StableDiffusionInpaintPipeline(InpaintMixin, StableDiffusionPipeline):
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])  # (2B, T, D)
 
         # 2. get_latent and prepare_mask
-        _, num_inference_steps = set_timesteps(self.scheduler, num_inference_steps, self.device, timesteps)
+        _, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, self.device, timesteps)
         timesteps = self.get_timesteps(num_inference_steps, strength)
         init_image, mask = self.prepare_inpaint_images(image, mask_image, height, width)
         latents, noise, image_latents = self.get_latent(init_image, timesteps[:1].repeat(images), images, height,
@@ -289,7 +289,7 @@ class StableDiffusionXLInpaintPipeline(InpaintMixin, StableDiffusionXLPipeline):
         )
 
         # 2. get_latent and prepare_mask
-        _, num_inference_steps = set_timesteps(self.scheduler, num_inference_steps, self.device, timesteps)
+        _, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, self.device, timesteps)
         timesteps = self.get_timesteps(num_inference_steps, strength)
         init_image, mask = self.prepare_inpaint_images(image, mask_image, height, width)
         latents, noise, image_latents = self.get_latent(init_image, timesteps[:1].repeat(images), images, height,
