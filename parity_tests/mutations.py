@@ -89,6 +89,14 @@ MUTATIONS = [
              "pipelines/stable_diffusion/pipeline_stable_diffusion.py", "def __call__(",
              "guidance_scale: float = 7.5,", "guidance_scale: float = 7.0,",
              ("pipeline", "latents after step 1 (t=981)")),
+    # Meant for fp16 (decoding in float32 there), it also downcasts a float64 run, which is how the default catches it;
+    # an fp16 run misses it: the tiny VAE's fp16 error is under the budget's floor.
+    Mutation("sd-vae-decode-upcast", "SD's pipeline always decodes in float32 (SDXL's force_upcast, copied over)",
+             "pipelines/stable_diffusion/pipeline_stable_diffusion.py", 'if not output_type == "latent":',
+             "image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[",
+             "image = self.vae.float().decode((latents / self.vae.config.scaling_factor).float(), return_dict=False, "
+             "generator=generator)[",
+             ("pipeline", "image")),
     Mutation("sdxl-vae-scaling-hardcoded", "SDXL's decode divides by SD1's scaling factor 0.18215, not the config's",
              "pipelines/stable_diffusion_xl/pipeline_stable_diffusion_xl.py", "needs_upcasting",
              "latents = latents / self.vae.config.scaling_factor", "latents = latents / 0.18215",

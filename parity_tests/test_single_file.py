@@ -380,3 +380,18 @@ def test_official_sdxl_single_file_matches_diffusers(device, dtype, tmp_path):
         pipe.set_progress_bar_config(disable=True)
     ours.to(dtype)
     assert_official_run(ours, theirs, dtype, prompt="an astronaut", height=1024, width=1024, num_inference_steps=2)
+
+
+def test_pare_parity_compares_each_librarys_loading_of_a_single_file(written, tmp_path, capsys):
+    from pare.cli import main
+
+    _, folder, path = written("sd1")
+    out = tmp_path / "report"
+    assert main(["parity", "--model", str(path), "--single-file-config", str(folder), "--out", str(out)]) == 0
+    data = __import__("json").loads(out.with_suffix(".json").read_text())
+    assert "single file" in data["header"]["model"]
+    names = [r["name"] for r in data["rows"]]
+    assert {r["component"] for r in data["rows"]} == {"unet", "vae"}
+    assert "UNet2DConditionModel" in names and "VAEDecode" in names and data["first_failure"] is None
+    with pytest.raises(SystemExit, match="is a single checkpoint file: compare its loading with --components unet,vae"):
+        main(["parity", "--model", str(path), "--components", "pipeline"])

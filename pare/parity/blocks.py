@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .compare import Comparison, Row, compare
+from .compare import Row, compare
 
 DEPTHS = ("blocks", "all")  # `pare parity --depth`
 

@@ -72,11 +72,27 @@ def _float64_twin(model: nn.Module, device: torch.device) -> nn.Module:
     return copy.deepcopy(model).to(device=device, dtype=torch.float64)
 
 
-def unet_rows(reference, folder, device, dtype, seed, with64, depth="blocks"):
+def load_twins(reference, cls, folder, subfolder: str, device, dtype, single_file: Path | None = None):
+    """pare's and diffusers' model from a diffusers folder, or each library's own loading of one original-layout
+    file (`single_file`; `folder` then holds the configs, or None for pare's inference from the keys)."""
+    theirs_cls = getattr(reference, cls.__name__)
+    if single_file is None:
+        ours = cls.from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype, device=device)
+        return ours, theirs_cls.from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype).to(device).eval()
+    config = {} if folder is None else {"config": str(folder), "subfolder": subfolder}
+    ours = cls.from_single_file(single_file, torch_dtype=dtype, **config).to(device).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        if folder is None:  # diffusers is given the config pare inferred: the weights' loading is what is compared
+            ours.save_config(Path(tmp) / subfolder)
+            config = {"config": tmp, "subfolder": subfolder}
+        theirs = theirs_cls.from_single_file(str(single_file), torch_dtype=dtype, local_files_only=True, **config)
+    return ours, theirs.to(device).eval()
+
+
+def unet_rows(reference, folder, device, dtype, seed, with64, depth="blocks", single_file=None):
     from ..models.unet_2d_condition import UNet2DConditionModel
 
-    ours = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, device=device)
-    theirs = reference.UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype).to(device).eval()
+    ours, theirs = load_twins(reference, UNet2DConditionModel, folder, "unet", device, dtype, single_file)
     cfg = ours.config
     g = torch.Generator(device).manual_seed(seed)
     batch, side = 2, cfg.sample_size  # batch 2: the unconditional and conditional halves of CFG
@@ -95,11 +111,10 @@ def unet_rows(reference, folder, device, dtype, seed, with64, depth="blocks"):
     return compare_blocks(ours, theirs, args, kwargs, reference64=ref64, depth=depth).rows
 
 
-def vae_rows(reference, folder, device, dtype, seed, with64, depth="blocks"):
+def vae_rows(reference, folder, device, dtype, seed, with64, depth="blocks", single_file=None):
     from ..models.autoencoder_kl import AutoencoderKL
 
-    ours = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, device=device)
-    theirs = reference.AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype).to(device).eval()
+    ours, theirs = load_twins(reference, AutoencoderKL, folder, "vae", device, dtype, single_file)
     cfg = ours.config
     side = cfg.sample_size
     factor = 2 ** (len(cfg.block_out_channels) - 1)
@@ -249,12 +264,18 @@ def run(args: argparse.Namespace) -> Report:
     if device.type == "cuda":  # parity in float32 means IEEE float32 on both sides
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    components = args.components.split(",")
+    single_file = Path(args.model) if args.model is not None and Path(args.model).is_file() else None
+    components = (args.components or ("unet,vae" if single_file is not None else ",".join(COMPONENTS))).split(",")
     unknown = [c for c in components if c not in COMPONENTS + EXTRA_COMPONENTS]
     if unknown:
         raise SystemExit(f"pare parity: unknown components {unknown}; expected some of "
                          f"{list(COMPONENTS + EXTRA_COMPONENTS)}")
 
+    if single_file is not None and not set(components) <= {"unet", "vae"}:
+        raise SystemExit(f"pare parity: --model {args.model} is a single checkpoint file: compare its loading with "
+                         f"--components unet,vae (a pipeline or scheduler needs a diffusers folder)")
+    if args.single_file_config is not None and single_file is None:
+        raise SystemExit("pare parity: --single-file-config applies to a --model that is one checkpoint file")
     if "controlnet" in components:
         from .controlnet_checkpoint import FAMILY_CONTROLNETS
 
@@ -268,6 +289,9 @@ def run(args: argparse.Namespace) -> Report:
         # Weights are stored in the run's precision (fp32 for fp32 runs), as an fp16 variant would be.
         folder = make_checkpoint(reference, Path(tmp.name), args.config, args.seed, device, dtype)
         model_name = f"{args.config} config, random init (generated)"
+    elif single_file:
+        folder, model_name = (None if args.single_file_config is None else resolve_folder(args.single_file_config),
+                              f"{args.model} (single file, loaded by each library)")
     else:
         folder, model_name = resolve_folder(args.model), args.model
     with64 = dtype in (torch.float16, torch.bfloat16)  # the error budget needs the float64 twin
@@ -282,6 +306,10 @@ def run(args: argparse.Namespace) -> Report:
 
                 report.add("controlnet", controlnet_rows(reference, FAMILY_CONTROLNETS[args.config], device, dtype,
                                                          args.seed, with64, depth=depth))
+                continue
+            if single_file is not None:
+                rows = unet_rows if component == "unet" else vae_rows
+                report.add(component, rows(reference, folder, device, dtype, args.seed, with64, depth, single_file))
                 continue
             if not (folder / ("model_index.json" if component == "pipeline" else component)).exists():
                 what = "model_index.json" if component == "pipeline" else f"{component}/ folder"
@@ -311,7 +339,13 @@ def run(args: argparse.Namespace) -> Report:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="a pipeline folder or Hub repo id (default: one made now, see --config)")
+    parser.add_argument("--model", default=None,
+                        help="a pipeline folder or Hub repo id (default: one made now, see --config), or one "
+                             "original-layout checkpoint file: each library then loads it with from_single_file "
+                             "(--components unet,vae)")
+    parser.add_argument("--single-file-config", default=None, metavar="DIR",
+                        help="with a checkpoint file: the diffusers folder of its family, for both libraries' "
+                             "configs (default: the config pare infers from the keys, given to diffusers too)")
     parser.add_argument("--config", default="tiny", choices=list(FAMILIES),
                         help="without --model: the config of the random-init checkpoint made for the run (default tiny)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -321,8 +355,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", default="blocks", choices=DEPTHS,
                         help="blocks: stages, resnets, transformer blocks (default); all: every module down to "
                              "attention, GEGLU, norms, projections and convs")
-    parser.add_argument("--components", default=",".join(COMPONENTS),
-                        help=f"comma list of {COMPONENTS} (the default) and {EXTRA_COMPONENTS}")
+    parser.add_argument("--components", default=None,
+                        help=f"comma list of {COMPONENTS} (the default; unet,vae for a checkpoint file) and "
+                             f"{EXTRA_COMPONENTS}")
     parser.add_argument("--schedulers", default=None, metavar="NAMES",
                         help="scheduler and pipeline rows for these classes (comma list, or 'all'), each built from "
                              "the folder's scheduler config (default: the class the folder names)")
