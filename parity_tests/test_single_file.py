@@ -395,3 +395,18 @@ def test_pare_parity_compares_each_librarys_loading_of_a_single_file(written, tm
     assert "UNet2DConditionModel" in names and "VAEDecode" in names and data["first_failure"] is None
     with pytest.raises(SystemExit, match="is a single checkpoint file: compare its loading with --components unet,vae"):
         main(["parity", "--model", str(path), "--components", "pipeline"])
+
+
+def test_inpainting_single_file_pipeline_runs_like_diffusers_step_by_step(written):
+    from .test_pipeline_inpaint import photo_and_mask
+
+    _, folder, path = written("sd1-inpaint")
+    ours = pare.StableDiffusionInpaintPipeline.from_single_file(path, config=str(folder))
+    theirs = diffusers.StableDiffusionInpaintPipeline.from_single_file(
+        str(path), config=str(folder), local_files_only=True, safety_checker=None, requires_safety_checker=False)
+    for pipe in (ours, theirs):
+        pipe.set_progress_bar_config(disable=True)
+    assert ours.unet.config.in_channels == 9
+    photo, mask = photo_and_mask()
+    assert_same_run(ours, theirs, "inpainting from one file", prompt="a red door", image=photo, mask_image=mask,
+                    num_inference_steps=3, strength=0.8)
