@@ -75,8 +75,7 @@ def scheduler_rows(reference: ModuleType, config: dict, *, steps: int = 50, devi
 
     integer = Tolerance(rel_l2=0.0)  # timesteps are integers: no rounding is excusable
     label = f"{name}.timesteps ({steps} steps)"
-    timesteps_equal = ours.timesteps.shape == theirs.timesteps.shape
-    if not timesteps_equal:
+    if ours.timesteps.shape != theirs.timesteps.shape:  # the loops below would not line up
         raise AssertionError(f"{label}: pare has {len(ours.timesteps)} timesteps {ours.timesteps.tolist()}, "
                              f"diffusers {len(theirs.timesteps)} {theirs.timesteps.tolist()}")
     rows = [Row(label, compare(label, ours.timesteps.double(), theirs.timesteps.double(), dtype="fp64",
