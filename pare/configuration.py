@@ -71,9 +71,12 @@ def load_config_file(path: str | os.PathLike, config_name: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no config found: {path} does not exist")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object (key: value), not a {type(config).__name__}")
+    return config
 
 
 class ConfigMixin:
@@ -112,6 +115,9 @@ class ConfigMixin:
                 ignored.append(key)
         if ignored:
             logger.warning("%s: %s keys %s are not used by this class and are ignored", cls.__name__, source, ignored)
+        from .validation import check_config
+
+        check_config(cls.__name__, kwargs, source)  # types and ranges, before anything is built
         return kwargs
 
     @classmethod

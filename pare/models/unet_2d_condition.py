@@ -29,6 +29,7 @@ from .embeddings import TimestepEmbedding, Timesteps
 from .modeling import ModelMixin
 from .unet_2d_blocks import get_down_block, get_mid_block, get_up_block
 from ..configuration import register_to_config
+from ..validation import check_finite_inputs
 
 ADDITION_EMBED_TYPES = (None, "text_time")
 SDXL_ADDED_COND_KEYS = ("text_embeds", "time_ids")
@@ -233,6 +234,9 @@ class UNet2DConditionModel(ModelMixin):
         timestep_cond: LCM only: (B, time_cond_proj_dim) guidance-scale embedding, added to the time features.
         encoder_attention_mask: (B, M), 1 = attend to the text token, 0 = ignore it.
         """
+        # NaN or inf here would turn every output value NaN (diffusers runs on): refuse it by name.
+        check_finite_inputs(type(self).__name__, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                            timestep_cond=timestep_cond, **(added_cond_kwargs or {}))
         timesteps = self._check_inputs(sample, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond)
         if encoder_attention_mask is not None:
             # keep/discard (B, M) -> additive bias (B, 1, M): 0 to keep, -10000 to discard, as diffusers does
