@@ -125,7 +125,7 @@ class ConfigMixin:
         """Build from a config dict, a config file or its folder; `overrides` replace config values."""
         source = "config"
         if isinstance(config, (str, os.PathLike)):
-            source = str(config)
+            source = str(Path(config) / cls.config_name if Path(config).is_dir() else config)  # the file itself
             config = load_config_file(config, cls.config_name)
         return cls(**cls.resolve_config({**dict(config), **overrides}, source))
 

@@ -82,8 +82,8 @@ class Real:
     def allowed(self) -> str:
         if self.min is None and self.max is None:
             return "a finite number"
-        lo = "(" if self.open_min else "["
-        hi = ")" if self.open_max else "]"
+        lo = "(" if self.open_min or self.min is None else "["
+        hi = ")" if self.open_max or self.max is None else "]"
         low = "-inf" if self.min is None else f"{self.min:g}"
         high = "inf" if self.max is None else f"{self.max:g}"
         return f"a finite number in {lo}{low}, {high}{hi}"
@@ -367,14 +367,14 @@ def check_model_index(index, path) -> None:
 SIZE = Nullable(POSITIVE)
 PAIR = Nullable(ListOf(NON_NEGATIVE, length=2))
 # Argument -> rule, for every numeric argument a pare pipeline takes. The ranges: eta is DDIM's
-# interpolation between DDIM (0) and DDPM-like (1) noise (arXiv 2010.02502 eq. 16); guidance_rescale
-# is the blend weight phi of arXiv 2305.08891 eq. 16; strength a fraction of the schedule.
+# interpolation between deterministic DDIM (0) and DDPM-like noise (1) (arXiv 2010.02502 eq. 16);
+# above 1 diffusers' DDIM returns NaN. guidance_rescale is the weight phi of arXiv 2305.08891 eq. 16.
 ARGUMENT_RULES = {
     "height": SIZE,
     "width": SIZE,
     "num_inference_steps": Nullable(POSITIVE),  # None with custom `timesteps`
     "guidance_scale": Real(),
-    "guidance_rescale": Real(0, 1),
+    "guidance_rescale": Real(0),  # diffusers skips rescaling at phi <= 0 without a word; phi > 1 extrapolates
     "num_images_per_prompt": POSITIVE,
     "eta": Real(0, 1),
     "strength": Real(),  # its range (0, 1] is checked by Img2ImgMixin.prepare_image
@@ -408,6 +408,8 @@ def check_call_arguments(pipe, arguments: dict) -> None:
         rule = ARGUMENT_RULES.get(name)
         if rule is None:
             continue
+        if name == "eta" and not _step_takes_eta(pipe):
+            rule = Real()  # a scheduler without eta ignores it, in diffusers too: only its type is checked
         bad = rule.problem(value)
         if bad:
             error = TypeError if "is a " in bad and not isinstance(value, (list, tuple)) else ValueError
@@ -424,6 +426,13 @@ def check_call_arguments(pipe, arguments: dict) -> None:
         _check_tensor(owner, "latents", latents)
     if arguments.get("image") is not None:
         check_image(owner, arguments["image"], getattr(pipe, "vae_scale_factor", 8))
+
+
+def _step_takes_eta(pipe) -> bool:
+    import inspect
+
+    scheduler = getattr(pipe, "scheduler", None)
+    return scheduler is not None and "eta" in inspect.signature(scheduler.step).parameters
 
 
 def _deepest_clip_skip(pipe) -> int | None:
