@@ -127,7 +127,13 @@ class ConfigMixin:
         if isinstance(config, (str, os.PathLike)):
             source = str(Path(config) / cls.config_name if Path(config).is_dir() else config)  # the file itself
             config = load_config_file(config, cls.config_name)
-        return cls(**cls.resolve_config({**dict(config), **overrides}, source))
+        kwargs = cls.resolve_config({**dict(config), **overrides}, source)
+        try:
+            return cls(**kwargs)
+        except (ValueError, TypeError) as e:  # a check inside the class: add the file it came from
+            if source == "config":
+                raise
+            raise type(e)(f"{source}: {e}") from e
 
     def save_config(self, folder: str | os.PathLike) -> Path:
         folder = Path(folder)

@@ -207,7 +207,7 @@ def _unet_rules() -> dict:
         "only_cross_attention": AnyOf((Bool(), ListOf(Bool()))),
         "block_out_channels": ListOf(POSITIVE),
         "layers_per_block": PER_BLOCK_POSITIVE,
-        "downsample_padding": NON_NEGATIVE,
+        "downsample_padding": Int(0, 1),  # 0 pads (0, 1, 0, 1) by hand; 2 or more would miss the skips' sizes
         "mid_block_scale_factor": Real(),
         "dropout": Real(0, 1, open_max=True),
         "act_fn": activation,
