@@ -29,6 +29,14 @@ from typing import Any
 # --- rules -----------------------------------------------------------------------------------
 
 
+def _wrong_type(value) -> str:
+    name = type(value).__name__
+    return f"is {'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+WRONG_TYPE = ("is a ", "is an ")
+
+
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -61,7 +69,7 @@ class Int:
 
     def problem(self, value) -> str | None:
         if not _is_int(value):
-            return f"is a {type(value).__name__}"
+            return _wrong_type(value)
         if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
             return "is out of range"
         if self.odd and value % 2 == 0:
@@ -90,7 +98,7 @@ class Real:
 
     def problem(self, value) -> str | None:
         if not _is_real(value):
-            return f"is a {type(value).__name__}"
+            return _wrong_type(value)
         if not math.isfinite(value):
             return "is not finite"
         if self.min is not None and (value < self.min or (self.open_min and value == self.min)):
@@ -105,7 +113,7 @@ class Bool:
     allowed: str = "true or false"
 
     def problem(self, value) -> str | None:
-        return None if isinstance(value, bool) else f"is a {type(value).__name__}"
+        return None if isinstance(value, bool) else _wrong_type(value)
 
 
 @dataclass(frozen=True)
@@ -122,7 +130,7 @@ class Choice:
         try:
             return None if value in self.choices else "is not a known value"
         except TypeError:  # an unhashable value (a list) against dict keys
-            return f"is a {type(value).__name__}"
+            return _wrong_type(value)
 
 
 @dataclass(frozen=True)
@@ -140,7 +148,7 @@ class ListOf:
 
     def problem(self, value) -> str | None:
         if not isinstance(value, (list, tuple)):
-            return f"is a {type(value).__name__}"
+            return _wrong_type(value)
         if (self.length is not None and len(value) != self.length) or len(value) < self.min_length:
             return f"has {len(value)} entries"
         for i, entry in enumerate(value):
@@ -164,8 +172,8 @@ class AnyOf:
         problems = [r.problem(value) for r in self.rules]
         if None in problems:
             return None
-        # The rule of the value's own type says more ("is out of range") than the others ("is a int").
-        return next((p for p in problems if not p.startswith("is a ")), problems[-1])
+        # The rule of the value's own type says more ("is out of range") than the others ("is an int").
+        return next((p for p in problems if not p.startswith(WRONG_TYPE)), problems[-1])
 
 
 @dataclass(frozen=True)
@@ -180,6 +188,15 @@ class Nullable:
         return None if value is None else self.rule.problem(value)
 
 
+@dataclass(frozen=True)
+class Str:
+    allowed: str = "a string"
+
+    def problem(self, value) -> str | None:
+        return None if isinstance(value, str) else _wrong_type(value)
+
+
+STRING = Str()
 POSITIVE = Int(min=1)
 NON_NEGATIVE = Int(min=0)
 PER_BLOCK_POSITIVE = AnyOf((POSITIVE, ListOf(POSITIVE)))
@@ -191,7 +208,6 @@ PER_BLOCK_POSITIVE = AnyOf((POSITIVE, ListOf(POSITIVE)))
 def _unet_rules() -> dict:
     from .models.activations import ACTIVATIONS
     from .models.resnet import TIME_EMBEDDING_NORMS
-    from .models.unet_2d_blocks import DOWN_BLOCKS, MID_BLOCKS, UP_BLOCKS
 
     activation = Choice(tuple(ACTIVATIONS))
     return {
@@ -201,9 +217,10 @@ def _unet_rules() -> dict:
         "center_input_sample": Bool(),
         "flip_sin_to_cos": Bool(),
         "freq_shift": Real(),
-        "down_block_types": ListOf(Choice(tuple(DOWN_BLOCKS))),
-        "mid_block_type": Nullable(Choice(tuple(MID_BLOCKS))),
-        "up_block_types": ListOf(Choice(tuple(UP_BLOCKS))),
+        # Which block types pare has is checked by get_down_block & co., whose messages list them.
+        "down_block_types": ListOf(STRING),
+        "mid_block_type": Nullable(STRING),
+        "up_block_types": ListOf(STRING),
         "only_cross_attention": AnyOf((Bool(), ListOf(Bool()))),
         "block_out_channels": ListOf(POSITIVE),
         "layers_per_block": PER_BLOCK_POSITIVE,
@@ -320,8 +337,9 @@ def _check_cross_keys(class_name: str, config: dict, source: str) -> None:
         return
     channels = list(config["block_out_channels"])
     n = len(channels)
-    for key in ("down_block_types", "up_block_types", "layers_per_block", "cross_attention_dim",
-                "attention_head_dim", "transformer_layers_per_block", "only_cross_attention"):
+    # The UNet checks its per-block lists itself (_check_config, _per_block), naming the key.
+    per_block = () if class_name == "UNet2DConditionModel" else ("down_block_types", "up_block_types")
+    for key in per_block:
         value = config.get(key)
         if isinstance(value, (list, tuple)) and len(value) != n:
             raise ValueError(f"{class_name}: {source} sets {key}={list(value)!r} ({len(value)} entries), but "
@@ -412,7 +430,7 @@ def check_call_arguments(pipe, arguments: dict) -> None:
             rule = Real()  # a scheduler without eta ignores it, in diffusers too: only its type is checked
         bad = rule.problem(value)
         if bad:
-            error = TypeError if "is a " in bad and not isinstance(value, (list, tuple)) else ValueError
+            error = TypeError if bad.startswith(WRONG_TYPE) else ValueError
             raise error(f"{owner}: `{name}`={value!r} {bad}; it must be {rule.allowed}")
     clip_skip = arguments.get("clip_skip")
     if clip_skip is not None:
