@@ -117,7 +117,7 @@ class ConfigMixin:
             logger.warning("%s: %s keys %s are not used by this class and are ignored", cls.__name__, source, ignored)
         from .validation import check_config
 
-        check_config(cls.__name__, kwargs, source)  # types and ranges, before anything is built
+        check_config(cls, kwargs, source)  # types and ranges, before anything is built
         return kwargs
 
     @classmethod

@@ -225,7 +225,7 @@ def _unet_rules() -> dict:
         "block_out_channels": ListOf(POSITIVE),
         "layers_per_block": PER_BLOCK_POSITIVE,
         "downsample_padding": Int(0, 1),  # 0 pads (0, 1, 0, 1) by hand; 2 or more would miss the skips' sizes
-        "mid_block_scale_factor": Real(),
+        "mid_block_scale_factor": Real(0, open_min=True),  # the mid block divides by it
         "dropout": Real(0, 1, open_max=True),
         "act_fn": activation,
         "norm_num_groups": Nullable(POSITIVE),  # None: the UNet's own check explains why not
@@ -246,7 +246,7 @@ def _unet_rules() -> dict:
         "conv_out_kernel": Int(min=1, odd=True),
         "projection_class_embeddings_input_dim": Nullable(POSITIVE),
         "resnet_skip_time_act": Bool(),
-        "resnet_out_scale_factor": Real(),
+        "resnet_out_scale_factor": Real(0, open_min=True),
         "mid_block_only_cross_attention": Nullable(Bool()),
         "addition_embed_type_num_heads": POSITIVE,
     }
@@ -317,8 +317,14 @@ CONFIG_RULES = {
 }
 
 
-def check_config(class_name: str, config: dict, source: str) -> None:
-    """Refuse a config value of the wrong type or out of range: ValueError naming file, key, value, allowed."""
+def check_config(cls, config: dict, source: str) -> None:
+    """Refuse a config value of the wrong type or out of range: ValueError naming file, key, value, allowed.
+
+    `config` holds the keys the file sets; keys it leaves out take `cls.__init__`'s defaults, which the
+    checks between keys see too (a file without norm_num_groups gets 32 groups)."""
+    import inspect
+
+    class_name = cls.__name__
     table = CONFIG_RULES.get(class_name)
     if table is None:
         return
@@ -328,7 +334,12 @@ def check_config(class_name: str, config: dict, source: str) -> None:
         bad = rule.problem(value) if rule is not None else None
         if bad:
             raise ValueError(f"{class_name}: {source} sets {key}={value!r}, which {bad}; {key} must be {rule.allowed}")
-    _check_cross_keys(class_name, config, source)
+    defaults = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    _check_cross_keys(class_name, {**defaults, **config}, source)
+
+
+LEFT_OUT = " (a key the config leaves out has its default)"
 
 
 def _check_cross_keys(class_name: str, config: dict, source: str) -> None:
@@ -342,21 +353,22 @@ def _check_cross_keys(class_name: str, config: dict, source: str) -> None:
     for key in per_block:
         value = config.get(key)
         if isinstance(value, (list, tuple)) and len(value) != n:
-            raise ValueError(f"{class_name}: {source} sets {key}={list(value)!r} ({len(value)} entries), but "
-                             f"block_out_channels={channels!r} has {n}: give one entry per resolution")
+            raise ValueError(f"{class_name}: in {source}, {key}={list(value)!r} has {len(value)} entries, but "
+                             f"block_out_channels={channels!r} has {n}: give one entry per resolution{LEFT_OUT}")
     groups = config.get("norm_num_groups")
     if _is_int(groups):
         for i, c in enumerate(channels):
             if c % groups:
-                raise ValueError(f"{class_name}: {source} sets block_out_channels[{i}]={c}, which GroupNorm cannot "
-                                 f"split into norm_num_groups={groups} groups; each entry must be a multiple of {groups}")
+                raise ValueError(f"{class_name}: in {source}, block_out_channels[{i}]={c}, which GroupNorm cannot "
+                                 f"split into norm_num_groups={groups} groups; each entry must be a multiple of "
+                                 f"{groups}{LEFT_OUT}")
     heads = config.get("attention_head_dim")
     if class_name == "UNet2DConditionModel" and heads is not None:
         per_block = heads if isinstance(heads, (list, tuple)) else [heads] * n
         for i, (c, h) in enumerate(zip(channels, per_block)):
             if c % h:
-                raise ValueError(f"{class_name}: {source} sets attention_head_dim={heads!r} (read as the number of "
-                                 f"heads, as in diffusers), which does not divide block_out_channels[{i}]={c}")
+                raise ValueError(f"{class_name}: in {source}, attention_head_dim={heads!r} (read as the number of "
+                                 f"heads, as in diffusers) does not divide block_out_channels[{i}]={c}{LEFT_OUT}")
 
 
 # --- model_index.json ------------------------------------------------------------------------
@@ -392,7 +404,7 @@ ARGUMENT_RULES = {
     "width": SIZE,
     "num_inference_steps": Nullable(POSITIVE),  # None with custom `timesteps`
     "guidance_scale": Real(),
-    "guidance_rescale": Real(0),  # diffusers skips rescaling at phi <= 0 without a word; phi > 1 extrapolates
+    "guidance_rescale": Real(0, 1),  # diffusers skips phi <= 0 without a word, and runs into NaN for large phi
     "num_images_per_prompt": POSITIVE,
     "eta": Real(0, 1),
     "strength": Real(),  # its range (0, 1] is checked by Img2ImgMixin.prepare_image

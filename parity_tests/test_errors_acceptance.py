@@ -83,7 +83,7 @@ SMALL = dict(prompt="a cat", num_inference_steps=2, height=16, width=16, output_
 @pytest.mark.parametrize(("kwargs", "message"), [
     (dict(guidance_scale=float("nan")), "`guidance_scale`=nan is not finite"),
     (dict(guidance_scale=float("inf")), "`guidance_scale`=inf is not finite"),
-    (dict(guidance_rescale=-0.5), "`guidance_rescale`=-0.5 is out of range; it must be a finite number in [0, inf)"),
+    (dict(guidance_rescale=-0.5), "`guidance_rescale`=-0.5 is out of range; it must be a finite number in [0, 1]"),
     (dict(height=0), "`height`=0 is out of range"),
     (dict(clip_skip=100), "`clip_skip`=100 reaches below the text encoder's first layer"),
     (dict(prompt=None, prompt_embeds=torch.zeros(1, 77, 31)), "`prompt_embeds` has shape (1, 77, 31); it must be "

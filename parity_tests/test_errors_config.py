@@ -33,7 +33,7 @@ def read_tensors(file) -> dict:
 def test_official_and_tiny_unet_configs_pass(name):
     config = {"SD15_UNET": SD15_UNET, "SD21_UNET": SD21_UNET, "SDXL_UNET": SDXL_UNET, "TINY_SD_UNET": TINY_SD_UNET,
               "TINY_SDXL_UNET": TINY_SDXL_UNET}[name]
-    check_config("UNet2DConditionModel", pare.UNet2DConditionModel.resolve_config(config), name)
+    check_config(pare.UNet2DConditionModel, pare.UNet2DConditionModel.resolve_config(config), name)
 
 
 @pytest.mark.parametrize("config", [SD_VAE, SDXL_VAE, TINY_VAE], ids=["sd", "sdxl", "tiny"])
