@@ -216,7 +216,7 @@ def _unet_rules() -> dict:
         "out_channels": POSITIVE,
         "center_input_sample": Bool(),
         "flip_sin_to_cos": Bool(),
-        "freq_shift": Real(),
+        "freq_shift": Real(0, 1),  # divides as (half - freq_shift): 0 in SD, 1 in DDPM's UNets
         # Which block types pare has is checked by get_down_block & co., whose messages list them.
         "down_block_types": ListOf(STRING),
         "mid_block_type": Nullable(STRING),
@@ -225,7 +225,8 @@ def _unet_rules() -> dict:
         "block_out_channels": ListOf(POSITIVE),
         "layers_per_block": PER_BLOCK_POSITIVE,
         "downsample_padding": Int(0, 1),  # 0 pads (0, 1, 0, 1) by hand; 2 or more would miss the skips' sizes
-        "mid_block_scale_factor": Real(0, open_min=True),  # the mid block divides by it
+        # The mid block divides by it: checkpoints use 1 (or sqrt 2); near 0 the output overflows.
+        "mid_block_scale_factor": Real(1e-2, 1e2),
         "dropout": Real(0, 1, open_max=True),
         "act_fn": activation,
         "norm_num_groups": Nullable(POSITIVE),  # None: the UNet's own check explains why not
@@ -246,7 +247,7 @@ def _unet_rules() -> dict:
         "conv_out_kernel": Int(min=1, odd=True),
         "projection_class_embeddings_input_dim": Nullable(POSITIVE),
         "resnet_skip_time_act": Bool(),
-        "resnet_out_scale_factor": Real(0, open_min=True),
+        "resnet_out_scale_factor": Real(1e-2, 1e2),
         "mid_block_only_cross_attention": Nullable(Bool()),
         "addition_embed_type_num_heads": POSITIVE,
     }
