@@ -200,6 +200,10 @@ STRING = Str()
 POSITIVE = Int(min=1)
 NON_NEGATIVE = Int(min=0)
 PER_BLOCK_POSITIVE = AnyOf((POSITIVE, ListOf(POSITIVE)))
+# Layer counts: SDXL's 10 transformer layers are the most any checkpoint has; 2**20 would build for
+# minutes and then exhaust memory, in diffusers as in pare.
+LAYERS = Int(1, 100)
+PER_BLOCK_LAYERS = AnyOf((LAYERS, ListOf(LAYERS)))
 
 
 # --- config tables ---------------------------------------------------------------------------
@@ -223,7 +227,7 @@ def _unet_rules() -> dict:
         "up_block_types": ListOf(STRING),
         "only_cross_attention": AnyOf((Bool(), ListOf(Bool()))),
         "block_out_channels": ListOf(POSITIVE),
-        "layers_per_block": PER_BLOCK_POSITIVE,
+        "layers_per_block": PER_BLOCK_LAYERS,
         "downsample_padding": Int(0, 1),  # 0 pads (0, 1, 0, 1) by hand; 2 or more would miss the skips' sizes
         # The mid block divides by it: checkpoints use 1 (or sqrt 2); near 0 the output overflows.
         "mid_block_scale_factor": Real(1e-2, 1e2),
@@ -232,8 +236,8 @@ def _unet_rules() -> dict:
         "norm_num_groups": Nullable(POSITIVE),  # None: the UNet's own check explains why not
         "norm_eps": Real(0, open_min=True),
         "cross_attention_dim": PER_BLOCK_POSITIVE,
-        "transformer_layers_per_block": AnyOf((POSITIVE, ListOf(AnyOf((POSITIVE, ListOf(POSITIVE)))))),
-        "reverse_transformer_layers_per_block": Nullable(ListOf(AnyOf((POSITIVE, ListOf(POSITIVE))))),
+        "transformer_layers_per_block": AnyOf((LAYERS, ListOf(AnyOf((LAYERS, ListOf(LAYERS)))))),
+        "reverse_transformer_layers_per_block": Nullable(ListOf(AnyOf((LAYERS, ListOf(LAYERS))))),
         "attention_head_dim": PER_BLOCK_POSITIVE,
         "use_linear_projection": Bool(),
         "addition_time_embed_dim": Nullable(POSITIVE),
@@ -263,7 +267,7 @@ def _vae_rules() -> dict:
         "down_block_types": ListOf(Choice(tuple(DOWN_BLOCKS))),
         "up_block_types": ListOf(Choice(tuple(UP_BLOCKS))),
         "block_out_channels": ListOf(POSITIVE),
-        "layers_per_block": POSITIVE,
+        "layers_per_block": LAYERS,
         "act_fn": Choice(tuple(ACTIVATIONS)),
         "latent_channels": POSITIVE,
         "norm_num_groups": POSITIVE,

@@ -53,7 +53,7 @@ def test_truncated_or_garbled_safetensors_names_the_file_and_keeps_the_cause(une
 
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("block_out_channels", [32, "x"], "block_out_channels=[32, 'x'], which has entry [1] = 'x', which is a str"),
-    ("layers_per_block", -1, "layers_per_block=-1, which is out of range; layers_per_block must be a positive int"),
+    ("layers_per_block", -1, "layers_per_block=-1, which is out of range; layers_per_block must be an int in [1, 100]"),
 ])
 def test_config_value_of_wrong_type_or_range_names_file_key_value(unet_folder, key, value, message):
     config = unet_folder / "config.json"
