@@ -288,10 +288,12 @@ def _scheduler_rules(extra: dict) -> dict:
     from .schedulers.scheduling_utils import PREDICTION_TYPES
 
     beta = Real(0, 1, open_min=True)
+    # Below 1e-6, 1 - beta rounds to 1 in float32: alpha_bar_0 = 1, and the step's variance 0 / 0 is NaN.
+    beta_bound = Real(1e-6, 1)
     return {
         "num_train_timesteps": POSITIVE,
-        "beta_start": beta,
-        "beta_end": beta,
+        "beta_start": beta_bound,
+        "beta_end": beta_bound,
         "beta_schedule": Choice(BETA_SCHEDULES),
         "trained_betas": Nullable(ListOf(beta)),
         "clip_sample": Bool(),
@@ -408,7 +410,8 @@ ARGUMENT_RULES = {
     "height": SIZE,
     "width": SIZE,
     "num_inference_steps": Nullable(POSITIVE),  # None with custom `timesteps`
-    "guidance_scale": Real(),
+    # Past |w| = 1000 the guided noise throws the latents out of any model's range: diffusers returns NaN images.
+    "guidance_scale": Real(-1000, 1000),
     "guidance_rescale": Real(0, 1),  # diffusers skips phi <= 0 without a word, and runs into NaN for large phi
     "num_images_per_prompt": POSITIVE,
     "eta": Real(0, 1),

@@ -94,7 +94,7 @@ BAD_CONFIGS = [
     ("AutoencoderKL", TINY_VAE, "scaling_factor", float("nan"), "scaling_factor=nan, which is not finite"),
     ("AutoencoderKL", TINY_VAE, "norm_num_groups", 3, "GroupNorm cannot split"),
     ("AutoencoderKL", TINY_VAE, "down_block_types", ["DownEncoderBlock2D"] * 3, "give one entry per resolution"),
-    ("DDIMScheduler", SD_SCHEDULER, "beta_end", 1.5, "beta_end must be a finite number in (0, 1]"),
+    ("DDIMScheduler", SD_SCHEDULER, "beta_end", 1.5, "beta_end must be a finite number in [1e-06, 1]"),
     ("DDIMScheduler", SD_SCHEDULER, "num_train_timesteps", 1000.0, "which is a float"),
     ("DDIMScheduler", SD_SCHEDULER, "set_alpha_to_one", "yes", "set_alpha_to_one must be true or false"),
     ("DDPMScheduler", SD_SCHEDULER, "variance_type", "fixed", "variance_type must be one of ("),
