@@ -53,6 +53,12 @@ def _write_counts():
 atexit.register(_write_counts)
 
 
+@pytest.fixture(autouse=True)
+def _counts_after_each_test():
+    yield
+    _write_counts()  # also after each test, so that a run stopped by a time limit keeps its counts
+
+
 def fuzz(factor: int = 1):
     """settings for one fuzz test: the profile's example count (8 in CI) times `factor`, or PARE_FUZZ_EXAMPLES."""
     examples = int(os.environ.get("PARE_FUZZ_EXAMPLES", 0)) or settings().max_examples * factor
@@ -176,10 +182,11 @@ def test_fuzzed_vae_config(case):
 @given(st.sampled_from(["DDIMScheduler", "DDPMScheduler"]), corrupted_configs(SD_SCHEDULER))
 def test_fuzzed_scheduler_config(name, case):
     config, names = case
-    # A schedule that reaches zero SNR (beta_end = 1, say) is refused for epsilon-prediction by step(), whose
-    # message names prediction_type, the key to change: the fault is the pair, not one key.
+    # Faults of a pair, named by the key to change: a schedule reaching zero SNR (beta_end = 1) is refused for
+    # epsilon-prediction by step() (prediction_type); a schedule too short for the 3 steps asked for, by
+    # set_timesteps (num_inference_steps, steps_offset).
     check_boundary(f"config: {name}", lambda: build_and_run_scheduler(getattr(pare, name), config),
-                   [*names, "prediction_type"])
+                   [*names, "prediction_type", "num_inference_steps"])
 
 
 @fuzz(factor=2)
