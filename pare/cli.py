@@ -98,14 +98,53 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit codes: 0 done, 2 a usage error (argparse's), 1 a runtime error, printed as
+    one line `pare <cmd>: error: ...` without a traceback; `--debug` (anywhere) shows the traceback."""
+    import math
+
     parser = build_parser()
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:  # accepted after the command too: `pare generate ... --debug`
+        argv = ["--debug"] + [a for a in argv if a != "--debug"]
     args = parser.parse_args(argv)
-    return args.run(args)
+    for name, value in vars(args).items():  # argparse's float() takes "nan" and "inf"
+        if isinstance(value, float) and not math.isfinite(value):
+            usage_error(args, f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if args.command == "generate":
+        from PIL import Image
+
+        out = Path(args.out)
+        if out.is_dir():
+            usage_error(args, f"--out {out} is a directory: give the image's file name, e.g. {out / 'out.png'}")
+        if out.suffix.lower() not in Image.registered_extensions():
+            usage_error(args, f"--out {out}: PIL cannot tell an image format from the extension {out.suffix!r}; "
+                         f"use .png (or .jpg, .webp, ...)")
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"pare {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line for the user; the traceback is for --debug
+        if args.debug:
+            raise
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+        print(f"pare {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+def usage_error(args, message: str):
+    """argparse's convention for a bad argument: one line on stderr, exit code 2."""
+    print(f"pare {args.command}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def generate(args, parser) -> int:
     import torch
 
+    from .atomic import write_atomically
     from .pipelines.pipeline_utils import pipeline_root, read_model_index
     from .schedulers import SCHEDULERS, get_scheduler_class
     from .schedulers.samplers import get_sampler
@@ -220,9 +259,7 @@ def generate(args, parser) -> int:
         print(f"pare generate: error: {e}", file=sys.stderr)
         return 1
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
+    out = write_atomically(args.out, image.save)  # temporary file, then rename: never a half-written PNG
     sampler = f" (sampler {args.sampler!r})" if args.sampler is not None else ""
     print(f"wrote {out} ({image.width}x{image.height}, seed {seed}, {pipeline_class.__name__}, "
           f"{type(pipe.scheduler).__name__}{sampler}, {args.steps} steps)")

@@ -93,9 +93,12 @@ def load_config_file(path: str | os.PathLike, config_name: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no config found: {path} does not exist")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object (key: value), not a {type(config).__name__}")
+    return config
 
 
 class ConfigMixin:
@@ -146,6 +149,9 @@ class ConfigMixin:
                 ignored.append(key)
         if ignored:
             logger.warning("%s: %s keys %s are not used by this class and are ignored", cls.__name__, source, ignored)
+        from .validation import check_config
+
+        check_config(cls, kwargs, source)  # types and ranges, before anything is built
         return kwargs, {key: config[key] for key in ignored}
 
     @classmethod
@@ -157,12 +163,17 @@ class ConfigMixin:
         """
         source = "config"
         if isinstance(config, (str, os.PathLike)):
-            source = str(config)
+            source = str(Path(config) / cls.config_name if Path(config).is_dir() else config)  # the file itself
             config = load_config_file(config, cls.config_name)
         merged = Config({**config, **overrides}, set(getattr(config, "_defaulted", ())) - set(overrides),
                         getattr(config, "_hidden", {}))
         kwargs, hidden = cls._split_config(merged, source)
-        obj = cls(**kwargs)
+        try:
+            obj = cls(**kwargs)
+        except (ValueError, TypeError) as e:  # a check inside the class: add the file it came from
+            if source == "config":
+                raise
+            raise type(e)(f"{source}: {e}") from e
         defaulted, _ = obj._pare_config_meta
         object.__setattr__(obj, "_pare_config_meta", (defaulted, hidden))
         return obj

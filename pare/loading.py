@@ -100,7 +100,11 @@ def find_weight_files(folder: Path, variant: str | None = None, allow_bin: bool 
 
 
 def _read_index(index: Path) -> list[Path]:
-    weight_map = json.loads(index.read_text()).get("weight_map")
+    try:
+        weight_map = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightLoadError(f"{index} is not a valid shard index: not JSON ({e})") from e
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise WeightLoadError(f"{index} has no weight_map")
     shards = sorted(set(weight_map.values()))
@@ -114,16 +118,62 @@ def read_state_dict(files: list[Path]) -> tuple[dict[str, torch.Tensor], dict[st
     """Read every tensor of every file; return the state dict and the file each key came from."""
     state_dict, origin = {}, {}
     for file in files:
-        if file.suffix == ".safetensors":
-            tensors = load_file(str(file))
-        else:
-            # Legacy pickles can run code when unpickled; weights_only=True refuses anything but tensors.
-            tensors = torch.load(file, map_location="cpu", weights_only=True)
+        tensors = read_weight_file(file)
         for key, tensor in tensors.items():
             if key in state_dict:
                 raise WeightLoadError(f"weight {key!r} appears in both {origin[key]} and {file}")
             state_dict[key], origin[key] = tensor, file
     return state_dict, origin
+
+
+def read_weight_file(file: Path) -> dict[str, torch.Tensor]:
+    """One safetensors file or legacy pickle -> its tensors; a file that cannot be read raises
+    `WeightLoadError` naming it and saying what is wrong (the reader's own exception is its `__cause__`)."""
+    if file.suffix == ".safetensors":
+        try:
+            return load_file(str(file))
+        except Exception as e:  # safetensors raises SafetensorError, or OSError for some short files
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise WeightLoadError(f"cannot read {file}: {diagnose_safetensors(file)} (safetensors: {e})") from e
+    try:
+        # Legacy pickles can run code when unpickled; weights_only=True refuses anything but tensors.
+        tensors = torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # UnpicklingError, EOFError, RuntimeError (a broken zip archive), ...
+        what = ("it holds objects other than tensors, which weights_only=True refuses to unpickle"
+                if "weights only" in str(e).lower() else "it is truncated, or not a PyTorch checkpoint")
+        raise WeightLoadError(f"cannot read {file}: {what} (torch.load: {type(e).__name__}: {e})") from e
+    if not isinstance(tensors, dict) or not all(torch.is_tensor(t) for t in tensors.values()):
+        raise WeightLoadError(f"{file} does not hold a state dict (a dict of tensors) but a {type(tensors).__name__}")
+    return tensors
+
+
+def diagnose_safetensors(file: Path) -> str:
+    """What is wrong with a safetensors file, in words: its layout is an 8-byte little-endian header
+    length N, N bytes of JSON (name -> dtype, shape, data_offsets), then the tensor bytes."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"it is truncated: {size} bytes, shorter than the 8-byte header length"
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            return (f"it is truncated or not a safetensors file: its first 8 bytes announce a {n}-byte header, "
+                    f"but only {size - 8} bytes follow")
+        header = f.read(n)
+    try:
+        entries = json.loads(header)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "its header is garbled: not valid JSON"
+    if not isinstance(entries, dict):
+        return "its header is garbled: not a JSON object"
+    ends = [e.get("data_offsets", [0, 0])[-1] for k, e in entries.items() if k != "__metadata__" and isinstance(e, dict)]
+    data = size - 8 - n
+    if ends and max(ends) > data:
+        return f"it is truncated: its tensors need {max(ends)} bytes of data, but only {data} bytes follow the header"
+    return "its header does not describe its tensors (a bad dtype, shape or offset)"
 
 
 def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -136,6 +186,9 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
         for k in set(expected) & set(state_dict)
         if tuple(state_dict[k].shape) != expected[k]
     )
+    floating = {k for k, v in model.state_dict().items() if v.is_floating_point()}
+    wrong_dtype = sorted(f"{k}: checkpoint {state_dict[k].dtype}, model a floating-point tensor"
+                         for k in floating & set(state_dict) if not state_dict[k].is_floating_point())
     nonfinite = sorted(
         k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
     )
@@ -143,6 +196,7 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
         (f"{len(missing)} missing", missing),
         (f"{len(unexpected)} unexpected", unexpected),
         (f"{len(misshaped)} mis-shaped", misshaped),
+        (f"{len(wrong_dtype)} wrong-dtype", wrong_dtype),
         (f"{len(nonfinite)} non-finite (NaN or inf)", nonfinite),
     ]
     problems = [(title, keys) for title, keys in problems if keys]

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+from ..atomic import write_atomically, write_text_atomically
 from .timing import Run
 
 
@@ -89,7 +90,7 @@ def chart(run: Run, path: Path) -> Path | None:
     ax.set_title(f"pare vs diffusers {run.header['diffusers']}, {run.header['device']}, {run.header['dtype']}", fontsize=9)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomically(path, lambda temporary: fig.savefig(temporary, dpi=120))
     plt.close(fig)
     return path
 
@@ -97,7 +98,7 @@ def chart(run: Run, path: Path) -> Path | None:
 def write(run: Run, folder: Path, stem: str) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{stem}.json", folder / f"{stem}.md"]
-    paths[0].write_text(json.dumps(run.as_dict(), indent=2, default=str))
-    paths[1].write_text(to_markdown(run))
+    write_text_atomically(paths[0], json.dumps(run.as_dict(), indent=2, default=str))
+    write_text_atomically(paths[1], to_markdown(run))
     png = chart(run, folder / f"{stem}.png")
     return paths + ([png] if png else [])

@@ -56,7 +56,7 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         source = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
 
         with torch.device("meta"):
-            model = cls.from_config(config)
+            model = cls.from_config(folder / cls.config_name)  # the path, so that config errors name the file
         check_state_dict(model, state_dict, source)
         model.load_state_dict(state_dict, strict=True, assign=True)
         leftover = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

@@ -36,6 +36,7 @@ from .lora_scale import lora_scale_from
 from .modeling import ModelMixin
 from .unet_2d_blocks import get_down_block, get_mid_block, get_up_block
 from ..configuration import register_to_config
+from ..validation import check_finite_inputs
 
 ADDITION_EMBED_TYPES = (None, "text_time")
 SDXL_ADDED_COND_KEYS = ("text_embeds", "time_ids")
@@ -262,6 +263,9 @@ class UNet2DConditionModel(ModelMixin):
             the mid block's output, added to them (pass both).
         down_intrablock_additional_residuals: T2I-Adapter's feature maps, one per down block, added to its output.
         """
+        # NaN or inf here would turn every output value NaN (diffusers runs on): refuse it by name.
+        check_finite_inputs(type(self).__name__, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                            timestep_cond=timestep_cond, **(added_cond_kwargs or {}))
         timesteps = self._check_inputs(sample, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond,
                                        class_labels)
         if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):

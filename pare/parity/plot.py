@@ -12,6 +12,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..atomic import write_atomically
+
 ZERO = 1e-18  # where an exact 0 is drawn on the log axis
 
 
@@ -79,6 +81,6 @@ def plot(report, path: str | Path) -> Path | None:
     axes[-1].set_xlabel(f"row, in execution order (exact zeros drawn at {ZERO:.0e})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    write_atomically(path, lambda temporary: fig.savefig(temporary, dpi=110))
     plt.close(fig)
     return path

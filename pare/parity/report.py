@@ -177,11 +177,12 @@ def to_markdown(report: Report) -> str:
 
 
 def write(report: Report, stem: str | Path) -> list[Path]:
+    from ..atomic import write_text_atomically
     from .plot import plot
 
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     md, js, png = stem.with_suffix(".md"), stem.with_suffix(".json"), stem.with_suffix(".png")
-    md.write_text(to_markdown(report))
-    js.write_text(json.dumps(report.as_dict(), indent=2, default=str))
+    write_text_atomically(md, to_markdown(report))
+    write_text_atomically(js, json.dumps(report.as_dict(), indent=2, default=str))
     return [md, js] + ([png] if plot(report, png) is not None else [])

@@ -233,9 +233,13 @@ def read_model_index(root: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{root} is not a pipeline folder: it has no model_index.json")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    from ..validation import check_model_index
+
+    check_model_index(index, path)
+    return index
 
 
 def pipeline_root(path_or_repo_id: str | os.PathLike, **hub_kwargs) -> Path:

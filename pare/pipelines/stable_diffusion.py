@@ -20,6 +20,7 @@ import logging
 
 import torch
 
+from ..validation import check_call_arguments
 from .pipeline_utils import (
     OUTPUT_TYPES,
     PipelineMixin,
@@ -120,6 +121,7 @@ class StableDiffusionPipeline(PipelineMixin):
         callback_on_step_end(pipe, step, timestep, tensors) -> dict: called after every step with the
         tensors named in callback_on_step_end_tensor_inputs; the tensors it returns replace them.
         """
+        check_call_arguments(self, locals())  # numbers, embeddings, images: before any model runs
         height = height or self.default_size()
         width = width or self.default_size()
         batch_size = self.check_inputs(
@@ -398,6 +400,7 @@ class StableDiffusionImg2ImgPipeline(Img2ImgMixin, StableDiffusionPipeline):
         strength: how far up the noise schedule the image is pushed, in (0, 1]; int(steps * strength)
         steps are run. Other arguments as in StableDiffusionPipeline.__call__.
         """
+        check_call_arguments(self, locals())  # numbers, embeddings, images: before any model runs
         batch_size = self.check_inputs(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, generator,
             output_type, callback_on_step_end_tensor_inputs, num_inference_steps, timesteps, sigmas=sigmas,

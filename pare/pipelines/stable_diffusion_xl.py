@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ..validation import check_call_arguments
 from .pipeline_utils import PipelineOutput, extra_step_kwargs, postprocess_image, retrieve_timesteps
 from .stable_diffusion import Img2ImgMixin, StableDiffusionPipeline, tokenize
 
@@ -96,6 +97,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         condition the unconditional half of CFG; they apply only when both sizes are given.
         Other arguments as in StableDiffusionPipeline.__call__.
         """
+        check_call_arguments(self, locals())  # numbers, embeddings, images: before any model runs
         height = height or self.default_size()
         width = width or self.default_size()
         batch_size = self.check_inputs(
@@ -264,6 +266,7 @@ class StableDiffusionXLImg2ImgPipeline(Img2ImgMixin, StableDiffusionXLPipeline):
 
         Arguments as in StableDiffusionXLPipeline.__call__ and StableDiffusionImg2ImgPipeline.__call__.
         """
+        check_call_arguments(self, locals())  # numbers, embeddings, images: before any model runs
         batch_size = self.check_inputs(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, generator,
             output_type, callback_on_step_end_tensor_inputs, num_inference_steps, timesteps, sigmas=sigmas,
