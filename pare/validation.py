@@ -212,7 +212,6 @@ PER_BLOCK_LAYERS = AnyOf((LAYERS, ListOf(LAYERS)))
 def _unet_rules() -> dict:
     from .models.activations import ACTIVATIONS
     from .models.resnet import TIME_EMBEDDING_NORMS
-    from .models.unet_2d_condition import CLASS_EMBED_TYPES, ENCODER_HID_DIM_TYPES
 
     activation = Choice(tuple(ACTIVATIONS))
     return {
@@ -255,10 +254,11 @@ def _unet_rules() -> dict:
         "resnet_out_scale_factor": Real(1e-2, 1e2),
         "mid_block_only_cross_attention": Nullable(Bool()),
         "addition_embed_type_num_heads": POSITIVE,
-        "class_embed_type": Choice(CLASS_EMBED_TYPES),  # the x4 upscaler: None with num_class_embeds
+        # Their values are left to the UNet's own checks, which say what is not ported (CLASS_EMBED_TYPES, ...).
+        "class_embed_type": Nullable(STRING),  # the x4 upscaler: None with num_class_embeds
         "num_class_embeds": Nullable(POSITIVE),
         "encoder_hid_dim": Nullable(POSITIVE),  # Kolors: text_proj from its ChatGLM width
-        "encoder_hid_dim_type": Choice(ENCODER_HID_DIM_TYPES),
+        "encoder_hid_dim_type": Nullable(STRING),
     }
 
 
