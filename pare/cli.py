@@ -185,79 +185,76 @@ def generate(args, parser) -> int:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
 
-    try:
-        # 2. Load: the folder's model_index.json says which family it is; a single file, its keys.
-        single_file = Path(args.model).is_file()
-        if single_file:
-            from .single_file import detect_family, read_checkpoint
+    # Errors from here on (bad folders, images, arguments) reach main(): one line, or the traceback with --debug.
+    # 2. Load: the folder's model_index.json says which family it is; a single file, its keys.
+    single_file = Path(args.model).is_file()
+    if single_file:
+        from .single_file import detect_family, read_checkpoint
 
-            family = detect_family(read_checkpoint(args.model, args.allow_pickle)[0], args.model)
-            config_root = pipeline_root(args.config or family.default_repo)
-            class_name = "StableDiffusionXLPipeline" if family.sdxl else "StableDiffusionPipeline"
-        elif args.config is not None:
-            parser.error("--config applies to a single checkpoint file only; --model is a folder or repo id")
+        family = detect_family(read_checkpoint(args.model, args.allow_pickle)[0], args.model)
+        config_root = pipeline_root(args.config or family.default_repo)
+        class_name = "StableDiffusionXLPipeline" if family.sdxl else "StableDiffusionPipeline"
+    elif args.config is not None:
+        parser.error("--config applies to a single checkpoint file only; --model is a folder or repo id")
+    else:
+        config_root = pipeline_root(args.model)
+        class_name = None
+    index = read_model_index(config_root)
+    pipeline_class = choose_pipeline(class_name or index.get("_class_name", ""), img2img=args.image is not None,
+                                     inpaint=args.mask is not None, controlnet=args.controlnet is not None)
+    named = (index.get("scheduler") or [None, None])[1]
+    if args.scheduler is None and args.sampler is None and named is not None and named not in SCHEDULERS:
+        raise ValueError(f"{args.model} names {named}, which pare does not implement; pass --sampler or "
+                         f"--scheduler (one of {', '.join(sorted(SCHEDULERS))}) to build another from the "
+                         f"folder's scheduler config")
+    components = {}
+    if args.scheduler is not None or args.sampler is not None:
+        from .loading import resolve_folder
+
+        scheduler_folder = resolve_folder(config_root if single_file else args.model, "scheduler")
+        if args.sampler is not None:
+            options = sampler.options
+            scheduler_class = get_scheduler_class(sampler.class_name)
         else:
-            config_root = pipeline_root(args.model)
-            class_name = None
-        index = read_model_index(config_root)
-        pipeline_class = choose_pipeline(class_name or index.get("_class_name", ""), img2img=args.image is not None,
-                                         inpaint=args.mask is not None, controlnet=args.controlnet is not None)
-        named = (index.get("scheduler") or [None, None])[1]
-        if args.scheduler is None and args.sampler is None and named is not None and named not in SCHEDULERS:
-            raise ValueError(f"{args.model} names {named}, which pare does not implement; pass --sampler or "
-                             f"--scheduler (one of {', '.join(sorted(SCHEDULERS))}) to build another from the "
-                             f"folder's scheduler config")
-        components = {}
-        if args.scheduler is not None or args.sampler is not None:
-            from .loading import resolve_folder
+            options, scheduler_class = {}, get_scheduler_class(args.scheduler)
+        components["scheduler"] = scheduler_class.from_config(scheduler_folder, **options)
+    if args.controlnet is not None:
+        from .models.controlnet import ControlNetModel
 
-            scheduler_folder = resolve_folder(config_root if single_file else args.model, "scheduler")
-            if args.sampler is not None:
-                options = sampler.options
-                scheduler_class = get_scheduler_class(sampler.class_name)
-            else:
-                options, scheduler_class = {}, get_scheduler_class(args.scheduler)
-            components["scheduler"] = scheduler_class.from_config(scheduler_folder, **options)
-        if args.controlnet is not None:
-            from .models.controlnet import ControlNetModel
+        components["controlnet"] = ControlNetModel.from_pretrained(args.controlnet, torch_dtype=dtype)
+    if single_file:
+        pipe = pipeline_class.from_single_file(args.model, config=str(config_root), torch_dtype=dtype,
+                                               allow_pickle=args.allow_pickle, **components).to(device)
+    else:
+        pipe = pipeline_class.from_pretrained(args.model, torch_dtype=dtype, **components).to(device)
+    for i, (path, _) in enumerate(loras):
+        pipe.load_lora_weights(path, adapter_name=f"lora_{i}", allow_pickle=args.allow_pickle)
+    if loras:
+        pipe.set_adapters([f"lora_{i}" for i in range(len(loras))], [scale for _, scale in loras])
 
-            components["controlnet"] = ControlNetModel.from_pretrained(args.controlnet, torch_dtype=dtype)
-        if single_file:
-            pipe = pipeline_class.from_single_file(args.model, config=str(config_root), torch_dtype=dtype,
-                                                   allow_pickle=args.allow_pickle, **components).to(device)
-        else:
-            pipe = pipeline_class.from_pretrained(args.model, torch_dtype=dtype, **components).to(device)
-        for i, (path, _) in enumerate(loras):
-            pipe.load_lora_weights(path, adapter_name=f"lora_{i}", allow_pickle=args.allow_pickle)
-        if loras:
-            pipe.set_adapters([f"lora_{i}" for i in range(len(loras))], [scale for _, scale in loras])
+    # 3. Generate.
+    seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    kwargs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                  generator=torch.Generator("cpu").manual_seed(seed))
+    if args.guidance is not None:
+        kwargs["guidance_scale"] = args.guidance
+    from PIL import Image
 
-        # 3. Generate.
-        seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-        kwargs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                      generator=torch.Generator("cpu").manual_seed(seed))
-        if args.guidance is not None:
-            kwargs["guidance_scale"] = args.guidance
-        from PIL import Image
-
-        if args.image is not None:
-            kwargs["image"] = Image.open(args.image)
-            if args.strength is not None:
-                kwargs["strength"] = args.strength
-        if args.mask is not None:
-            kwargs["mask_image"] = Image.open(args.mask)
-        if args.control_image is not None:
-            kwargs["image"] = Image.open(args.control_image)
-            if args.controlnet_scale is not None:
-                kwargs["controlnet_conditioning_scale"] = args.controlnet_scale
-        if args.image is None or args.mask is not None:
-            kwargs.update(height=args.height, width=args.width)
-        if pipeline_class.__name__ == "StableDiffusionUpscalePipeline" and "strength" in kwargs:
-            raise ValueError("--strength does not apply to the x4 upscaler (it takes the image as it is)")
-        image = pipe(**kwargs).images[0]
-    except (ValueError, OSError) as e:  # bad folders, bad images, bad arguments: a message, not a traceback
-        print(f"pare generate: error: {e}", file=sys.stderr)
-        return 1
+    if args.image is not None:
+        kwargs["image"] = Image.open(args.image)
+        if args.strength is not None:
+            kwargs["strength"] = args.strength
+    if args.mask is not None:
+        kwargs["mask_image"] = Image.open(args.mask)
+    if args.control_image is not None:
+        kwargs["image"] = Image.open(args.control_image)
+        if args.controlnet_scale is not None:
+            kwargs["controlnet_conditioning_scale"] = args.controlnet_scale
+    if args.image is None or args.mask is not None:
+        kwargs.update(height=args.height, width=args.width)
+    if pipeline_class.__name__ == "StableDiffusionUpscalePipeline" and "strength" in kwargs:
+        raise ValueError("--strength does not apply to the x4 upscaler (it takes the image as it is)")
+    image = pipe(**kwargs).images[0]
 
     out = write_atomically(args.out, image.save)  # temporary file, then rename: never a half-written PNG
     sampler = f" (sampler {args.sampler!r})" if args.sampler is not None else ""
