@@ -203,16 +203,10 @@ class DEISMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
         The order is the lowest of: solver_order; one more than the steps taken so far; and, with
         lower_order_final and fewer than 15 steps, 1 at the last step and 2 at the one before.
         """
-        owner, c = type(self).__name__, self.config
-        if self.num_inference_steps is None:
-            raise ValueError(f"{owner}.step() was called before set_timesteps(): call scheduler.set_timesteps(num_inference_steps) first")
+        c = self.config
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output has shape {tuple(model_output.shape)} but sample {tuple(sample.shape)}")
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        i, n = self.step_index, len(self.timesteps)
-        if i >= n:
-            raise ValueError(f"{owner}.step(): all {n} steps are done; call set_timesteps() again to sample anew")
+        i, n = self._start_step(timestep)
 
         # 1. the order of this step
         lower_order_final = i == n - 1 and c.lower_order_final and n < 15

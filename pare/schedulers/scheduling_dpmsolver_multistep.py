@@ -556,18 +556,10 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
         final_sigmas_type="zero", where sigma = 0 has no lambda); 2 at the second to last (lower_order_final, < 15).
         SDE types draw their noise z from `generator` (float32, as diffusers draws it) unless `variance_noise` is given.
         """
-        c, owner = self.config, type(self).__name__
-        if self.num_inference_steps is None:
-            raise ValueError(
-                f"{owner}.step() was called before set_timesteps(): call scheduler.set_timesteps(num_inference_steps) first"
-            )
+        c = self.config
         if variance_noise is not None and generator is not None:
             raise ValueError("pass either generator or variance_noise to step(), not both: each is a source of the noise")
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        i, n = self.step_index, len(self.timesteps)
-        if i >= n:
-            raise ValueError(f"{owner}.step(): all {n} steps are done; call set_timesteps() again to sample anew")
+        i, n = self._start_step(timestep)
 
         # 1. the order of this step (lower orders at the end stabilise sampling with few steps)
         lower_order_final = i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == "zero")

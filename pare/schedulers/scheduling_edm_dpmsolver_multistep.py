@@ -162,16 +162,8 @@ class EDMDPMSolverMultistepScheduler(SigmaSchedulerMixin, ConfigMixin):
         Unlike the VP twin, the update runs in the sample's dtype, and sde-dpmsolver++ draws its noise from
         `generator` in the model output's dtype, as diffusers does.
         """
-        c, owner = self.config, type(self).__name__
-        if self.num_inference_steps is None:
-            raise ValueError(
-                f"{owner}.step() was called before set_timesteps(): call scheduler.set_timesteps(num_inference_steps) first"
-            )
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        i, n = self.step_index, len(self.timesteps)
-        if i >= n:
-            raise ValueError(f"{owner}.step(): all {n} steps are done; call set_timesteps() again to sample anew")
+        c = self.config
+        i, n = self._start_step(timestep)
 
         # 1. the order of this step
         lower_order_final = i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == "zero")

@@ -370,16 +370,10 @@ class UniPCMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple:
         """One UniPC step at sigmas[i], i = `step_index`: correct x_i with the new output (UniC), then predict x_{i+1} (UniP)."""
-        owner, c = type(self).__name__, self.config
-        if self.num_inference_steps is None:
-            raise ValueError(f"{owner}.step() was called before set_timesteps(): call scheduler.set_timesteps(num_inference_steps) first")
+        c = self.config
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output has shape {tuple(model_output.shape)} but sample {tuple(sample.shape)}")
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        i, n = self.step_index, len(self.timesteps)
-        if i >= n:
-            raise ValueError(f"{owner}.step(): all {n} steps are done; call set_timesteps() again to sample anew")
+        i, n = self._start_step(timestep)
 
         # 1. the corrector, UniC-p with the previous step's order: refines the sample the last predictor made
         use_corrector = i > 0 and i - 1 not in self.disable_corrector and self.last_sample is not None

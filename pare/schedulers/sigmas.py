@@ -314,6 +314,19 @@ class SigmaSchedulerMixin:
             "DDPMScheduler.get_velocity (diffusers' EulerDiscreteScheduler.get_velocity indexes alphas_cumprod by step position)"
         )
 
+    def _start_step(self, timestep) -> tuple[int, int]:
+        """(step index, number of steps) for a multistep solver's `step`, after the errors it raises first:
+        no set_timesteps() yet, or every step already taken. The first call finds the index from `timestep`."""
+        owner = type(self).__name__
+        if self.num_inference_steps is None:
+            raise ValueError(f"{owner}.step() was called before set_timesteps(): call scheduler.set_timesteps(num_inference_steps) first")
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i, n = self.step_index, len(self.timesteps)
+        if i >= n:
+            raise ValueError(f"{owner}.step(): all {n} steps are done; call set_timesteps() again to sample anew")
+        return i, n
+
     def _check_step_input(self, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> None:
         """The errors every sigma scheduler's `step` raises before it does anything."""
         owner = type(self).__name__
