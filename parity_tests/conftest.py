@@ -2,6 +2,7 @@
 
     pytest parity_tests                              # CPU, float32, tight tolerances
     pytest parity_tests --device cuda --dtype fp16   # GPU tier, judged by the error budget
+    pytest parity_tests --device cuda --dtype fp16 --fast   # the same, pare on its fast path (pare/fast/)
 """
 
 import os
@@ -23,9 +24,14 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 def pytest_addoption(parser):
     parser.addoption("--device", default="cpu", choices=["cpu", "cuda"], help="where both libraries run")
     parser.addoption("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="precision both libraries run in")
+    parser.addoption("--fast", action="store_true",
+                     help="pare's models run its fast path (pare/fast/) in every block check, at the same tolerances")
 
 
 def pytest_configure(config):
+    from parity_tests import harness
+
+    harness.FAST = config.getoption("--fast")
     # Parity in float32 means IEEE float32: TF32 matmuls would add ~1e-3 error to both sides.
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

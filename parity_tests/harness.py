@@ -32,6 +32,18 @@ def first_tensor(out: Any) -> torch.Tensor:
     raise TypeError(f"cannot find the output tensor in {type(out).__name__}")
 
 
+FAST = False  # set from pytest's --fast (conftest.py): pare's side runs pare.fast.optimize_model
+
+
+def fast_if_asked(module: torch.nn.Module) -> torch.nn.Module:
+    """pare's module on its fast path when the run asked for --fast (after its weights and dtype are final)."""
+    if FAST:
+        from pare.fast import optimize_model
+
+        optimize_model(module)
+    return module
+
+
 def copy_weights(pare_module: torch.nn.Module, diffusers_module: torch.nn.Module) -> None:
     """diffusers' state dict into pare's twin, strictly: the parameter names must be identical."""
     pare_module.load_state_dict(diffusers_module.state_dict(), strict=True)
@@ -59,7 +71,7 @@ def check_block(
     """
     kwargs = kwargs or {}
     copy_weights(pare_module, diffusers_module)
-    pare_module = pare_module.to(device=device, dtype=dtype).eval()
+    pare_module = fast_if_asked(pare_module.to(device=device, dtype=dtype).eval())
     diffusers_module = diffusers_module.to(device=device, dtype=dtype).eval()
     args, kwargs = cast(args, dtype, device), cast(kwargs, dtype, device)
 

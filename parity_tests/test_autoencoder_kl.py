@@ -16,7 +16,7 @@ from pare import AutoencoderKL
 from pare.configs import SD_VAE, SDXL_VAE, TINY_VAE
 from pare.parity import assert_parity
 from parity_tests.checkpoints import build_diffusers_model, make_checkpoint
-from parity_tests.harness import cast
+from parity_tests.harness import cast, fast_if_asked
 from parity_tests.strategies import seeds, vae_configs
 
 HALF = (torch.float16, torch.bfloat16)
@@ -37,7 +37,7 @@ def pare_twin(theirs: torch.nn.Module, config: dict) -> AutoencoderKL:
 
 def pair(config: dict, device, dtype=torch.float32, seed: int = 0):
     theirs = build_diffusers_model("vae", config, seed, device)
-    return pare_twin(theirs, config).to(dtype), theirs.to(dtype)
+    return fast_if_asked(pare_twin(theirs, config).to(dtype)), theirs.to(dtype)
 
 
 @torch.no_grad()

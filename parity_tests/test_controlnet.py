@@ -18,7 +18,7 @@ from pare.parity.controlnet_checkpoint import make_controlnet_checkpoint, refere
 from pare.parity import assert_parity
 from pare.parity.blocks import compare_blocks
 from parity_tests.checkpoints import build_diffusers_model
-from parity_tests.harness import cast, check_block
+from parity_tests.harness import cast, check_block, fast_if_asked
 from parity_tests.test_unet import unet_inputs
 
 UNET_OF = {"tiny-sd": "tiny-sd", "tiny-sdxl": "tiny-sdxl", "sd15": "sd15", "sdxl": "sdxl"}
@@ -88,6 +88,7 @@ def test_official_controlnet_matches_diffusers_block_by_block(device, dtype, nam
     with torch.device(device):
         ours = ControlNetModel.from_config(CONTROLNET_CONFIGS[name]).to(dtype).eval()
     ours.load_state_dict(theirs.state_dict(), strict=True)
+    fast_if_asked(ours)
     exact = copy.deepcopy(theirs).double() if dtype in (torch.float16, torch.bfloat16) else None
     args, kwargs = controlnet_inputs(name, 2, side, side, tokens=77, device=device)
     args, kwargs = cast(args, dtype, device), {**cast(kwargs, dtype, device), "return_dict": False}

@@ -21,7 +21,7 @@ from pare.configs import SDXL_UNET, TINY_SD_UNET, TINY_SDXL_UNET, UNET_CONFIGS
 from pare.parity import assert_parity
 from pare.parity.blocks import compare_blocks
 from parity_tests.checkpoints import build_diffusers_model, make_checkpoint
-from parity_tests.harness import cast, check_block
+from parity_tests.harness import cast, check_block, fast_if_asked
 from parity_tests.strategies import seeds
 
 TINY = ["tiny-sd", "tiny-sd2", "tiny-sdxl", "tiny-sd-inpaint", "tiny-lcm"]
@@ -146,6 +146,7 @@ def test_official_unet_every_block_within_budget(device, dtype, name):
     with torch.device(device):
         ours = UNet2DConditionModel.from_config(config).to(dtype).eval()
     ours.load_state_dict(theirs.state_dict(), strict=True)
+    fast_if_asked(ours)
     exact = copy.deepcopy(theirs).double() if dtype in (torch.float16, torch.bfloat16) else None
     args, kwargs = unet_inputs(config, 2, side, side, tokens=77, device=device)
     try:

@@ -199,6 +199,10 @@ def official_pipelines(family: str, device, dtype):
     theirs.set_progress_bar_config(disable=True)
     ours = pare_twin(theirs, dtype)
     ours.set_progress_bar_config(disable=True)
+    from parity_tests.harness import FAST
+
+    if FAST:
+        ours.enable_fast()  # --fast: the fast path, its UNet from CUDA graphs on CUDA
     return ours, theirs
 
 

@@ -71,13 +71,13 @@ def run(args: argparse.Namespace) -> list[Path]:
     plan = [(f, c, b) for f in families for c in cases for b in (map(int, args.batches.split(",")) if c in ("unet", "controlnet-step") else [1])]
     for family, case, batch in tqdm(plan, desc="pare bench", unit="case"):
         w = workloads.build(ref, family, case, device, dtype, batch)
-        case_modes = modes if w.graphable else ("eager",)
+        case_modes = modes if w.graphable else tuple(m for m in modes if m == "eager" or (m == "fast" and w.fast))
         # Full pipelines take fewer runs by default (seconds each); --iters/--warmup given apply to every case.
         case_warmup = args.warmup or (w.runs[0] if w.runs else warmup)
         case_iters = args.iters or (w.runs[1] if w.runs else iters)
         for library, model, call in (("pare", w.ours, w.call_ours), ("diffusers", w.theirs, w.call_theirs)):
             bench_case(result, w.name, library, model, call, case_modes, device, peak, case_warmup, case_iters,
-                       tqdm.write, w.stages)
+                       tqdm.write, w.stages, w.graphable)
         del w
         if cuda:
             torch.cuda.empty_cache()

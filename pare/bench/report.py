@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from ..atomic import write_atomically, write_text_atomically
-from .timing import Run
+from .timing import PARE_ONLY_MODES, Run
 
 
 def _ms(x: float) -> str:
@@ -32,13 +32,18 @@ def to_markdown(run: Run) -> str:
     by_key = {(r.case, r.mode, r.library): r for r in run.results}
     for case, mode in dict.fromkeys((r.case, r.mode) for r in run.results):
         ours, theirs = by_key.get((case, mode, "pare")), by_key.get((case, mode, "diffusers"))
+        label = mode
+        if theirs is None and mode in PARE_ONLY_MODES:  # against the fastest diffusers mode of the same run
+            timed = [r for r in run.results if r.case == case and r.library == "diffusers" and not math.isnan(r.median_ms)]
+            theirs = min(timed, key=lambda r: r.median_ms, default=None)
+            label = f"{mode} (vs diffusers {theirs.mode})" if theirs else mode
         if ours is None or theirs is None:
             continue
         ratio = ours.median_ms / theirs.median_ms if theirs.median_ms and not math.isnan(theirs.median_ms) else None
         mem = lambda r: "—" if r.peak_mem_gib is None else f"{r.peak_mem_gib:.2f}"  # noqa: E731
         comp = "—" if ours.compile_s is None else f"{ours.compile_s:.0f} / {theirs.compile_s or float('nan'):.0f}"
         lines.append(
-            f"| {case} | {mode} | {ours.runs} | {_ms(ours.median_ms)} ({_ms(ours.p10_ms)}–{_ms(ours.p90_ms)}) "
+            f"| {case} | {label} | {ours.runs} | {_ms(ours.median_ms)} ({_ms(ours.p10_ms)}–{_ms(ours.p90_ms)}) "
             f"| {_ms(theirs.median_ms)} ({_ms(theirs.p10_ms)}–{_ms(theirs.p90_ms)}) "
             f"| {'—' if ratio is None or math.isnan(ratio) else f'{ratio:.2f}'} | {mem(ours)} | {mem(theirs)} "
             f"| {'—' if ours.gflop is None else f'{ours.gflop:.4g}'} | {_ms(ours.floor_ms)} "
@@ -63,7 +68,8 @@ def stage_table(run: Run) -> list[str]:
     for r in staged:
         total = r.stages_ms["total"]
         cells = [f"{r.stages_ms[n]:.1f} ({r.stages_ms[n] / total:.1%})" for n in names]
-        lines.append(f"| {r.case} | {r.library} | {total:.1f} | " + " | ".join(cells) + " |")
+        library = r.library if r.mode == "eager" else f"{r.library} ({r.mode})"
+        lines.append(f"| {r.case} | {library} | {total:.1f} | " + " | ".join(cells) + " |")
     return lines
 
 

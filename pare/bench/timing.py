@@ -25,7 +25,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .stages import time_stages
 
-MODES = ("eager", "graph", "compile", "compile-ro")
+MODES = ("eager", "graph", "compile", "compile-ro", "compile-graph", "fast")
+# compile-graph: channels last, torch.compile (default mode), and the compiled call captured in a CUDA
+#   graph by hand, so that only its kernels count: the best a patient user gets from either library.
+# fast: pare's fast path (pare/fast/), captured in a CUDA graph for models; whole pipelines run with
+#   pipe.enable_fast(), whose UNet replays CUDA graphs. pare only (diffusers has no such mode).
+PARE_ONLY_MODES = ("fast",)
 LIBRARIES = ("pare", "diffusers")
 
 
@@ -115,28 +120,66 @@ def in_cuda_graph(fn: Callable[[], object], device: torch.device) -> Callable[[]
 
 
 def prepare(mode: str, model: torch.nn.Module, call: Callable[[torch.nn.Module], object],
-            device: torch.device) -> tuple[Callable[[], object], float | None, str]:
-    """The callable to time for `mode`, its compile time in seconds, and a note."""
+            device: torch.device, graphable: bool = True) -> tuple[Callable[[], object], float | None, str]:
+    """The callable to time for `mode`, its set-up time in seconds (compile, or the fast path's first call), a note.
+
+    `compile-graph` and `fast` change the model in place (layout, block classes): `undo(mode, model)` after.
+    """
     if mode == "eager":
         return (lambda: call(model)), None, ""
+    if mode in ("graph", "compile-graph") and device.type != "cuda":
+        raise ValueError(f"mode {mode!r} needs CUDA")
     if mode == "graph":
-        if device.type != "cuda":
-            raise ValueError("mode 'graph' needs CUDA")
         return in_cuda_graph(lambda: call(model), device), None, ""
-    if mode in ("compile", "compile-ro"):
+    if mode in ("compile", "compile-ro", "compile-graph"):
+        if mode == "compile-graph":
+            for m in _modules(model):
+                m.to(memory_format=torch.channels_last)
         # Compile the call, not the module, so that methods like vae.decode are compiled too.
         compiled = torch.compile(call, mode="reduce-overhead" if mode == "compile-ro" else None)
         t0 = time.perf_counter()
         for _ in range(3):  # reduce-overhead records its graph on the 2nd/3rd call
             compiled(model)
         synchronize(device)
+        if mode == "compile-graph":
+            fn = in_cuda_graph(lambda: compiled(model), device)
+            return fn, time.perf_counter() - t0, "channels last; compile time includes 3 calls and the capture"
         return (lambda: compiled(model)), time.perf_counter() - t0, "compile time includes 3 calls"
+    if mode == "fast":
+        import pare.fast
+
+        t0 = time.perf_counter()
+        pare.fast.optimize(model)
+        if graphable and device.type == "cuda":
+            fn = in_cuda_graph(lambda: call(model), device)
+        else:
+            call(model)  # a pipeline: its first call captures the UNet's graphs
+            fn = lambda: call(model)  # noqa: E731
+        synchronize(device)
+        return fn, time.perf_counter() - t0, "set-up time: optimize, Triton compiles (cached after the first run), capture"
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+
+
+def _modules(model) -> list[torch.nn.Module]:
+    if isinstance(model, torch.nn.Module):
+        return [model]
+    return [m for m in vars(model).values() if isinstance(m, torch.nn.Module)]
+
+
+def undo(mode: str, model) -> None:
+    """Put the model back as the reference modes expect it, after `compile-graph` or `fast`."""
+    if mode == "fast":
+        import pare.fast
+
+        pare.fast.restore(model)
+    elif mode == "compile-graph":
+        for m in _modules(model):
+            m.to(memory_format=torch.contiguous_format)
 
 
 def bench_case(run: Run, case: str, library: str, model: torch.nn.Module, call: Callable[[torch.nn.Module], object],
                modes: tuple[str, ...], device: torch.device, peak_flops: float, warmup: int, iters: int,
-               progress: Callable[[str], None] = print, stages: Callable | None = None) -> None:
+               progress: Callable[[str], None] = print, stages: Callable | None = None, graphable: bool = True) -> None:
     """Time one (case, library) in every mode and append the results to `run`."""
     gflop = None
     try:
@@ -148,11 +191,14 @@ def bench_case(run: Run, case: str, library: str, model: torch.nn.Module, call: 
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
+        if mode in PARE_ONLY_MODES and library != "pare":
+            continue
         try:
             with torch.no_grad():
-                fn, compile_s, note = prepare(mode, model, call, device)
+                fn, compile_s, note = prepare(mode, model, call, device, graphable)
                 times = time_ms(fn, device, warmup, iters)
         except Exception as e:  # one failing mode must not lose the rest of the run
+            undo(mode, model)
             progress(f"    failed: {type(e).__name__}: {str(e)[:200]}")
             run.results.append(Result(case, library, mode, float("nan"), float("nan"), float("nan"), 0, None, gflop,
                                       None, note=f"failed: {type(e).__name__}: {str(e)[:200]}"))
@@ -162,9 +208,10 @@ def bench_case(run: Run, case: str, library: str, model: torch.nn.Module, call: 
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         floor = gflop * 1e9 / peak_flops * 1e3 if gflop else None
         stages_ms = None
-        if stages is not None and mode == "eager":
+        if stages is not None and mode in ("eager", "fast"):
             with torch.no_grad():
                 stages_ms = time_stages(lambda: call(model), stages(model), device)
+        undo(mode, model)
         run.results.append(Result(case, library, mode, statistics.median(times), q[0], q[-1], len(times), peak, gflop,
                                   floor, compile_s, note, stages_ms))
         if mode.startswith("compile"):

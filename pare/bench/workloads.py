@@ -38,6 +38,7 @@ class Workload:
     graphable: bool = True  # False: host-side logic (a scheduler step) that a CUDA graph or compile would not show
     runs: tuple[int, int] | None = None  # (warm-up, timed) runs, where the defaults would take too long
     stages: Callable[[object], dict[str, list[torch.nn.Module]]] | None = None  # modules per stage, to time each
+    fast: bool = True  # False: nothing for pare's fast path to change (a scheduler step)
 
 
 def _twins(ref: ModuleType, pare_cls, ref_cls_name: str, config: dict, device, dtype):
@@ -104,7 +105,7 @@ def scheduler_step(ref: ModuleType, family: str, device, dtype) -> Workload:
     t_ours, t_theirs = ours.timesteps[10], theirs.timesteps[10]
     return Workload(f"{family} ddim step", ours, theirs,
                     lambda s: s.step(eps, t_ours, latents).prev_sample,
-                    lambda s: s.step(eps, t_theirs, latents, return_dict=False)[0], graphable=False)
+                    lambda s: s.step(eps, t_theirs, latents, return_dict=False)[0], graphable=False, fast=False)
 
 
 def pipeline(ref: ModuleType, family: str, device, dtype) -> Workload:

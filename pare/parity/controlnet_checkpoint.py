@@ -121,7 +121,7 @@ def controlnet_inputs(config: str | dict, batch: int = 2, side: int | None = Non
 
 
 def controlnet_rows(reference: ModuleType, config: str, device="cpu", dtype=torch.float32, seed: int = 0,
-                    with64: bool = False, side: int | None = None, depth: str = "blocks"):
+                    with64: bool = False, side: int | None = None, depth: str = "blocks", fast: bool = False):
     """Block-by-block rows (`pare.parity.blocks.compare_blocks`) of pare's ControlNet against diffusers' at a
     config of CONTROLNET_CONFIGS ("sd15", "sdxl", "tiny-sd", ...), on one seeded call; float64 reference if with64.
     pare's model is loaded from the checkpoint folder diffusers wrote, as a user would load it."""
@@ -135,6 +135,10 @@ def controlnet_rows(reference: ModuleType, config: str, device="cpu", dtype=torc
     with tempfile.TemporaryDirectory() as folder:
         theirs.save_pretrained(folder, safe_serialization=True)
         ours = ControlNetModel.from_pretrained(folder, torch_dtype=dtype, device=device)
+    if fast:
+        from ..fast import optimize_model
+
+        optimize_model(ours)
     args, kwargs = controlnet_inputs(config, 2, side, seed, device, dtype)
     kwargs["return_dict"] = False  # both return (down residuals, mid residual)
     ref64 = copy.deepcopy(theirs).to(torch.float64) if with64 else None

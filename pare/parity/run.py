@@ -89,10 +89,20 @@ def load_twins(reference, cls, folder, subfolder: str, device, dtype, single_fil
     return ours, theirs.to(device).eval()
 
 
-def unet_rows(reference, folder, device, dtype, seed, with64, depth="blocks", single_file=None):
+def fast_if(fast: bool, model: nn.Module) -> nn.Module:
+    """--fast: pare's side runs its fast path (pare/fast/), held to the same tolerances."""
+    if fast:
+        from ..fast import optimize_model
+
+        optimize_model(model)
+    return model
+
+
+def unet_rows(reference, folder, device, dtype, seed, with64, depth="blocks", single_file=None, fast=False):
     from ..models.unet_2d_condition import UNet2DConditionModel
 
     ours, theirs = load_twins(reference, UNet2DConditionModel, folder, "unet", device, dtype, single_file)
+    fast_if(fast, ours)
     cfg = ours.config
     g = torch.Generator(device).manual_seed(seed)
     batch, side = 2, cfg.sample_size  # batch 2: the unconditional and conditional halves of CFG
@@ -111,10 +121,11 @@ def unet_rows(reference, folder, device, dtype, seed, with64, depth="blocks", si
     return compare_blocks(ours, theirs, args, kwargs, reference64=ref64, depth=depth).rows
 
 
-def vae_rows(reference, folder, device, dtype, seed, with64, depth="blocks", single_file=None):
+def vae_rows(reference, folder, device, dtype, seed, with64, depth="blocks", single_file=None, fast=False):
     from ..models.autoencoder_kl import AutoencoderKL
 
     ours, theirs = load_twins(reference, AutoencoderKL, folder, "vae", device, dtype, single_file)
+    fast_if(fast, ours)
     cfg = ours.config
     side = cfg.sample_size
     factor = 2 ** (len(cfg.block_out_channels) - 1)
@@ -165,7 +176,7 @@ def _generate(pipe, noise: torch.Tensor, steps: int, seed: int, replay: list[tor
     return rows + [("image", image)]
 
 
-def pipeline_rows(reference, folder, device, dtype, seed, with64, steps, scheduler=None) -> list[Row]:
+def pipeline_rows(reference, folder, device, dtype, seed, with64, steps, scheduler=None, fast=False) -> list[Row]:
     """The whole text-to-image loop on both sides (prompt, seeded noise, CFG 7.5, `steps` steps), step by step.
 
     Each step is compared locally (pare's step from diffusers' latents, see `_generate`'s replay)
@@ -190,6 +201,8 @@ def pipeline_rows(reference, folder, device, dtype, seed, with64, steps, schedul
         pipe = cls.from_pretrained(folder, torch_dtype=torch_dtype, scheduler=scheduler,
                                    **(extra if cls is theirs_cls else {})).to(device)
         pipe.set_progress_bar_config(disable=True)
+        if fast and cls is ours_cls:
+            pipe.enable_fast()  # on CUDA its UNet replays CUDA graphs
         return pipe
 
     def free():  # one pipeline on the device at a time
@@ -305,19 +318,20 @@ def run(args: argparse.Namespace) -> Report:
                 from .controlnet_checkpoint import FAMILY_CONTROLNETS, controlnet_rows
 
                 report.add("controlnet", controlnet_rows(reference, FAMILY_CONTROLNETS[args.config], device, dtype,
-                                                         args.seed, with64, depth=depth))
+                                                         args.seed, with64, depth=depth, fast=args.fast))
                 continue
             if single_file is not None:
                 rows = unet_rows if component == "unet" else vae_rows
-                report.add(component, rows(reference, folder, device, dtype, args.seed, with64, depth, single_file))
+                report.add(component, rows(reference, folder, device, dtype, args.seed, with64, depth, single_file,
+                                           args.fast))
                 continue
             if not (folder / ("model_index.json" if component == "pipeline" else component)).exists():
                 what = "model_index.json" if component == "pipeline" else f"{component}/ folder"
                 raise SystemExit(f"pare parity: {folder} has no {what}; pass --components without {component}")
             if component == "unet":
-                report.add("unet", unet_rows(reference, folder, device, dtype, args.seed, with64, depth))
+                report.add("unet", unet_rows(reference, folder, device, dtype, args.seed, with64, depth, fast=args.fast))
             elif component == "vae":
-                report.add("vae", vae_rows(reference, folder, device, dtype, args.seed, with64, depth))
+                report.add("vae", vae_rows(reference, folder, device, dtype, args.seed, with64, depth, fast=args.fast))
             elif component == "scheduler":
                 config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
                 for name in scheduler_names(args, folder):
@@ -326,7 +340,7 @@ def run(args: argparse.Namespace) -> Report:
             elif component == "pipeline":
                 for name in scheduler_names(args, folder):
                     report.add("pipeline", pipeline_rows(reference, folder, device, dtype, args.seed, with64,
-                                                         args.steps, name))
+                                                         args.steps, name, fast=args.fast))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if tmp is not None:
@@ -366,3 +380,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference-path", default=None, help="a diffusers source tree to import instead of the installed one")
     parser.add_argument("--out", default=None, help="write OUT.md, OUT.json and OUT.png (the error against execution order)")
     parser.add_argument("--verbose", action="store_true", help="print every row (default: a summary and the worst rows)")
+    parser.add_argument("--fast", action="store_true",
+                        help="run pare's fast path (pare/fast/: fused kernels, channels last; in pipelines on CUDA the "
+                             "UNet from CUDA graphs), held to the same tolerances and error budget")

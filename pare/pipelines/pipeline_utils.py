@@ -353,6 +353,18 @@ class PipelineMixin(LoraLoaderMixin):
             model.to(device=device, dtype=dtype)
         return self
 
+    def enable_fast(self, **options):
+        """The fast path (pare/fast/): fused kernels, channels last and, on CUDA, the UNet from CUDA graphs."""
+        from ..fast import optimize
+
+        return optimize(self, **options)
+
+    def disable_fast(self):
+        """Back to the reference modules (the weights stay where they are)."""
+        from ..fast import restore
+
+        return restore(self)
+
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device

@@ -1,0 +1,98 @@
+"""Where a model's GPU time goes: kernel time by class (conv, GEMM, attention, norms, elementwise) under a CUDA graph.
+
+    python benchmarks/profile_kernels.py --models sd15,sdxl --cases unet,vae-decode --modes graph,fast --out DIR
+
+Each (model, case, mode) is captured in one CUDA graph (`pare.bench.timing.in_cuda_graph`), replayed
+under the torch profiler, and its kernels summed by class from their names. pare's models only:
+diffusers launches the same kernels as pare's reference modules (the README's parity reports).
+This is the table of benchmarks/NOTES.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+# Kernel-name patterns per class, first match wins (cuDNN, cuBLAS/CUTLASS, flash/cuDNN attention, Triton).
+CLASSES = [
+    ("attention", r"flash|fmha|attention|sdpa|softmax"),
+    ("group norm", r"group_norm|groupnorm|_group_norm_triton|stats|finalize|^apply"),
+    ("layer norm", r"layer_norm|layernorm"),
+    ("geglu", r"geglu"),
+    ("conv", r"conv|fprop|dgrad|implicit|winograd|cudnn|nhwc|nchw"),
+    ("gemm", r"gemm|cutlass|cublas|nvjet|sm90_xmma|matmul|wgmma"),
+    ("elementwise", r"."),
+]
+
+
+def kernel_class(name: str) -> str:
+    for label, pattern in CLASSES:
+        if re.search(pattern, name, re.IGNORECASE):
+            return label
+    return "elementwise"
+
+
+def profile(fn, replays: int = 10) -> dict:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            fn()
+        torch.cuda.synchronize()
+    time_us, count = defaultdict(float), defaultdict(int)
+    names = defaultdict(float)
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        label = kernel_class(event.name)
+        time_us[label] += event.device_time / replays
+        count[label] += 1 / replays
+        names[event.name] += event.device_time / replays
+    top = sorted(names.items(), key=lambda kv: -kv[1])[:25]
+    return {"ms": {k: v / 1e3 for k, v in time_us.items()}, "kernels": {k: round(v) for k, v in count.items()},
+            "total_ms": sum(time_us.values()) / 1e3, "top": [(n[:120], us / 1e3) for n, us in top]}
+
+
+def main() -> None:
+    from pare.bench import workloads
+    from pare.bench.timing import prepare, undo
+    from pare.parity.reference import import_reference
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="sd15")
+    parser.add_argument("--cases", default="unet")
+    parser.add_argument("--modes", default="graph,fast", help="graph (the reference modules) and/or fast")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    ref = import_reference(None)
+    device, dtype = torch.device("cuda"), torch.float16
+    results = []
+    for family in args.models.split(","):
+        for case in args.cases.split(","):
+            w = workloads.build(ref, family, case, device, dtype, args.batch)
+            for mode in args.modes.split(","):
+                with torch.no_grad():
+                    fn, setup_s, _ = prepare(mode, w.ours, w.call_ours, device)
+                    row = {"case": w.name, "mode": mode, **profile(fn)}
+                    undo(mode, w.ours)
+                results.append(row)
+                cells = " ".join(f"{k} {v:.2f} ({row['kernels'][k]})" for k, v in sorted(row["ms"].items()))
+                print(f"{w.name:<24} {mode:<6} total {row['total_ms']:.2f} ms: {cells}", flush=True)
+                if args.out:
+                    Path(args.out).mkdir(parents=True, exist_ok=True)
+                    (Path(args.out) / "profile.json").write_text(json.dumps(results, indent=1))
+            del w
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

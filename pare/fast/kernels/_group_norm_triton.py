@@ -1,0 +1,84 @@
+"""The Triton side of `group_norm.py` (imported only where Triton is installed). Maps are channels last:
+the value of pixel p, channel c of image b sits at b*HW*C + p*C + c."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def stats(x_ptr, add_ptr, part_ptr, HW, C, CPG, n_tiles,
+          G: tl.constexpr, G_P: tl.constexpr, CPG_P: tl.constexpr, BLOCK_HW: tl.constexpr, HAS_ADD: tl.constexpr):
+    """Pass 1: (mean, M2) of every group over BLOCK_HW pixels. The tile is (pixels, groups, channels of a group)."""
+    tile = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rows = tile * BLOCK_HW + tl.arange(0, BLOCK_HW)  # (R,)
+    g = tl.arange(0, G_P)
+    j = tl.arange(0, CPG_P)
+    ch = g[:, None] * CPG + j[None, :]  # (G_P, CPG_P): channel index
+    cmask = (g[:, None] < G) & (j[None, :] < CPG)
+    mask = (rows[:, None, None] < HW) & cmask[None, :, :]  # (R, G_P, CPG_P)
+    offs = b * HW * C + rows[:, None, None].to(tl.int64) * C + ch[None, :, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        a = tl.load(add_ptr + b * C + ch, mask=cmask, other=0.0).to(tl.float32)  # (G_P, CPG_P)
+        x = tl.where(mask, x + a[None, :, :], 0.0)
+    n = (tl.minimum(HW - tile * BLOCK_HW, BLOCK_HW) * CPG).to(tl.float32)  # values of one group in this tile
+    mean = tl.sum(tl.sum(x, axis=2), axis=0) / n  # (G_P,)
+    d = tl.where(mask, x - mean[None, :, None], 0.0)
+    m2 = tl.sum(tl.sum(d * d, axis=2), axis=0)  # (G_P,)
+    out = part_ptr + ((b * n_tiles + tile) * G_P + g) * 2
+    tl.store(out, mean, mask=g < G)
+    tl.store(out + 1, m2, mask=g < G)
+
+
+@triton.jit
+def finalize(part_ptr, stat_ptr, HW, CPG, n_tiles, eps,
+             G: tl.constexpr, G_P: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Pass 2: merge the tiles of one (image, group) exactly (Chan et al.) -> mean and 1/sqrt(var + eps)."""
+    b = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    total = (HW * CPG).to(tl.float32)
+    acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for start in range(0, n_tiles, BLOCK_T):
+        t = start + tl.arange(0, BLOCK_T)
+        m = t < n_tiles
+        mean_t = tl.load(part_ptr + ((b * n_tiles + t) * G_P + g) * 2, mask=m, other=0.0)
+        n_t = tl.where(m, tl.minimum(HW - t * BLOCK_HW, BLOCK_HW) * CPG, 0).to(tl.float32)
+        acc += n_t * mean_t
+    mean = tl.sum(acc, axis=0) / total
+    acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for start in range(0, n_tiles, BLOCK_T):
+        t = start + tl.arange(0, BLOCK_T)
+        m = t < n_tiles
+        mean_t = tl.load(part_ptr + ((b * n_tiles + t) * G_P + g) * 2, mask=m, other=0.0)
+        m2_t = tl.load(part_ptr + ((b * n_tiles + t) * G_P + g) * 2 + 1, mask=m, other=0.0)
+        n_t = tl.where(m, tl.minimum(HW - t * BLOCK_HW, BLOCK_HW) * CPG, 0).to(tl.float32)
+        acc += m2_t + n_t * (mean_t - mean) * (mean_t - mean)
+    var = tl.sum(acc, axis=0) / total
+    tl.store(stat_ptr + (b * G + g) * 2, mean)
+    tl.store(stat_ptr + (b * G + g) * 2 + 1, 1.0 / tl.sqrt(var + eps))
+
+
+@triton.jit
+def apply(x_ptr, add_ptr, stat_ptr, w_ptr, bias_ptr, y_ptr, HW, C, CPG,
+          G: tl.constexpr, C_P: tl.constexpr, BLOCK_HW: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr):
+    """Pass 3: y = (x + add) * (rstd * w) + (bias - mean * rstd * w), then x * sigmoid(x), over (pixels, channels)."""
+    tile = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rows = tile * BLOCK_HW + tl.arange(0, BLOCK_HW)  # (R,)
+    c = tl.arange(0, C_P)
+    cm = c < C
+    mask = (rows[:, None] < HW) & cm[None, :]  # (R, C_P)
+    offs = b * HW * C + rows[:, None].to(tl.int64) * C + c[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        x += tl.load(add_ptr + b * C + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+    grp = c // CPG
+    mean = tl.load(stat_ptr + (b * G + grp) * 2, mask=cm, other=0.0)
+    rstd = tl.load(stat_ptr + (b * G + grp) * 2 + 1, mask=cm, other=0.0)
+    scale = rstd * tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
+    shift = tl.load(bias_ptr + c, mask=cm, other=0.0).to(tl.float32) - mean * scale
+    y = x * scale[None, :] + shift[None, :]
+    if SILU:
+        y = y * tl.sigmoid(y)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,97 @@
+"""Switch a pipeline or model to the fast path, and back: the same modules and weights, faster forwards.
+
+Each reference class is swapped for its fast subclass (`module.__class__`), so names, weights,
+`isinstance` checks and the state dict stay as they were, and `restore` swaps them back:
+
+    ResnetBlock2D       -> FastResnetBlock2D        (resnet.py: GroupNorm+SiLU kernels)
+    Attention           -> FastAttention            (attention.py: one QKV / KV GEMM)
+    GEGLU               -> FastGEGLU                (transformer.py: the gate kernel)
+    Transformer2DModel  -> FastTransformer2DModel   (transformer.py: channels last, no copies)
+    nn.GroupNorm        -> FastGroupNorm            (norm.py)
+    UNet2DConditionModel -> GraphedUNet2DConditionModel (graph.py; CUDA, in pipelines, `cuda_graph=True`)
+
+and the weights of every model go channels last (cuDNN's fast convolution layout on recent GPUs).
+On the CPU, or without Triton, the kernels run their PyTorch twins: the same function, the same
+module tree, no speed-up promised.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models.attention import Attention
+from ..models.resnet import ResnetBlock2D
+from ..models.transformer import GEGLU, Transformer2DModel
+from ..models.unet_2d_condition import UNet2DConditionModel
+from .attention import FastAttention
+from .graph import GraphedUNet2DConditionModel
+from .norm import FastGroupNorm
+from .resnet import FastResnetBlock2D
+from .transformer import FastGEGLU, FastTransformer2DModel
+
+SWAPS = {
+    ResnetBlock2D: FastResnetBlock2D,
+    Attention: FastAttention,
+    GEGLU: FastGEGLU,
+    Transformer2DModel: FastTransformer2DModel,
+    nn.GroupNorm: FastGroupNorm,
+}
+MODEL_NAMES = ("unet", "vae", "controlnet")  # the pipeline components that get the fast path
+
+
+def optimize_model(model: nn.Module, *, channels_last: bool = True, cuda_graph: bool = False) -> nn.Module:
+    """Swap `model`'s blocks for their fast twins in place; return the model."""
+    if channels_last:  # first: the fused attention weights below must be the final tensors
+        model.to(memory_format=torch.channels_last)
+    for module in model.modules():
+        fast = SWAPS.get(type(module))
+        if fast is not None:
+            module.__class__ = fast
+            if fast is FastAttention:
+                module.fuse()
+    if cuda_graph and type(model) is UNet2DConditionModel:
+        model.__class__ = GraphedUNet2DConditionModel
+    return model
+
+
+def restore_model(model: nn.Module) -> nn.Module:
+    """Swap the fast twins back for the reference classes (the weights stay where they are)."""
+    back = {fast: ref for ref, fast in SWAPS.items()}
+    back[GraphedUNet2DConditionModel] = UNet2DConditionModel
+    for module in model.modules():
+        if type(module) in back:
+            module.__class__ = back[type(module)]
+    model.__dict__.pop("_pare_graphs", None)
+    model.to(memory_format=torch.contiguous_format)
+    return model
+
+
+def _models(obj) -> list[nn.Module]:
+    if isinstance(obj, nn.Module):
+        return [obj]
+    found = [getattr(obj, name, None) for name in MODEL_NAMES]
+    models = [m for m in found if isinstance(m, nn.Module)]
+    if not models:
+        raise TypeError(f"pare.fast: {type(obj).__name__} is neither a torch module nor a pipeline with "
+                        f"{' / '.join(MODEL_NAMES)} components")
+    return models
+
+
+def optimize(obj, *, channels_last: bool = True, cuda_graph: bool | None = None):
+    """The fast path for a pipeline (its UNet, VAE and ControlNet) or one model; returns `obj`.
+
+    `cuda_graph` (default: on for a pipeline's UNet on CUDA) replays the UNet from CUDA graphs.
+    """
+    pipeline = not isinstance(obj, nn.Module)
+    for model in _models(obj):
+        on_cuda = next(model.parameters()).is_cuda
+        graph = (pipeline and on_cuda) if cuda_graph is None else cuda_graph
+        optimize_model(model, channels_last=channels_last, cuda_graph=graph)
+    return obj
+
+
+def restore(obj):
+    for model in _models(obj):
+        restore_model(model)
+    return obj

@@ -1,0 +1,231 @@
+"""pare.fast: the fast path computes the reference's function on the reference's weights.
+
+On the CPU (and wherever Triton is missing) the fast blocks run their PyTorch twins, so these
+tests check the structure: fused weights, channels last, the swaps and their undoing, LoRA
+hooks, weights replaced after optimize. The Triton kernels and CUDA graphs are the GPU tier
+(`--device cuda`): each kernel against its reference on fresh random inputs, judged like the
+parity suite (no further from float64 than PyTorch's own op), and the graphed UNet against eager.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import pare.fast
+from pare.configs import TINY_SD_UNET, TINY_SDXL_UNET, TINY_VAE
+from pare.fast.kernels import geglu as geglu_kernel
+from pare.fast.kernels import group_norm as gn_kernel
+from pare.fast.kernels import triton_available
+from pare.models.attention import Attention
+from pare.models.autoencoder_kl import AutoencoderKL
+from pare.models.unet_2d_condition import UNet2DConditionModel
+from pare.parity import assert_parity
+from pare.parity.blocks import compare_blocks
+from parity_tests.checkpoints import build_diffusers_model
+from parity_tests.test_unet import unet_inputs
+
+CONFIGS = {"tiny-sd": TINY_SD_UNET, "tiny-sdxl": TINY_SDXL_UNET}
+
+
+def unet_pair(config: dict, device="cpu", dtype=torch.float32):
+    theirs = build_diffusers_model("unet", config, device=device, dtype=dtype).eval()
+    with torch.device(device):
+        ours = UNet2DConditionModel.from_config(config).to(dtype).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return ours, theirs
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fast_unet_matches_diffusers_block_by_block_fp32(name):
+    ours, theirs = unet_pair(CONFIGS[name])
+    pare.fast.optimize(ours)
+    args, kwargs = unet_inputs(CONFIGS[name], 2, 8, 8)
+    blocks = compare_blocks(ours, theirs, args, kwargs)
+    assert blocks.first_failure is None, str(blocks)
+    assert_parity(f"{name} fast UNet", ours(*args, **kwargs), theirs(*args, **kwargs).sample, scope="end_to_end")
+
+
+@torch.no_grad()
+def test_optimize_swaps_blocks_keeps_the_state_dict_and_restore_undoes_it():
+    ours, _ = unet_pair(TINY_SD_UNET)
+    reference = copy.deepcopy(ours)
+    args, kwargs = unet_inputs(TINY_SD_UNET, 2, 8, 8)
+    expected = reference(*args, **kwargs)
+    pare.fast.optimize(ours)
+    kinds = {type(m).__name__ for m in ours.modules()}
+    assert {"FastResnetBlock2D", "FastAttention", "FastGEGLU", "FastTransformer2DModel", "FastGroupNorm"} <= kinds
+    assert "ResnetBlock2D" not in kinds and "Attention" not in kinds
+    assert ours.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert ours(*args, **kwargs).is_contiguous(memory_format=torch.channels_last)  # channels last end to end
+    sd, ref_sd = ours.state_dict(), reference.state_dict()
+    assert list(sd) == list(ref_sd) and all(torch.equal(sd[k], ref_sd[k]) for k in sd)
+    # a self-attention's Q, K, V weights are views of one fused matrix
+    attn = next(m for m in ours.modules() if isinstance(m, Attention) and not m.is_cross_attention)
+    fused = attn._fused[0]
+    assert attn.to_k.weight.data_ptr() == fused[attn.to_q.out_features].data_ptr()
+    pare.fast.restore(ours)
+    assert not any("Fast" in type(m).__name__ for m in ours.modules())
+    assert torch.equal(ours(*args, **kwargs), expected)  # the reference forward again, bit for bit
+
+
+@torch.no_grad()
+def test_weights_loaded_after_optimize_are_used():
+    """load_state_dict writes into the parameters, which the fused matrices back: the fast path sees new weights."""
+    ours, _ = unet_pair(TINY_SD_UNET)
+    pare.fast.optimize(ours)
+    other = build_diffusers_model("unet", TINY_SD_UNET, seed=5)
+    ours.load_state_dict(other.state_dict(), strict=True)
+    args, kwargs = unet_inputs(TINY_SD_UNET, 2, 8, 8)
+    assert_parity("fast UNet after load_state_dict", ours(*args, **kwargs), other(*args, **kwargs).sample,
+                  scope="end_to_end")
+
+
+@torch.no_grad()
+def test_a_dtype_change_after_optimize_refuses_stale_fused_weights():
+    """.to(float64) replaces the parameters: the fused matrices would be stale, so they are rebuilt, not used."""
+    ours, theirs = unet_pair(TINY_SD_UNET)
+    pare.fast.optimize(ours)
+    ours.double()
+    theirs.double()
+    args, kwargs = unet_inputs(TINY_SD_UNET, 2, 8, 8)
+    args, kwargs = [a.double() if a.is_floating_point() else a for a in args], kwargs
+    out = ours(*args, **kwargs)
+    assert out.dtype == torch.float64
+    assert_parity("fast UNet after .double()", out, theirs(*args, **kwargs).sample, dtype=torch.float64,
+                  scope="end_to_end")
+
+
+@torch.no_grad()
+def test_lora_hooks_on_projections_are_honoured():
+    """A LoRA forward hook on to_q (pare/lora/layers.py) belongs to the module's own call: the fused path steps aside."""
+    ours, _ = unet_pair(TINY_SD_UNET)
+    reference = copy.deepcopy(ours)
+    pare.fast.optimize(ours)
+    args, kwargs = unet_inputs(TINY_SD_UNET, 2, 8, 8)
+    before = ours(*args, **kwargs)
+
+    def add_one(module, inputs, output):
+        return output + 1.0
+
+    for model in (ours, reference):
+        attn = next(m for m in model.modules() if isinstance(m, Attention))
+        attn.to_q.register_forward_hook(add_one)
+    after = ours(*args, **kwargs)
+    assert (after - before).abs().max() > 1e-3  # the hook changed the output
+    assert_parity("fast UNet with a hook on to_q", after, reference(*args, **kwargs), scope="end_to_end")
+
+
+@torch.no_grad()
+def test_fast_vae_matches_diffusers_fp32():
+    theirs = build_diffusers_model("vae", TINY_VAE).eval()
+    ours = AutoencoderKL.from_config(TINY_VAE).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    pare.fast.optimize(ours)
+    z = torch.randn(1, TINY_VAE["latent_channels"], 8, 8, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    assert_parity("fast VAE decode", ours.decode(z), theirs.decode(z).sample, scope="end_to_end")
+    assert_parity("fast VAE encode", ours.encode(x).mean, theirs.encode(x).latent_dist.mean, scope="end_to_end")
+
+
+def test_enable_fast_on_a_pipeline_matches_the_reference_pipeline():
+    from parity_tests.tiny_components import build_diffusers_pipeline
+    from pare.parity.checkpoint import pare_twin
+
+    theirs = build_diffusers_pipeline("tiny-sd")
+    ours = pare_twin(theirs)
+    ours.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt="a cat", num_inference_steps=3, height=32, width=32, output_type="pt",
+                  generator=torch.Generator().manual_seed(0))
+    expected = ours(**kwargs).images
+    ours.enable_fast()
+    assert type(ours.unet).__name__ == "UNet2DConditionModel"  # no CUDA graph on the CPU
+    kwargs["generator"] = torch.Generator().manual_seed(0)
+    assert_parity("tiny-sd pipeline, fast", ours(**kwargs).images, expected, scope="end_to_end")
+    ours.disable_fast()
+    assert not any("Fast" in type(m).__name__ for m in ours.unet.modules())
+
+
+def test_optimize_rejects_what_it_cannot_optimize():
+    with pytest.raises(TypeError, match="neither a torch module nor a pipeline"):
+        pare.fast.optimize(object())
+
+
+def test_pare_parity_fast_passes_on_the_tiny_checkpoint(capsys):
+    from pare.cli import main
+
+    assert main(["parity", "--fast", "--components", "unet,vae", "--steps", "2"]) == 0
+    assert "pass" in capsys.readouterr().out.lower()
+
+
+# --- GPU tier: the Triton kernels and CUDA graphs --------------------------------------------------
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="the Triton kernels need Triton (with CUDA)")
+BUDGET, FLOOR = 1.25, {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 1e-6}
+
+
+def rel(x, ref):
+    return float((x.double() - ref).norm() / ref.norm())
+
+
+@pytest.mark.cuda
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 320, 64, 64, 32), (2, 2560, 8, 8, 32), (1, 128, 256, 256, 32),
+                                   (2, 960, 32, 32, 32), (3, 40, 5, 7, 4), (1, 64, 1, 1, 32)])
+@pytest.mark.parametrize("add,silu", [(False, False), (True, True), (False, True)])
+def test_group_norm_kernel_is_as_accurate_as_torch(shape, dtype, add, silu):
+    b, c, h, w, groups = shape
+    g = torch.Generator("cuda").manual_seed(hash((shape, add, silu)) % 2**31)
+    x = (torch.randn(b, c, h, w, generator=g, device="cuda") * 3 + 2).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c, generator=g, device="cuda").to(dtype)
+    bias = torch.randn(c, generator=g, device="cuda").to(dtype)
+    extra = torch.randn(b, c, generator=g, device="cuda").to(dtype) if add else None
+    exact = gn_kernel.reference(x.double(), groups, weight.double(), bias.double(), 1e-6,
+                                None if extra is None else extra.double(), silu)
+    ours = gn_kernel.group_norm(x, groups, weight, bias, 1e-6, add=extra, silu=silu)
+    torchs = gn_kernel.reference(x, groups, weight, bias, 1e-6, extra, silu)
+    assert ours.is_contiguous(memory_format=torch.channels_last) and ours.dtype == dtype
+    assert torch.isfinite(ours).all()
+    assert rel(ours, exact) <= BUDGET * rel(torchs, exact) + FLOOR[dtype], (rel(ours, exact), rel(torchs, exact))
+
+
+@pytest.mark.cuda
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 4096, 2 * 1280), (2, 77, 2 * 640), (3, 5, 2 * 1000)])
+def test_geglu_kernel_is_as_accurate_as_torch(shape, dtype):
+    g = torch.Generator("cuda").manual_seed(sum(shape))
+    x = (torch.randn(*shape, generator=g, device="cuda") * 2).to(dtype)
+    exact = geglu_kernel.reference(x.double())
+    ours = geglu_kernel.geglu(x)
+    assert ours.shape == exact.shape and torch.isfinite(ours).all()
+    assert rel(ours, exact) <= BUDGET * rel(geglu_kernel.reference(x), exact) + FLOOR[dtype]
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_graphed_unet_replays_what_eager_computes_and_recaptures_on_change():
+    from pare.fast.graph import GraphedUNet2DConditionModel
+
+    ours, _ = unet_pair(TINY_SDXL_UNET, device="cuda", dtype=torch.float16)
+    pare.fast.optimize_model(ours, cuda_graph=True)
+    assert isinstance(ours, GraphedUNet2DConditionModel)
+    args, kwargs = unet_inputs(TINY_SDXL_UNET, 2, 8, 8, device="cuda")
+    args = [a.half() if a.is_floating_point() else a for a in args]
+    kwargs = {"added_cond_kwargs": {k: v.half() for k, v in kwargs["added_cond_kwargs"].items()}}
+    eager = UNet2DConditionModel.forward(ours, *args, **kwargs)
+    for t in (981, 500):  # the timestep is an input of the graph, not a constant in it
+        out = ours(args[0], torch.tensor(t, device="cuda"), args[2], **kwargs)
+        expected = UNet2DConditionModel.forward(ours, args[0], torch.tensor(t, device="cuda"), args[2], **kwargs)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert len(ours._pare_graphs.graphs) == 1
+    torch.testing.assert_close(ours(*args, **kwargs), eager, rtol=0, atol=0)
+    ours(args[0][:1], args[1], args[2][:1], added_cond_kwargs={k: v[:1] for k, v in kwargs["added_cond_kwargs"].items()})
+    assert len(ours._pare_graphs.graphs) == 2  # a new batch size is a new graph
+    with pytest.raises(ValueError, match="NaN or inf"):
+        ours(args[0], args[1], torch.full_like(args[2], float("nan")), **kwargs)
