@@ -12,11 +12,13 @@ map (cuDNN makes them one GEMM; LoRA hooks on them still fire).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..models.lora_scale import lora_call
 from ..models.transformer import GEGLU, Transformer2DModel
 from .kernels.geglu import geglu
-from .kernels.group_norm import group_norm
+from .kernels.group_norm import add_bias_residual, group_norm
+from .resnet import plain
 
 
 class FastGEGLU(GEGLU):
@@ -46,11 +48,14 @@ class FastTransformer2DModel(Transformer2DModel):
             hidden_states = block(hidden_states, encoder_hidden_states, encoder_attention_mask, attention_mask,
                                   lora_scale)
 
-        # 3. unflatten (a channels-last view) and project out
+        # 3. unflatten (a channels-last view) and project out; its bias joins the residual add (one pass)
+        out = self.proj_out
+        direct = plain(out) and out.bias is not None
         if self.use_linear_projection:
-            hidden_states = lora_call(self.proj_out, hidden_states, lora_scale)  # (B, H*W, C_out)
+            hidden_states = F.linear(hidden_states, out.weight) if direct else lora_call(out, hidden_states, lora_scale)
             hidden_states = hidden_states.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # (B, C_out, H, W)
         else:
             hidden_states = hidden_states.reshape(b, h, w, self.inner_dim).permute(0, 3, 1, 2)
-            hidden_states = lora_call(self.proj_out, hidden_states, lora_scale)  # (B, C_out, H, W)
-        return hidden_states + residual
+            hidden_states = (out._conv_forward(hidden_states, out.weight, None) if direct
+                             else lora_call(out, hidden_states, lora_scale))  # (B, C_out, H, W)
+        return add_bias_residual(hidden_states, residual, out.bias) if direct else hidden_states + residual

@@ -27,14 +27,16 @@ import torch.nn.functional as F
 
 from . import triton_ready
 
-TILE = 4096  # values per program in the stats and apply passes: a few per thread at 4 warps
+TILE = 4096  # values per block of the stats and apply passes: a few per thread at 4 warps
+PROGRAMS = 528  # stats programs per call, about 4 per multiprocessor of an H100/H200 (132)
 
 
 def reference(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
               add: torch.Tensor | None = None, silu: bool = False) -> torch.Tensor:
     """The same function in plain PyTorch: the CPU path, and what the kernel is tested against."""
+    dtype = x.dtype
     if add is not None:
-        x = x + add[:, :, None, None]  # (B, C) -> (B, C, 1, 1)
+        x = (x + add[:, :, None, None]).to(dtype)  # (B, C) -> (B, C, 1, 1); add may be wider than x
     y = F.group_norm(x, num_groups, weight, bias, eps)
     return F.silu(y) if silu else y
 
@@ -46,26 +48,46 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     b, c, h, w = x.shape
     if not (triton_ready(x) and weight is not None and bias is not None and c % num_groups == 0):
         return reference(x, num_groups, weight, bias, eps, add, silu)
-    x = x.contiguous(memory_format=torch.channels_last)  # a no-op on the fast path, where maps are channels last
     import triton
 
     from ._group_norm_triton import apply, finalize, stats
 
-    hw, cpg = h * w, c // num_groups
-    g_p, cpg_p, c_p = triton.next_power_of_2(num_groups), triton.next_power_of_2(cpg), triton.next_power_of_2(c)
-    rows_stats = max(1, TILE // (g_p * cpg_p))
-    rows_apply = max(1, TILE // c_p)
-    n_tiles = triton.cdiv(hw, rows_stats)
+    x = x.contiguous(memory_format=torch.channels_last)  # a no-op on the fast path, where maps are channels last
+    hw, cpg, c_p = h * w, c // num_groups, triton.next_power_of_2(c)
+    rows = max(1, TILE // c_p)  # pixels per block of the stats and apply passes
+    # Stats: about PROGRAMS programs in all, each merging whole blocks of rows.
+    per_image = max(1, min(triton.cdiv(PROGRAMS, b), triton.cdiv(hw, rows)))
+    rows_per_prog = triton.cdiv(triton.cdiv(hw, per_image), rows) * rows
+    n_progs = triton.cdiv(hw, rows_per_prog)
     add_ = add.contiguous() if add is not None else x  # a dummy pointer when there is no add
-    partial = torch.empty(b, n_tiles, g_p, 2, device=x.device, dtype=torch.float32)  # (mean, M2) per tile and group
+    partial = torch.empty(b, n_progs, c, 2, device=x.device, dtype=torch.float32)  # (mean, M2) per program, channel
     stat = torch.empty(b, num_groups, 2, device=x.device, dtype=torch.float32)  # (mean, rstd) per group
     y = torch.empty_like(x, memory_format=torch.channels_last)
-    warps = lambda values: 4 if values <= 4096 else 8  # noqa: E731
-    stats[(n_tiles, b)](x, add_, partial, hw, c, cpg, n_tiles, G=num_groups, G_P=g_p, CPG_P=cpg_p,
-                        BLOCK_HW=rows_stats, HAS_ADD=add is not None, num_warps=warps(rows_stats * g_p * cpg_p))
-    finalize[(b, num_groups)](partial, stat, hw, cpg, n_tiles, eps, G=num_groups, G_P=g_p, BLOCK_HW=rows_stats,
-                              BLOCK_T=min(1024, triton.next_power_of_2(n_tiles)), num_warps=4)
-    apply[(triton.cdiv(hw, rows_apply), b)](x, add_, stat, weight, bias, y, hw, c, cpg, G=num_groups, C_P=c_p,
-                                            BLOCK_HW=rows_apply, HAS_ADD=add is not None, SILU=silu,
-                                            num_warps=warps(rows_apply * c_p))
+    warps = 4 if rows * c_p <= 4096 else 8
+    stats[(n_progs, b)](x, add_, partial, hw, c, rows_per_prog, n_progs, C_P=c_p, BLOCK_HW=rows,
+                        HAS_ADD=add is not None, num_warps=warps)
+    cpg_p = triton.next_power_of_2(cpg)
+    finalize[(b, num_groups)](partial, stat, hw, c, cpg, rows_per_prog, n_progs, eps, G=num_groups,
+                              BLOCK_P=max(1, min(triton.next_power_of_2(n_progs), 2048 // cpg_p)), CPG_P=cpg_p,
+                              num_warps=4)
+    apply[(triton.cdiv(hw, rows), b)](x, add_, stat, weight, bias, y, hw, c, cpg, G=num_groups, C_P=c_p,
+                                      BLOCK_HW=rows, HAS_ADD=add is not None, SILU=silu, num_warps=warps)
     return y
+
+
+def add_bias_residual(x: torch.Tensor, residual: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x + residual + bias[c] on (B, C, H, W) maps, in one pass, written into x (a conv's output, unbiased)."""
+    if not (triton_ready(x) and bias is not None and x.is_contiguous(memory_format=torch.channels_last)):
+        out = x + residual
+        return out if bias is None else out + bias[:, None, None]
+    import triton
+
+    from ._group_norm_triton import add_bias_residual as kernel
+
+    residual = residual.contiguous(memory_format=torch.channels_last)
+    b, c, h, w = x.shape
+    c_p = triton.next_power_of_2(c)
+    rows = max(1, TILE // c_p)
+    kernel[(triton.cdiv(b * h * w, rows),)](x, residual, bias, b * h * w, c, C_P=c_p, BLOCK_ROWS=rows,
+                                            num_warps=4 if rows * c_p <= 4096 else 8)
+    return x
