@@ -50,8 +50,9 @@ def optimize_model(model: nn.Module, *, channels_last: bool = True, cuda_graph: 
             module.__class__ = fast
             if fast is FastAttention:
                 module.fuse()
-    if cuda_graph and type(model) is UNet2DConditionModel:
+    if cuda_graph and type(model) in (UNet2DConditionModel, GraphedUNet2DConditionModel):
         model.__class__ = GraphedUNet2DConditionModel
+        model.__dict__.pop("_pare_graphs", None)  # a new cache: the graphs of an earlier optimize may be stale
     return model
 
 

@@ -1,72 +1,65 @@
 """The Triton side of `group_norm.py` (imported only where Triton is installed). Maps are channels last:
 the value of pixel p, channel c of image b sits at b*HW*C + p*C + c, so a tile of (pixels, channels)
-is read with unit stride along the channels."""
+is read with unit stride along the channels (apply) or in runs of a group's channels (stats).
+
+Tried and dropped (benchmarks/NOTES.md): statistics per channel over (pixels, channels) tiles merged
+in a loop by Chan's update, with fewer programs: coalesced, but 1.5x slower than the (pixels,
+groups, channels of a group) tiles here on SD1.5's UNet, its in-loop reductions serialising it."""
 
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def stats(x_ptr, add_ptr, part_ptr, HW, C, rows_per_prog, n_progs,
-          C_P: tl.constexpr, BLOCK_HW: tl.constexpr, HAS_ADD: tl.constexpr):
-    """Pass 1: per channel, (mean, M2) over this program's rows_per_prog pixels, merged block by block (Chan)."""
-    p = tl.program_id(0)
+def stats(x_ptr, add_ptr, part_ptr, HW, C, CPG, n_tiles,
+          G: tl.constexpr, G_P: tl.constexpr, CPG_P: tl.constexpr, BLOCK_HW: tl.constexpr, HAS_ADD: tl.constexpr):
+    """Pass 1: (mean, M2) of every group over BLOCK_HW pixels. The tile is (pixels, groups, channels of a group)."""
+    tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    c = tl.arange(0, C_P)
-    cm = c < C
-    start = p * rows_per_prog
-    end = tl.minimum(start + rows_per_prog, HW)
-    a = tl.zeros((C_P,), dtype=tl.float32)
+    rows = tile * BLOCK_HW + tl.arange(0, BLOCK_HW)  # (R,)
+    g = tl.arange(0, G_P)
+    j = tl.arange(0, CPG_P)
+    ch = g[:, None] * CPG + j[None, :]  # (G_P, CPG_P): channel index
+    cmask = (g[:, None] < G) & (j[None, :] < CPG)
+    mask = (rows[:, None, None] < HW) & cmask[None, :, :]  # (R, G_P, CPG_P)
+    offs = b * HW * C + rows[:, None, None].to(tl.int64) * C + ch[None, :, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_ADD:
-        a = tl.load(add_ptr + b * C + c, mask=cm, other=0.0).to(tl.float32)
-    mean = tl.zeros((C_P,), dtype=tl.float32)
-    m2 = tl.zeros((C_P,), dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_HW):
-        rows = r0 + tl.arange(0, BLOCK_HW)  # (R,)
-        mask = (rows[:, None] < end) & cm[None, :]  # (R, C_P)
-        x = tl.load(x_ptr + b * HW * C + rows[:, None].to(tl.int64) * C + c[None, :], mask=mask, other=0.0)
-        x = tl.where(mask, x.to(tl.float32) + a[None, :], 0.0)
-        n = tl.minimum(end - r0, BLOCK_HW).to(tl.float32)
-        mean_b = tl.sum(x, axis=0) / n  # (C_P,)
-        d = tl.where(mask, x - mean_b[None, :], 0.0)
-        m2_b = tl.sum(d * d, axis=0)
-        count = (r0 - start).to(tl.float32)  # values merged so far: every earlier block was full
-        total = count + n
-        delta = mean_b - mean
-        mean += delta * (n / total)
-        m2 += m2_b + delta * delta * (count * n / total)
-    out = part_ptr + ((b * n_progs + p) * C + c) * 2
-    tl.store(out, mean, mask=cm)
-    tl.store(out + 1, m2, mask=cm)
+        a = tl.load(add_ptr + b * C + ch, mask=cmask, other=0.0).to(tl.float32)  # (G_P, CPG_P)
+        x = tl.where(mask, x + a[None, :, :], 0.0)
+    n = (tl.minimum(HW - tile * BLOCK_HW, BLOCK_HW) * CPG).to(tl.float32)  # values of one group in this tile
+    mean = tl.sum(tl.sum(x, axis=2), axis=0) / n  # (G_P,)
+    d = tl.where(mask, x - mean[None, :, None], 0.0)
+    m2 = tl.sum(tl.sum(d * d, axis=2), axis=0)  # (G_P,)
+    out = part_ptr + ((b * n_tiles + tile) * G_P + g) * 2
+    tl.store(out, mean, mask=g < G)
+    tl.store(out + 1, m2, mask=g < G)
 
 
 @triton.jit
-def finalize(part_ptr, stat_ptr, HW, C, CPG, rows_per_prog, n_progs, eps,
-             G: tl.constexpr, BLOCK_P: tl.constexpr, CPG_P: tl.constexpr):
-    """Pass 2: merge the (program, channel) entries of one (image, group) exactly -> mean, 1/sqrt(var + eps)."""
+def finalize(part_ptr, stat_ptr, HW, CPG, n_tiles, eps,
+             G: tl.constexpr, G_P: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Pass 2: merge the tiles of one (image, group) exactly (Chan et al.) -> mean and 1/sqrt(var + eps)."""
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
-    j = tl.arange(0, CPG_P)
-    ch = g * CPG + j  # (CPG_P,)
     total = (HW * CPG).to(tl.float32)
-    acc = tl.zeros((BLOCK_P, CPG_P), dtype=tl.float32)
-    for p0 in range(0, n_progs, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        m = (p[:, None] < n_progs) & (j[None, :] < CPG)
-        n_p = tl.maximum(tl.minimum(HW - p * rows_per_prog, rows_per_prog), 0).to(tl.float32)  # (BLOCK_P,)
-        mean_pc = tl.load(part_ptr + ((b * n_progs + p[:, None]) * C + ch[None, :]) * 2, mask=m, other=0.0)
-        acc += tl.where(m, n_p[:, None] * mean_pc, 0.0)
-    mean = tl.sum(tl.sum(acc, axis=1), axis=0) / total
-    acc = tl.zeros((BLOCK_P, CPG_P), dtype=tl.float32)
-    for p0 in range(0, n_progs, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        m = (p[:, None] < n_progs) & (j[None, :] < CPG)
-        n_p = tl.maximum(tl.minimum(HW - p * rows_per_prog, rows_per_prog), 0).to(tl.float32)
-        at = part_ptr + ((b * n_progs + p[:, None]) * C + ch[None, :]) * 2
-        mean_pc = tl.load(at, mask=m, other=0.0)
-        m2_pc = tl.load(at + 1, mask=m, other=0.0)
-        acc += tl.where(m, m2_pc + n_p[:, None] * (mean_pc - mean) * (mean_pc - mean), 0.0)
-    var = tl.sum(tl.sum(acc, axis=1), axis=0) / total
+    acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for start in range(0, n_tiles, BLOCK_T):
+        t = start + tl.arange(0, BLOCK_T)
+        m = t < n_tiles
+        mean_t = tl.load(part_ptr + ((b * n_tiles + t) * G_P + g) * 2, mask=m, other=0.0)
+        n_t = tl.where(m, tl.minimum(HW - t * BLOCK_HW, BLOCK_HW) * CPG, 0).to(tl.float32)
+        acc += n_t * mean_t
+    mean = tl.sum(acc, axis=0) / total
+    acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for start in range(0, n_tiles, BLOCK_T):
+        t = start + tl.arange(0, BLOCK_T)
+        m = t < n_tiles
+        mean_t = tl.load(part_ptr + ((b * n_tiles + t) * G_P + g) * 2, mask=m, other=0.0)
+        m2_t = tl.load(part_ptr + ((b * n_tiles + t) * G_P + g) * 2 + 1, mask=m, other=0.0)
+        n_t = tl.where(m, tl.minimum(HW - t * BLOCK_HW, BLOCK_HW) * CPG, 0).to(tl.float32)
+        acc += m2_t + n_t * (mean_t - mean) * (mean_t - mean)
+    var = tl.sum(acc, axis=0) / total
     tl.store(stat_ptr + (b * G + g) * 2, mean)
     tl.store(stat_ptr + (b * G + g) * 2 + 1, tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps)))
 

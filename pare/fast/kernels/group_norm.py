@@ -27,8 +27,7 @@ import torch.nn.functional as F
 
 from . import triton_ready
 
-TILE = 4096  # values per block of the stats and apply passes: a few per thread at 4 warps
-PROGRAMS = 528  # stats programs per call, about 4 per multiprocessor of an H100/H200 (132)
+TILE = 4096  # values per program in the stats and apply passes: a few per thread at 4 warps
 
 
 def reference(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
@@ -53,25 +52,23 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     from ._group_norm_triton import apply, finalize, stats
 
     x = x.contiguous(memory_format=torch.channels_last)  # a no-op on the fast path, where maps are channels last
-    hw, cpg, c_p = h * w, c // num_groups, triton.next_power_of_2(c)
-    rows = max(1, TILE // c_p)  # pixels per block of the stats and apply passes
-    # Stats: about PROGRAMS programs in all, each merging whole blocks of rows.
-    per_image = max(1, min(triton.cdiv(PROGRAMS, b), triton.cdiv(hw, rows)))
-    rows_per_prog = triton.cdiv(triton.cdiv(hw, per_image), rows) * rows
-    n_progs = triton.cdiv(hw, rows_per_prog)
+    hw, cpg = h * w, c // num_groups
+    g_p, cpg_p, c_p = triton.next_power_of_2(num_groups), triton.next_power_of_2(cpg), triton.next_power_of_2(c)
+    rows_stats = max(1, TILE // (g_p * cpg_p))
+    rows_apply = max(1, TILE // c_p)
+    n_tiles = triton.cdiv(hw, rows_stats)
     add_ = add.contiguous() if add is not None else x  # a dummy pointer when there is no add
-    partial = torch.empty(b, n_progs, c, 2, device=x.device, dtype=torch.float32)  # (mean, M2) per program, channel
+    partial = torch.empty(b, n_tiles, g_p, 2, device=x.device, dtype=torch.float32)  # (mean, M2) per tile and group
     stat = torch.empty(b, num_groups, 2, device=x.device, dtype=torch.float32)  # (mean, rstd) per group
     y = torch.empty_like(x, memory_format=torch.channels_last)
-    warps = 4 if rows * c_p <= 4096 else 8
-    stats[(n_progs, b)](x, add_, partial, hw, c, rows_per_prog, n_progs, C_P=c_p, BLOCK_HW=rows,
-                        HAS_ADD=add is not None, num_warps=warps)
-    cpg_p = triton.next_power_of_2(cpg)
-    finalize[(b, num_groups)](partial, stat, hw, c, cpg, rows_per_prog, n_progs, eps, G=num_groups,
-                              BLOCK_P=max(1, min(triton.next_power_of_2(n_progs), 2048 // cpg_p)), CPG_P=cpg_p,
-                              num_warps=4)
-    apply[(triton.cdiv(hw, rows), b)](x, add_, stat, weight, bias, y, hw, c, cpg, G=num_groups, C_P=c_p,
-                                      BLOCK_HW=rows, HAS_ADD=add is not None, SILU=silu, num_warps=warps)
+    warps = lambda values: 4 if values <= 4096 else 8  # noqa: E731
+    stats[(n_tiles, b)](x, add_, partial, hw, c, cpg, n_tiles, G=num_groups, G_P=g_p, CPG_P=cpg_p,
+                        BLOCK_HW=rows_stats, HAS_ADD=add is not None, num_warps=warps(rows_stats * g_p * cpg_p))
+    finalize[(b, num_groups)](partial, stat, hw, cpg, n_tiles, eps, G=num_groups, G_P=g_p, BLOCK_HW=rows_stats,
+                              BLOCK_T=min(1024, triton.next_power_of_2(n_tiles)), num_warps=4)
+    apply[(triton.cdiv(hw, rows_apply), b)](x, add_, stat, weight, bias, y, hw, c, cpg, G=num_groups, C_P=c_p,
+                                            BLOCK_HW=rows_apply, HAS_ADD=add is not None, SILU=silu,
+                                            num_warps=warps(rows_apply * c_p))
     return y
 
 
