@@ -11,6 +11,9 @@
     pare parity [--model DIR_OR_ID | --config tiny|tiny-sdxl|sd15|sd21|sdxl] [--device cuda] [--dtype fp16]
                 [--components unet,vae,scheduler,pipeline] [--steps 50] [--seed N]
                 [--reference-path DIFFUSERS_CHECKOUT] [--out REPORT]
+    pare sweep  [SPEC.toml] [--configs tiny,sdxl] [--dtypes fp16,bf16] [--seeds 0,1] [--schedulers all]
+                [--components unet,vae,scheduler,pipeline] [--out REPORT] [--timeout 1800]
+                (serially, or one rank per GPU: torchrun --nproc-per-node N -m pare.cli sweep ...)
     pare bench  [--models sd15,sd21,sdxl] [--cases ...] [--modes eager,graph,compile,compile-ro]
 
 `generate` reads the folder's model_index.json to choose Stable Diffusion or SDXL (or the x4
@@ -89,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
                               description=parity.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parity.add_arguments(par)
     par.set_defaults(run=lambda args: 0 if parity.run(args).passed else 1)  # exit 1 when a row fails
+
+    from .sweep import run as sweep
+
+    swp = commands.add_parser("sweep", help="parity over configs x dtypes x seeds x schedulers, sharded with torchrun",
+                              description=sweep.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep.add_arguments(swp)
+    swp.set_defaults(run=lambda args: sweep.run(args, swp))  # exit 1 when a case fails
 
     ben = commands.add_parser("bench", help="latency and memory of pare beside diffusers",
                               description=bench.__doc__)
