@@ -76,9 +76,7 @@ def heatmap(report, path: str | Path) -> Path | None:
     shown = np.where(np.isnan(data), np.nan, np.clip(data, FLOOR, None))
     n_rows, n_cols = data.shape
     fig, ax = plt.subplots(figsize=(min(40, max(9, 5 + 0.12 * n_cols)), min(60, 4 + 0.25 * n_rows)))  # 4 in: the block names
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_over("red")
-    cmap.set_bad("lightgrey")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(over="red", bad="lightgrey")
     image = ax.imshow(np.ma.masked_invalid(shown), aspect="auto", interpolation="nearest", cmap=cmap,
                       norm=LogNorm(vmin=FLOOR, vmax=1.0))
     fig.colorbar(image, ax=ax, extend="max", label="worst error / limit (red: ≥ 1, fails)", shrink=0.9)
