@@ -7,6 +7,8 @@
                   [--image in.png --strength 0.8] [--device cuda] [--dtype fp16]
                   [--controlnet DIR --control-image edges.png [--controlnet-scale 1.0]]
                   [--image in.png --mask mask.png [--strength 1.0]]
+    pare generate --model DIR --prompts prompts.jsonl --out images/ [--batch-size 4] [--seed 0] [--timeout 1800]
+                  (one image per prompt, resumable; under torchrun the batches are shared across the ranks)
 
     pare parity [--model DIR_OR_ID | --config tiny|tiny-sdxl|sd15|sd21|sdxl] [--device cuda] [--dtype fp16]
                 [--components unet,vae,scheduler,pipeline] [--steps 50] [--seed N]
