@@ -13,9 +13,9 @@ no process group, so every command that uses this module also runs serially, on 
   objects (report rows, manifests) travel over a gloo group either way: `gather_object` then needs no
   GPU tensors, and `monitored_barrier`, the barrier that says *which* rank did not arrive, exists
   only on gloo.
-- The work is shared deterministically: item i goes to rank i % world size (`shard`), so the same
-  inputs give every rank the same share on every run, and the gathered results can be put back in
-  input order.
+- The work is shared deterministically: item i goes to rank i % world size (`shard`; generation's
+  batches), so the same inputs give every rank the same share on every run, and the gathered results
+  can be put back in input order. (The sweep balances its cases by cost instead: pare/sweep/assign.py.)
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import pytest
 from pare import distributed
 from pare.cli import main
 from pare.sweep import cases as sweep_cases
+from pare.sweep.assign import assign, case_cost, checkpoint_key
 from pare.sweep.heatmap import block_key, matrix
 from pare.sweep.spec import expand, make_spec, read_spec_file
 
@@ -105,6 +106,22 @@ def test_each_case_goes_to_exactly_one_rank(size):
     assert shares[0] == items[::size] and max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
+def test_the_assignment_is_balanced_and_keeps_checkpoints_together(tmp_path):
+    (tmp_path / "s.toml").write_text(SPEC)
+    cases = expand(make_spec(read_spec_file(tmp_path / "s.toml")), "cpu")
+    assert assign(cases, 1, steps=2) == [cases]  # serially: every case, in spec order
+    for size in (2, 3, 4):
+        shares = assign(cases, size, steps=2)
+        assert shares == assign(list(reversed(cases)), size, steps=2)  # the same on every rank
+        assert sorted(c.index for share in shares for c in share) == list(range(len(cases)))
+        assert all(share == sorted(share, key=lambda c: c.index) for share in shares)
+        builds = sum(len({checkpoint_key(c) for c in share}) for share in shares)
+        round_robin = sum(len({checkpoint_key(c) for c in cases[r::size]}) for r in range(size))
+        assert builds < round_robin if size > 2 else builds <= round_robin  # vs case i on rank i % N
+        loads = [sum(case_cost(c, 2) for c in share) for share in shares]
+        assert max(loads) <= sum(loads) / size + max(case_cost(c, 2) for c in cases) + 1e-9  # LPT's bound
+
+
 def test_two_rank_torchrun_sweep_equals_the_serial_run(tmp_path, capsys):
     spec = tmp_path / "sweep.toml"
     spec.write_text(SPEC)
@@ -116,7 +133,9 @@ def test_two_rank_torchrun_sweep_equals_the_serial_run(tmp_path, capsys):
     serial, two = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("serial", "two"))
     assert without_timing(two) == without_timing(serial)
     assert two["header"]["world_size"] == 2 and serial["header"]["world_size"] == 1
-    assert [c["run"]["rank"] for c in two["cases"]] == [i % 2 for i in range(24)]
+    shares = assign(expand(make_spec(read_spec_file(spec)), "cpu"), 2, steps=2)
+    assert [c["run"]["rank"] for c in two["cases"]] == [0 if c in shares[0] else 1 for c in expand(
+        make_spec(read_spec_file(spec)), "cpu")] and all(shares)
     bf16 = [r for c in two["cases"] if c["case"]["dtype"] == "bf16" for r in c["rows"]]
     assert sum(r["local"]["pare_err64"] not in (None, 0.0) for r in bf16) > 100  # the equality is not of zeros
     assert (tmp_path / "two.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

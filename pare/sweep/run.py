@@ -6,8 +6,9 @@
 
 1. Read the spec (a TOML or YAML file; flags override its keys) and list its cases in spec order.
 2. Join torchrun's process group, if there is one; pin this rank to the GPU of its LOCAL_RANK.
-3. Run this rank's share, cases rank, rank + N, ... (`pare.distributed.shard`), each one `pare parity`
-   run; a case that raises is a failed case with its error.
+3. Run this rank's share (`assign.py`: deterministic, balanced by estimated cost, a checkpoint's cases
+   kept on one rank where that pays), each case one `pare parity` run; a case that raises is a failed
+   case with its error.
 4. Meet at a barrier (a rank missing after --timeout seconds is named in the error), gather every
    rank's results on rank 0 (`gather_object`), put them back in spec order, and write one report:
    OUT.md, OUT.json and OUT.png, the heat map of cases x blocks. Exit 1 if any case failed.
@@ -19,6 +20,7 @@ import argparse
 import time
 
 from .. import distributed
+from .assign import assign
 from .cases import Checkpoints, run_case
 from .report import SweepReport, make_header, to_text, write
 from .spec import AXES, SETTINGS, expand, make_spec, read_spec_file
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     world, device = distributed.init(spec.device, args.timeout)
     try:
         cases = expand(spec, device.type)
-        mine = distributed.shard(cases, world)
+        mine = assign(cases, world.size, spec.steps, model_given=spec.model is not None)[world.rank]
         reference = import_reference(spec.reference_path)
         quiet(reference)
         checkpoints, results = Checkpoints(), []
