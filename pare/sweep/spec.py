@@ -97,10 +97,18 @@ def read_spec_file(path: str | Path) -> dict:
         except ImportError:
             raise ValueError(f"{path}: reading a YAML spec needs PyYAML (pip install pyyaml); or write it as "
                              f"TOML, which Python reads itself") from None
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path} is not valid YAML: {e}") from None
     elif path.suffix.lower() == ".toml":
-        import tomllib
-
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10: the same parser, as the package tomli
+            try:
+                import tomli as tomllib
+            except ImportError:
+                raise ValueError(f"{path}: reading TOML needs Python 3.11 or later, or pip install tomli") from None
         try:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
@@ -161,9 +169,8 @@ def make_spec(raw: dict, where: str = "sweep spec") -> Spec:
         if missing:
             raise ValueError(f"{where}: the controlnet component needs a config with a published ControlNet "
                              f"({sorted(FAMILY_CONTROLNETS)}); not {missing}")
-    for key in ("reference_path",):
-        if raw.get(key) is not None:
-            setattr(spec, key, str(Path(str(raw[key])).expanduser()))
+    if raw.get("reference_path") is not None:
+        spec.reference_path = str(Path(str(raw["reference_path"])).expanduser())
     if raw.get("steps") is not None:
         if isinstance(raw["steps"], bool) or not isinstance(raw["steps"], int) or raw["steps"] < 1:
             raise ValueError(f"{where}: steps must be a positive integer, got {raw['steps']!r}")
