@@ -21,6 +21,7 @@ no process group, so every command that uses this module also runs serially, on 
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 import re
 from dataclasses import dataclass
@@ -96,7 +97,8 @@ def init(device: str | None = None, timeout: float = 1800.0) -> tuple[World, tor
     wait = datetime.timedelta(seconds=timeout)
     if not dist.is_initialized():
         backend = "nccl" if device_.type == "cuda" else "gloo"
-        kwargs = {"device_id": device_} if backend == "nccl" else {}
+        takes_device = "device_id" in inspect.signature(dist.init_process_group).parameters  # torch >= 2.3
+        kwargs = {"device_id": device_} if backend == "nccl" and takes_device else {}
         dist.init_process_group(backend, timeout=wait, **kwargs)
     group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=wait)
     return World(rank, size, local_rank, timeout, group), device_
