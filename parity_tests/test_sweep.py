@@ -1,4 +1,4 @@
-"""`pare sweep` and `pare.distributed`: the spec's cases, their sharding, a crashed case, a hung rank, and a
+"""`pare sweep` and `pare.distributed`: the spec's cases, their assignment, a crashed case, a hung rank, and a
 2-rank torchrun sweep (gloo, CPU) whose combined report equals the serial run's, case by case and row by row."""
 
 import json
@@ -140,6 +140,7 @@ def test_two_rank_torchrun_sweep_equals_the_serial_run(tmp_path, capsys):
     assert sum(r["local"]["pare_err64"] not in (None, 0.0) for r in bf16) > 100  # the equality is not of zeros
     assert (tmp_path / "two.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "two.md").read_text().startswith("# Parity sweep: 24 cases")
+    assert not list(tmp_path.glob("two.rank*.json"))  # the ranks' parts, merged and removed
 
 
 def test_a_crashed_case_is_a_failed_row_and_each_failure_is_listed(tmp_path, capsys, monkeypatch):
@@ -187,10 +188,33 @@ def test_heat_map_columns_line_up_across_schedulers(tmp_path):
     assert all(v != v for v in values[0][5:]) and all(v == v for v in values[2][5:])  # unet blocks: the unet case
 
 
-def test_a_hung_rank_is_named_after_the_timeout():
-    proc = torchrun(str(ROOT / "parity_tests" / "rank_worker.py"), "--timeout", "2", "--sleep-rank", "1",
-                    "--sleep", "60", timeout=120)
+HANG = """
+import os, sys, time
+import pare.sweep.run
+from pare.cli import main
+
+original = pare.sweep.run.run_case
+
+
+def hang_rank_1(*args, **kwargs):  # rank 1 hangs in its first case
+    if os.environ["RANK"] == "1":
+        time.sleep(120)
+    return original(*args, **kwargs)
+
+
+pare.sweep.run.run_case = hang_rank_1
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_hung_rank_is_named_and_the_finished_ranks_cases_are_kept(tmp_path):
+    script = tmp_path / "hang.py"
+    script.write_text(HANG)
+    proc = torchrun(str(script), "sweep", "--components", "unet,vae", "--device", "cpu", "--timeout", "3",
+                    "--out", str(tmp_path / "r"), timeout=120)
     assert proc.returncode != 0
-    assert "gathered [{'rank': 0, 'share': [0, 2, 4, 6]}, {'rank': 1, 'share': [1, 3, 5]}]" in proc.stdout
-    assert ("timeout: rank 0/2: rank(s) 1 did not reach the end of the test within --timeout 2 s" in proc.stdout), (
-        proc.stdout + proc.stderr[-2000:])
+    assert ("pare sweep: error: rank 0/2: rank(s) 1 did not reach the end of the sweep within --timeout 3 s"
+            in proc.stderr), proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert f"the cases of the ranks that finished are in {tmp_path / 'r.rank*.json'}" in proc.stderr
+    part = json.loads((tmp_path / "r.rank0.json").read_text())
+    assert [c["verdict"] for c in part["cases"]] == ["PASS"] and not (tmp_path / "r.rank1.json").exists()

@@ -9,7 +9,8 @@
 3. Run this rank's share (`assign.py`: deterministic, balanced by estimated cost, a checkpoint's cases
    kept on one rank where that pays), each case one `pare parity` run; a case that raises is a failed
    case with its error.
-4. Meet at a barrier (a rank missing after --timeout seconds is named in the error), gather every
+4. With --out, write this rank's cases to OUT.rank{R}.json, so a hung rank loses only its own.
+   Meet at a barrier (a rank missing after --timeout seconds is named in the error), gather every
    rank's results on rank 0 (`gather_object`), put them back in spec order, and write one report:
    OUT.md, OUT.json and OUT.png, the heat map of cases x blocks. Exit 1 if any case failed.
 """
@@ -17,7 +18,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 from .. import distributed
 from .assign import assign
@@ -64,7 +67,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                       f"{result.verdict} ({len(result.rows)} rows, {result.seconds:.1f} s){detail}", flush=True)
         finally:
             checkpoints.close()
-        distributed.barrier(world, "the end of the sweep")
+        part = write_part(results, args.out, world) if args.out and world.distributed else None
+        try:
+            distributed.barrier(world, "the end of the sweep")
+        except distributed.RankTimeoutError as e:
+            if part is not None:
+                raise distributed.RankTimeoutError(f"{e}; the cases of the ranks that finished are in "
+                                                   f"{part.parent / (part.name.split('.rank')[0] + '.rank*.json')}") from e
+            raise
         gathered = distributed.gather_object(results, world)
         if not world.is_main:
             return 0  # rank 0 reports, and its exit code is the sweep's
@@ -78,9 +88,21 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.out:
             for path in write(report, args.out):
                 print(f"wrote {path}")
+            for part in Path(args.out).parent.glob(f"{Path(args.out).name}.rank*.json"):
+                part.unlink()  # in the combined report now
         return 0 if report.passed else 1
     finally:
         distributed.shutdown(world)
+
+
+def write_part(results, out: str, world) -> Path:
+    """This rank's cases, as the report's JSON has them, in OUT.rank{R}.json: if another rank hangs, the finished
+    ranks' work is on disk (rank 0 removes the parts once the combined report is written)."""
+    from ..atomic import write_text_atomically
+
+    path = Path(f"{out}.rank{world.rank}.json")
+    return write_text_atomically(path, json.dumps({"rank": world.rank, "cases": [r.as_dict() for r in results]},
+                                                  default=str))
 
 
 def quiet(reference) -> None:
