@@ -73,7 +73,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         except distributed.RankTimeoutError as e:
             if part is not None:
                 raise distributed.RankTimeoutError(f"{e}; the cases of the ranks that finished are in "
-                                                   f"{part.parent / (part.name.split('.rank')[0] + '.rank*.json')}") from e
+                                                   f"{args.out}.rank*.json") from e
             raise
         gathered = distributed.gather_object(results, world)
         if not world.is_main:
