@@ -7,10 +7,15 @@
                   [--image in.png --strength 0.8] [--device cuda] [--dtype fp16]
                   [--controlnet DIR --control-image edges.png [--controlnet-scale 1.0]]
                   [--image in.png --mask mask.png [--strength 1.0]]
+    pare generate --model DIR --prompts prompts.jsonl --out images/ [--batch-size 4] [--seed 0] [--timeout 1800]
+                  (one image per prompt, resumable; under torchrun the batches are shared across the ranks)
 
     pare parity [--model DIR_OR_ID | --config tiny|tiny-sdxl|sd15|sd21|sdxl] [--device cuda] [--dtype fp16]
                 [--components unet,vae,scheduler,pipeline] [--steps 50] [--seed N]
                 [--reference-path DIFFUSERS_CHECKOUT] [--out REPORT]
+    pare sweep  [SPEC.toml] [--configs tiny,sdxl] [--dtypes fp16,bf16] [--seeds 0,1] [--schedulers all]
+                [--components unet,vae,scheduler,pipeline] [--out REPORT] [--timeout 1800]
+                (serially, or one rank per GPU: torchrun --nproc-per-node N -m pare.cli sweep ...)
     pare bench  [--models sd15,sd21,sdxl] [--cases ...] [--modes eager,graph,compile,compile-ro]
 
 `generate` reads the folder's model_index.json to choose Stable Diffusion or SDXL (or the x4
@@ -54,13 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--allow-pickle", action="store_true", help="let --model / --lora read pickle files (.ckpt)")
     gen.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                      help="a LoRA to apply, at SCALE (default 1); repeat for several")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--negative-prompt", default=None)
+    what = gen.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="the prompt of one image")
+    what.add_argument("--prompts", default=None, metavar="FILE",
+                      help="a prompt file: one prompt per line, or JSON lines (.jsonl) with per-prompt seed, height, "
+                           "width and negative_prompt; one image per prompt into the --out folder, resumable, "
+                           "shared across ranks under torchrun")
+    gen.add_argument("--negative-prompt", default=None, help="with --prompts: for the prompts without their own")
     gen.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     gen.add_argument("--guidance", type=float, default=None,
                      help="classifier-free guidance scale (default 7.5, SDXL 5.0; <= 1 turns it off)")
     gen.add_argument("--seed", type=int, default=None,
-                     help="seed of the CPU generator (default: a random one, printed)")
+                     help="seed of the CPU generator (default: a random one, printed); with --prompts, prompt i "
+                          "without a seed gets SEED + i (default 0 + i)")
     gen.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
     gen.add_argument("--width", type=int, default=None)
     choice = gen.add_mutually_exclusive_group()
@@ -79,7 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--controlnet-scale", type=float, default=None, help="weight of the ControlNet (default 1.0)")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     gen.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on CUDA, fp32 on CPU")
-    gen.add_argument("--out", default="out.png", help="where to write the PNG (default out.png)")
+    gen.add_argument("--out", default=None,
+                     help="where to write the PNG (default out.png); with --prompts, the folder (default out/)")
+    gen.add_argument("--batch-size", type=int, default=1,
+                     help="with --prompts: images per pipeline call (prompts of one size and negative-prompt "
+                          "presence share a batch; default 1)")
+    gen.add_argument("--timeout", type=float, default=1800.0,
+                     help="with --prompts under torchrun: seconds a finished rank waits for the others (default 1800)")
     gen.set_defaults(run=lambda args: generate(args, gen))
 
     from . import bench
@@ -89,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
                               description=parity.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parity.add_arguments(par)
     par.set_defaults(run=lambda args: 0 if parity.run(args).passed else 1)  # exit 1 when a row fails
+
+    from .sweep import run as sweep
+
+    swp = commands.add_parser("sweep", help="parity over configs x dtypes x seeds x schedulers, sharded with torchrun",
+                              description=sweep.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep.add_arguments(swp)
+    swp.set_defaults(run=lambda args: sweep.run(args, swp))  # exit 1 when a case fails
 
     ben = commands.add_parser("bench", help="latency and memory of pare beside diffusers",
                               description=bench.__doc__)
@@ -111,9 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in vars(args).items():  # argparse's float() takes "nan" and "inf"
         if isinstance(value, float) and not math.isfinite(value):
             usage_error(args, f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    if args.command == "generate":
+    if args.command == "generate" and args.prompts is not None:
+        args.out = args.out or "out"
+        if Path(args.out).is_file() or Path(args.out).suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
+            usage_error(args, f"--out {args.out}: with --prompts, --out is the folder the images go to")
+    elif args.command == "generate":
         from PIL import Image
 
+        args.out = args.out or "out.png"
         out = Path(args.out)
         if out.is_dir():
             usage_error(args, f"--out {out} is a directory: give the image's file name, e.g. {out / 'out.png'}")
@@ -181,7 +210,16 @@ def generate(args, parser) -> int:
     for path, _ in loras:
         if not Path(path).exists():
             parser.error(f"--lora {path} does not exist")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.prompts is not None:
+        prompts = check_prompts_arguments(args, parser)
+    elif args.batch_size != 1:
+        parser.error("--batch-size applies to --prompts only")
+    if args.prompts is not None:  # under torchrun: join the ranks, take the GPU of LOCAL_RANK
+        from . import distributed
+
+        world, device = distributed.init(args.device, args.timeout)
+    else:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
 
@@ -233,6 +271,13 @@ def generate(args, parser) -> int:
         pipe.set_adapters([f"lora_{i}" for i in range(len(loras))], [scale for _, scale in loras])
 
     # 3. Generate.
+    if args.prompts is not None:
+        from .batch_generate import generate_prompts
+
+        try:
+            return generate_prompts(args, pipe, prompts, world, Path(args.out))
+        finally:
+            distributed.shutdown(world)
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
     kwargs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                   generator=torch.Generator("cpu").manual_seed(seed))
@@ -261,6 +306,24 @@ def generate(args, parser) -> int:
     print(f"wrote {out} ({image.width}x{image.height}, seed {seed}, {pipeline_class.__name__}, "
           f"{type(pipe.scheduler).__name__}{sampler}, {args.steps} steps)")
     return 0
+
+
+def check_prompts_arguments(args, parser) -> list:
+    """`--prompts`: the flags it takes, and the prompt file read (a bad file is a usage error, naming its line)."""
+    from .prompts import read_prompts
+
+    for flag, value in (("--image", args.image), ("--mask", args.mask), ("--controlnet", args.controlnet)):
+        if value is not None:
+            parser.error(f"--prompts runs text-to-image: {flag} is for one image (--prompt)")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.timeout <= 0:
+        parser.error(f"--timeout must be positive (seconds), got {args.timeout:g}")
+    try:
+        return read_prompts(args.prompts, 0 if args.seed is None else args.seed, args.height, args.width,
+                            args.negative_prompt)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
 
 
 def parse_lora(spec: str) -> tuple[str, float]:

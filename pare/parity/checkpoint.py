@@ -130,8 +130,24 @@ def build_reference_pipeline(reference: ModuleType, models: tuple, scheduler: di
 def make_checkpoint(reference: ModuleType, folder: Path, family: str, seed: int = 0, device="cpu",
                     dtype=torch.float32) -> Path:
     """`reference_pipeline(...)` written to `folder` by diffusers' save_pretrained; returns the folder."""
-    reference_pipeline(reference, family, seed, device, dtype).save_pretrained(folder, safe_serialization=True)
+    pipe = reference_pipeline(reference, family, seed, device, dtype)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    write_skipped_text_encoders(pipe, Path(folder))
     return Path(folder)
+
+
+def write_skipped_text_encoders(pipe, folder: Path) -> None:
+    """Write the text encoders transformers did not: once torch.distributed is initialized, its save_pretrained
+    writes a model (config and weights) on rank 0 only (`should_save_on_this_rank`, transformers 5.x), but
+    every `pare sweep` rank makes its own checkpoint. The same files it writes: config.json, model.safetensors."""
+    from safetensors.torch import save_model
+
+    for name in ("text_encoder", "text_encoder_2"):
+        model = getattr(pipe, name, None)
+        if model is None or (folder / name / "model.safetensors").exists():
+            continue
+        model.config.save_pretrained(folder / name)
+        save_model(model, str(folder / name / "model.safetensors"), metadata={"format": "pt"})
 
 
 def pare_model_like(cls, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

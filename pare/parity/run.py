@@ -269,6 +269,18 @@ def scheduler_names(args: argparse.Namespace, folder: Path) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> Report:
+    """`pare parity`: the report, printed (and written with --out)."""
+    report = make_report(args)
+    print(to_text(report, verbose=args.verbose))
+    if args.out:
+        for path in write(report, args.out):
+            print(f"wrote {path}")
+    return report
+
+
+def make_report(args: argparse.Namespace) -> Report:
+    """The parity report for `args` (the namespace `add_arguments` parses), neither printed nor written:
+    `pare parity` prints it, `pare sweep` gathers one per case."""
     from .reference import import_reference
 
     reference = import_reference(args.reference_path)
@@ -345,10 +357,6 @@ def run(args: argparse.Namespace) -> Report:
                 torch.cuda.empty_cache()
     if tmp is not None:
         tmp.cleanup()
-    print(to_text(report, verbose=args.verbose))
-    if args.out:
-        for path in write(report, args.out):
-            print(f"wrote {path}")
     return report
 
 
