@@ -62,3 +62,13 @@ def device(request) -> torch.device:
 @pytest.fixture(scope="session")
 def dtype(request) -> torch.dtype:
     return DTYPES[request.config.getoption("--dtype")]
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one CPU thread for the test, as the torchrun ranks it is compared with run (OMP_NUM_THREADS=1):
+    a CPU kernel's sums, and so its rounding, depend on the number of threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -86,7 +86,7 @@ def test_batches_group_by_size_and_negative_prompt_in_prompt_order():
     assert [[p.index for p in b] for b in batches(ps, 1)] == [[i] for i in range(6)]
 
 
-def test_two_ranks_make_the_serial_images_and_a_rerun_resumes(tmp_path, capsys):
+def test_two_ranks_make_the_serial_images_and_a_rerun_resumes(tmp_path, capsys, one_thread):
     from PIL import Image
 
     folder, prompts = str(pipeline_folder("tiny-sdxl")), str(write_prompts(tmp_path / "p.jsonl"))

@@ -122,7 +122,7 @@ def test_the_assignment_is_balanced_and_keeps_checkpoints_together(tmp_path):
         assert max(loads) <= sum(loads) / size + max(case_cost(c, 2) for c in cases) + 1e-9  # LPT's bound
 
 
-def test_two_rank_torchrun_sweep_equals_the_serial_run(tmp_path, capsys):
+def test_two_rank_torchrun_sweep_equals_the_serial_run(tmp_path, capsys, one_thread):
     spec = tmp_path / "sweep.toml"
     spec.write_text(SPEC)
     assert main(["sweep", str(spec), "--out", str(tmp_path / "serial")]) == 0
