@@ -3,20 +3,20 @@
     pare generate --model DIR_OR_HUB_ID_OR_FILE --prompt "a photo of a cat" --out cat.png
                   [--config DIR_OR_ID] [--lora FILE[:SCALE] ...] [--allow-pickle]
                   [--negative-prompt TEXT] [--steps 50] [--guidance 7.5] [--seed 0]
-                  [--height H] [--width W] [--sampler "DPM++ 2M Karras" | --scheduler EulerDiscreteScheduler]
+                  [--height H] [--width W] [--sampler "DPM++ 2M Karras" | --scheduler EulerDiscreteScheduler] [--fast]
                   [--image in.png --strength 0.8] [--device cuda] [--dtype fp16]
                   [--controlnet DIR --control-image edges.png [--controlnet-scale 1.0]]
                   [--image in.png --mask mask.png [--strength 1.0]]
     pare generate --model DIR --prompts prompts.jsonl --out images/ [--batch-size 4] [--seed 0] [--timeout 1800]
                   (one image per prompt, resumable; under torchrun the batches are shared across the ranks)
 
-    pare parity [--model DIR_OR_ID | --config tiny|tiny-sdxl|sd15|sd21|sdxl] [--device cuda] [--dtype fp16]
+    pare parity [--model DIR_OR_ID | --config tiny|tiny-sdxl|sd15|sd21|sdxl] [--device cuda] [--dtype fp16] [--fast]
                 [--components unet,vae,scheduler,pipeline] [--steps 50] [--seed N]
                 [--reference-path DIFFUSERS_CHECKOUT] [--out REPORT]
     pare sweep  [SPEC.toml] [--configs tiny,sdxl] [--dtypes fp16,bf16] [--seeds 0,1] [--schedulers all]
                 [--components unet,vae,scheduler,pipeline] [--out REPORT] [--timeout 1800]
                 (serially, or one rank per GPU: torchrun --nproc-per-node N -m pare.cli sweep ...)
-    pare bench  [--models sd15,sd21,sdxl] [--cases ...] [--modes eager,graph,compile,compile-ro]
+    pare bench  [--models sd15,sd21,sdxl] [--cases ...] [--modes eager,graph,compile,compile-ro,compile-graph,fast]
 
 `generate` reads the folder's model_index.json to choose Stable Diffusion or SDXL (or the x4
 upscaler), and runs image-to-image when `--image` is given, inpainting with `--mask` (white =
@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--controlnet-scale", type=float, default=None, help="weight of the ControlNet (default 1.0)")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     gen.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on CUDA, fp32 on CPU")
+    gen.add_argument("--fast", action="store_true",
+                     help="pare's fast path (pare/fast/: fused Triton kernels, channels last, the UNet from CUDA "
+                          "graphs); held to the same error budget, see the README")
     gen.add_argument("--out", default=None,
                      help="where to write the PNG (default out.png); with --prompts, the folder (default out/)")
     gen.add_argument("--batch-size", type=int, default=1,
@@ -269,6 +272,8 @@ def generate(args, parser) -> int:
         pipe.load_lora_weights(path, adapter_name=f"lora_{i}", allow_pickle=args.allow_pickle)
     if loras:
         pipe.set_adapters([f"lora_{i}" for i in range(len(loras))], [scale for _, scale in loras])
+    if args.fast:
+        pipe.enable_fast()  # pare/fast/: the same images to the fp16 budget, faster on CUDA
 
     # 3. Generate.
     if args.prompts is not None:

@@ -34,6 +34,23 @@ def test_generate_is_reproducible_from_the_seed(tmp_path):
     assert PIL.Image.open(a).tobytes() == PIL.Image.open(b).tobytes()
 
 
+def test_generate_fast_makes_the_reference_image_to_rounding(tmp_path, monkeypatch):
+    """--fast runs pipe.enable_fast() (pare/fast/); on the CPU its blocks are PyTorch twins of the reference."""
+    import numpy as np
+
+    import pare.fast
+
+    calls = []
+    original = pare.fast.optimize
+    monkeypatch.setattr(pare.fast, "optimize", lambda pipe, **kw: calls.append(pipe) or original(pipe, **kw))
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    generate("--model", str(pipeline_folder("tiny-sd")), "--height", "16", "--width", "16", "--out", str(a))
+    generate("--model", str(pipeline_folder("tiny-sd")), "--height", "16", "--width", "16", "--out", str(b), "--fast")
+    assert len(calls) == 1
+    diff = np.abs(np.asarray(PIL.Image.open(a), dtype=int) - np.asarray(PIL.Image.open(b), dtype=int))
+    assert diff.max() <= 1  # uint8 images: at most one level of rounding apart
+
+
 def test_generate_sdxl_with_another_scheduler_and_img2img(tmp_path, capsys):
     folder = str(pipeline_folder("tiny-sdxl"))
     first, second = tmp_path / "xl.png", tmp_path / "xl2.png"

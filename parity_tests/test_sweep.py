@@ -75,6 +75,7 @@ def test_cases_are_the_product_of_the_axes_in_spec_order(tmp_path):
     ({"configs": ["tiny"], "model": "some/folder"}, "not both"),
     ({"steps": 0}, "steps must be a positive integer"),
     ({"components": ["controlnet"], "configs": ["sd21"]}, "not ['sd21']"),
+    ({"fast": "yes"}, "fast must be true or false"),
 ])
 def test_bad_specs_are_refused_naming_the_key(raw, message):
     with pytest.raises(ValueError, match="^my.toml: .*" + message.replace("[", r"\[").replace("]", r"\]")):
@@ -168,6 +169,23 @@ def test_a_crashed_case_is_a_failed_row_and_each_failure_is_listed(tmp_path, cap
     md = (tmp_path / "r.md").read_text()
     assert "## First failure of each failing case" in md and "### 0: tiny fp64 seed 0 vae" in md
     assert "### 2: tiny fp64 seed 0 scheduler LMSDiscreteScheduler" in md and "[FAIL] LMSDiscreteScheduler.step " in md
+
+
+def test_fast_sweeps_run_pares_fast_path(tmp_path, monkeypatch):
+    """`--fast` (or `fast = true`) reaches every case's pare parity run: pare's UNet there is the fast one."""
+    import pare.parity.run as parity_run
+
+    seen = []
+    original = parity_run.fast_if
+
+    def spy(fast, model):
+        seen.append(fast)
+        return original(fast, model)
+
+    monkeypatch.setattr(parity_run, "fast_if", spy)
+    assert main(["sweep", "--components", "unet", "--device", "cpu", "--fast", "--out", str(tmp_path / "r")]) == 0
+    assert seen == [True]
+    assert json.loads((tmp_path / "r.json").read_text())["header"]["spec"]["fast"] is True
 
 
 def test_heat_map_columns_line_up_across_schedulers(tmp_path):

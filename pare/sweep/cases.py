@@ -95,6 +95,7 @@ def parity_args(spec: Spec, case: Case, model: str, device: torch.device) -> arg
     args.model, args.config, args.device = model, case.config or args.config, device.type  # "cuda": the pinned GPU
     args.dtype, args.seed, args.steps, args.depth = case.dtype, case.seed, spec.steps, spec.depth
     args.components, args.schedulers, args.reference_path = case.component, case.scheduler, spec.reference_path
+    args.fast = spec.fast
     return args
 
 

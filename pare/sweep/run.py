@@ -130,6 +130,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     settings.add_argument("--reference-path", default=None, help="a diffusers source tree to compare against")
     settings.add_argument("--steps", type=int, default=None, help="scheduler and pipeline steps (default 50)")
     settings.add_argument("--depth", default=None, help="blocks (default) or all")
+    settings.add_argument("--fast", action="store_const", const=True, default=None,
+                          help="pare's side on its fast path (pare parity --fast; default: the spec's, else off)")
     settings.add_argument("--device", default=None,
                           help="cpu or cuda (default: cuda when available; under torchrun, the GPU of LOCAL_RANK)")
     parser.add_argument("--timeout", type=float, default=1800.0,

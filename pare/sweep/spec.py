@@ -8,6 +8,7 @@
     components = ["unet", "vae", "scheduler", "pipeline"]
     steps = 50
     reference_path = "~/src/diffusers"
+    fast = false                            # true: pare's side on its fast path (pare parity --fast)
 
 One case is one `pare parity` run of one component: (config, dtype, seed, component, scheduler).
 The scheduler axis applies to the components that run a scheduler (`scheduler`, `pipeline`); a UNet,
@@ -27,7 +28,7 @@ from ..parity.run import COMPONENTS, EXTRA_COMPONENTS
 from ..parity.tolerances import DTYPES
 
 AXES = ("configs", "dtypes", "seeds", "schedulers", "components")
-SETTINGS = ("model", "reference_path", "steps", "depth", "device")
+SETTINGS = ("model", "reference_path", "steps", "depth", "device", "fast")
 SCHEDULED = ("scheduler", "pipeline")  # the components the scheduler axis applies to
 DEVICES = ("cpu", "cuda")
 
@@ -44,6 +45,7 @@ class Spec:
     steps: int = 50
     depth: str = "blocks"
     device: str | None = None  # None: cuda when available, else cpu
+    fast: bool = False  # pare's side on its fast path (pare parity --fast)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -183,6 +185,10 @@ def make_spec(raw: dict, where: str = "sweep spec") -> Spec:
     if raw.get("device") is not None:
         _check_choices("device", [raw["device"]], DEVICES, where)
         spec.device = raw["device"]
+    if raw.get("fast") is not None:
+        if not isinstance(raw["fast"], bool):
+            raise ValueError(f"{where}: fast must be true or false, got {raw['fast']!r}")
+        spec.fast = raw["fast"]
     return spec
 
 
