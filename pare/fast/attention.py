@@ -9,8 +9,9 @@ and reads the activations once instead of three times.
 Maps (the VAE's attention) stay channels last: GroupNorm by the Triton kernel, tokens as a view.
 
 The reference forward runs instead when a projection carries a LoRA forward hook (the hook
-belongs to the module's own call) or when the fused weights no longer back the parameters
-(after `.to(dtype)`, say): then the fusion is redone on the next call outside graph capture.
+belongs to the module's own call), under torch.compile (which fuses on its own, and cannot
+trace the check that follows), and when the fused weights no longer back the parameters (after
+`.to(dtype)`, say): then the fusion is redone on the next call outside graph capture.
 """
 
 from __future__ import annotations
@@ -24,10 +25,7 @@ from torch import nn
 from ..models.attention import Attention
 from ..models.lora_scale import lora_call
 from .kernels.group_norm import group_norm
-
-
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or getattr(module, "takes_lora_scale", False))
+from .resnet import plain
 
 
 def fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -60,7 +58,8 @@ class FastAttention(Attention):
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, lora_scale: float = 1.0) -> torch.Tensor:
         self_context = encoder_hidden_states is None
-        if any(_hooked(m) for m in (self.to_q, self.to_k, self.to_v)) or self_context == self.is_cross_attention:
+        if (not all(plain(m) for m in (self.to_q, self.to_k, self.to_v)) or self_context == self.is_cross_attention
+                or torch.compiler.is_compiling()):  # compile cannot trace the data-pointer check below
             return super().forward(hidden_states, encoder_hidden_states, attention_mask, lora_scale)
         if not self._fused_ok():
             if hidden_states.is_cuda and torch.cuda.is_current_stream_capturing():

@@ -1,29 +1,24 @@
 """Triton kernels of the fast path, each with a plain-PyTorch twin for the CPU and for checking.
 
 `triton_ready(x)` says whether a tensor can go through a Triton kernel here: Triton is installed,
-and the tensor is on a CUDA device (or TRITON_INTERPRET=1 runs kernels on the CPU, for tests).
+and the tensor is on a CUDA device (or TRITON_INTERPRET=1, set before the import, runs kernels on
+the CPU, for tests). Both facts are read once, at import, so that torch.compile can trace the check.
 """
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
 
+TRITON = importlib.util.find_spec("triton") is not None
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-@functools.cache
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return TRITON
 
 
 def triton_ready(x: torch.Tensor) -> bool:
-    return triton_available() and (x.is_cuda or interpreting())
+    return TRITON and (x.is_cuda or INTERPRET)

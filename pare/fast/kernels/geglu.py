@@ -14,7 +14,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import triton_ready
+from . import TRITON, triton_ready
+
+if TRITON:  # at import, not in the call: torch.compile cannot trace an import
+    import triton
+
+    from ._geglu_triton import geglu_kernel
 
 BLOCK_ROWS, BLOCK_COLS = 8, 256
 
@@ -28,10 +33,6 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
     """(..., 2D) -> (..., D): the first half times gelu(the second half)."""
     if not (triton_ready(x) and x.is_contiguous()):
         return reference(x)
-    import triton
-
-    from ._geglu_triton import geglu_kernel
-
     d = x.shape[-1] // 2
     rows = x.numel() // (2 * d)
     y = torch.empty(*x.shape[:-1], d, device=x.device, dtype=x.dtype)

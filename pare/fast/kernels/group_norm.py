@@ -25,7 +25,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import triton_ready
+from . import TRITON, triton_ready
+
+if TRITON:  # at import, not in the call: torch.compile cannot trace an import
+    import triton
+
+    from ._group_norm_triton import add_bias_residual as add_bias_residual_kernel
+    from ._group_norm_triton import apply, finalize, stats
 
 TILE = 4096  # values per program in the stats and apply passes: a few per thread at 4 warps
 
@@ -47,10 +53,6 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     b, c, h, w = x.shape
     if not (triton_ready(x) and weight is not None and bias is not None and c % num_groups == 0):
         return reference(x, num_groups, weight, bias, eps, add, silu)
-    import triton
-
-    from ._group_norm_triton import apply, finalize, stats
-
     x = x.contiguous(memory_format=torch.channels_last)  # a no-op on the fast path, where maps are channels last
     hw, cpg = h * w, c // num_groups
     g_p, cpg_p, c_p = triton.next_power_of_2(num_groups), triton.next_power_of_2(cpg), triton.next_power_of_2(c)
@@ -77,14 +79,11 @@ def add_bias_residual(x: torch.Tensor, residual: torch.Tensor, bias: torch.Tenso
     if not (triton_ready(x) and bias is not None and x.is_contiguous(memory_format=torch.channels_last)):
         out = x + residual
         return out if bias is None else out + bias[:, None, None]
-    import triton
-
-    from ._group_norm_triton import add_bias_residual as kernel
-
     residual = residual.contiguous(memory_format=torch.channels_last)
     b, c, h, w = x.shape
     c_p = triton.next_power_of_2(c)
     rows = max(1, TILE // c_p)
-    kernel[(triton.cdiv(b * h * w, rows),)](x, residual, bias, b * h * w, c, C_P=c_p, BLOCK_ROWS=rows,
-                                            num_warps=4 if rows * c_p <= 4096 else 8)
+    grid = (triton.cdiv(b * h * w, rows),)
+    add_bias_residual_kernel[grid](x, residual, bias, b * h * w, c, C_P=c_p, BLOCK_ROWS=rows,
+                                   num_warps=4 if rows * c_p <= 4096 else 8)
     return x
