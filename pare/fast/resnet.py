@@ -58,7 +58,8 @@ class FastResnetBlock2D(ResnetBlock2D):
             shortcut = input_tensor
             if self.conv_shortcut is not None:
                 shortcut = self.conv_shortcut._conv_forward(input_tensor, self.conv_shortcut.weight, None)
-            return add_bias_residual(hidden_states, shortcut, sum(biases) if biases else None)  # one pass
+            bias = None if not biases else biases[0] if len(biases) == 1 else biases[0] + biases[1]
+            return add_bias_residual(hidden_states, shortcut, bias)  # one pass
         hidden_states = lora_call(self.conv2, hidden_states, lora_scale)
         if self.conv_shortcut is not None:
             input_tensor = lora_call(self.conv_shortcut, input_tensor, lora_scale)
