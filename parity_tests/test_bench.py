@@ -55,3 +55,18 @@ def test_bench_times_a_controlnet_step_for_both_libraries(tmp_path):
     assert {(r["case"], r["library"]) for r in rows} == {("tiny controlnet + unet b2", "pare"),
                                                         ("tiny controlnet + unet b2", "diffusers")}
     assert all(math.isfinite(r["median_ms"]) and r["gflop"] > 0 for r in rows)
+
+
+def test_bench_fast_mode_is_pare_only_and_compared_with_diffusers_best(tmp_path):
+    """`--modes eager,fast`: the fast rows are pare's alone (no scheduler step: nothing for it to change), the
+    table compares them with diffusers' fastest mode of the run, and the set-up time is reported."""
+    assert main(["bench", "--device", "cpu", "--models", "tiny", "--cases", "unet,scheduler-step", "--iters", "1",
+                 "--warmup", "1", "--batches", "1", "--modes", "eager,fast", "--out", str(tmp_path),
+                 "--stem", "fast"]) == 0
+    rows = json.loads((tmp_path / "fast.json").read_text())["results"]
+    assert {(r["case"], r["library"], r["mode"]) for r in rows} == {
+        ("tiny unet b1", "pare", "eager"), ("tiny unet b1", "diffusers", "eager"), ("tiny unet b1", "pare", "fast"),
+        ("tiny ddim step", "pare", "eager"), ("tiny ddim step", "diffusers", "eager")}
+    fast = next(r for r in rows if r["mode"] == "fast")
+    assert math.isfinite(fast["median_ms"]) and fast["compile_s"] is not None  # the set-up time is reported
+    assert "| tiny unet b1 | fast (vs diffusers eager) | 1 |" in (tmp_path / "fast.md").read_text()
