@@ -235,3 +235,18 @@ def test_attn_procs_keys_without_the_unet_prefix_load_as_with_it():
     ours.unload_lora_weights()
     ours.load_lora_weights(attn_procs_lora(ours, prefix="unet."), adapter_name="prefixed")
     assert torch.equal(run(ours), bare)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_kohya_lora_on_the_fast_path_matches_diffusers(fuse):
+    """pipe.enable_fast() with a LoRA on every linear and conv (kohya, LoCon): unfused, the hooked blocks run their
+    reference forward; fused, the fast blocks read the fused weights (Q/K/V views of one matrix included)."""
+    ours, theirs = pipelines()
+    lora = kohya_lora(theirs)
+    for pipe in (ours, theirs):
+        pipe.load_lora_weights(dict(lora))
+    ours.enable_fast()
+    if fuse:
+        ours.fuse_lora(lora_scale=0.5)
+        theirs.fuse_lora(lora_scale=0.5)
+    same_run(ours, theirs, f"kohya LoRA on pare's fast path, {'fused at 0.5' if fuse else 'unfused'}")
