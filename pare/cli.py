@@ -14,7 +14,7 @@
                 [--components unet,vae,scheduler,pipeline] [--steps 50] [--seed N]
                 [--reference-path DIFFUSERS_CHECKOUT] [--out REPORT]
     pare sweep  [SPEC.toml] [--configs tiny,sdxl] [--dtypes fp16,bf16] [--seeds 0,1] [--schedulers all]
-                [--components unet,vae,scheduler,pipeline] [--out REPORT] [--timeout 1800]
+                [--components unet,vae,scheduler,pipeline] [--fast] [--out REPORT] [--timeout 1800]
                 (serially, or one rank per GPU: torchrun --nproc-per-node N -m pare.cli sweep ...)
     pare bench  [--models sd15,sd21,sdxl] [--cases ...] [--modes eager,graph,compile,compile-ro,compile-graph,fast]
 

@@ -187,12 +187,12 @@ def bench_case(run: Run, case: str, library: str, model: torch.nn.Module, call: 
     except Exception as e:  # the counter cannot trace some ops; latency is still measured
         progress(f"  flop count failed for {case}/{library}: {type(e).__name__}: {e}")
     for mode in modes:
+        if mode in PARE_ONLY_MODES and library != "pare":
+            continue
         progress(f"  {case:<22} {library:<9} {mode}")
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        if mode in PARE_ONLY_MODES and library != "pare":
-            continue
         try:
             with torch.no_grad():
                 fn, compile_s, note = prepare(mode, model, call, device, graphable)
