@@ -25,7 +25,7 @@ import torch
 from ..models.controlnet import ControlNetModel
 from ..models.multicontrolnet import MultiControlNetModel
 from .image_inputs import preprocess_control_image
-from .pipeline_utils import PipelineOutput, rescale_noise_cfg
+from .pipeline_utils import PipelineOutput, rescale_noise_cfg, step_callback
 from .stable_diffusion import StableDiffusionPipeline
 from .stable_diffusion_xl import StableDiffusionXLPipeline
 
@@ -154,12 +154,7 @@ class ControlNetMixin:
                 if guidance_rescale > 0.0:
                     noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale)
             latents = self.scheduler.step(noise_pred, t, latents, **(step_kwargs or {})).prev_sample
-
-            if callback is not None:
-                tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
-                replaced = callback(self, i, t, {k: tensors[k] for k in callback_inputs}) or {}
-                latents = replaced.get("latents", latents)
-                prompt_embeds = replaced.get("prompt_embeds", prompt_embeds)
+            latents, prompt_embeds = step_callback(self, callback, i, t, latents, prompt_embeds, callback_inputs)
         return latents
 
     def run_with_control(self, base_call, prompt, image, control_image, height, width, controlnet_conditioning_scale,

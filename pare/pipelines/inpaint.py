@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 
 from .image_inputs import image_tensor, preprocess_mask
-from .pipeline_utils import PipelineOutput, extra_step_kwargs, randn_tensor, rescale_noise_cfg, retrieve_timesteps
+from .pipeline_utils import (PipelineOutput, extra_step_kwargs, randn_tensor, rescale_noise_cfg, retrieve_timesteps,
+                             step_callback)
 from .stable_diffusion import Img2ImgMixin, StableDiffusionPipeline
 from .stable_diffusion_xl import StableDiffusionXLPipeline
 
@@ -133,12 +134,7 @@ class InpaintMixin(Img2ImgMixin):
             if not nine:
                 latents = self.blend(latents, image_latents, noise, mask.chunk(2)[0] if do_cfg else mask,
                                      timesteps, i)
-
-            if callback is not None:
-                tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
-                replaced = callback(self, i, t, {k: tensors[k] for k in callback_inputs}) or {}
-                latents = replaced.get("latents", latents)
-                prompt_embeds = replaced.get("prompt_embeds", prompt_embeds)
+            latents, prompt_embeds = step_callback(self, callback, i, t, latents, prompt_embeds, callback_inputs)
         return latents
 
     def blend(self, latents, image_latents, noise, mask, timesteps, i: int) -> torch.Tensor:

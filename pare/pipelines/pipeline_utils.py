@@ -91,6 +91,16 @@ def rescale_noise_cfg(noise_cfg: torch.Tensor, noise_pred_text: torch.Tensor, gu
     return guidance_rescale * noise_pred_rescaled + (1 - guidance_rescale) * noise_cfg
 
 
+def step_callback(pipe, callback, i: int, t, latents: torch.Tensor, prompt_embeds: torch.Tensor, callback_inputs):
+    """diffusers' `callback_on_step_end` after step i: the callback sees the tensors it asked for and may replace
+    them (a dict of new ones, or None); returns (latents, prompt_embeds)."""
+    if callback is None:
+        return latents, prompt_embeds
+    tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
+    replaced = callback(pipe, i, t, {k: tensors[k] for k in callback_inputs}) or {}
+    return replaced.get("latents", latents), replaced.get("prompt_embeds", prompt_embeds)
+
+
 def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int) -> torch.Tensor:
     """An LCM-distilled UNet's guidance condition: sinusoidal features of 1000 w, (B,) -> (B, embedding_dim), float32.
 

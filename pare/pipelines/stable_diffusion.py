@@ -33,6 +33,7 @@ from .pipeline_utils import (
     randn_tensor,
     rescale_noise_cfg,
     retrieve_timesteps,
+    step_callback,
 )
 
 logger = logging.getLogger("pare")
@@ -230,12 +231,7 @@ class StableDiffusionPipeline(PipelineMixin):
                 if guidance_rescale > 0.0:
                     noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale)
             latents = self.scheduler.step(noise_pred, t, latents, **(step_kwargs or {})).prev_sample
-
-            if callback is not None:
-                tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
-                replaced = callback(self, i, t, {k: tensors[k] for k in callback_inputs}) or {}
-                latents = replaced.get("latents", latents)
-                prompt_embeds = replaced.get("prompt_embeds", prompt_embeds)
+            latents, prompt_embeds = step_callback(self, callback, i, t, latents, prompt_embeds, callback_inputs)
         return latents
 
     def vae_decode(self, latents: torch.Tensor, output_type: str = "pil"):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .image_inputs import image_tensor
-from .pipeline_utils import PipelineOutput, extra_step_kwargs, postprocess_image, randn_tensor
+from .pipeline_utils import PipelineOutput, extra_step_kwargs, postprocess_image, randn_tensor, step_callback
 from .stable_diffusion import StableDiffusionPipeline
 
 X4_SCALING_FACTOR = 0.08333
@@ -143,12 +143,7 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
                 noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)  # (2B, ...) -> 2 x (B, ...)
                 noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
             latents = self.scheduler.step(noise_pred, t, latents, **(step_kwargs or {})).prev_sample
-
-            if callback is not None:
-                tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
-                replaced = callback(self, i, t, {k: tensors[k] for k in callback_inputs}) or {}
-                latents = replaced.get("latents", latents)
-                prompt_embeds = replaced.get("prompt_embeds", prompt_embeds)
+            latents, prompt_embeds = step_callback(self, callback, i, t, latents, prompt_embeds, callback_inputs)
         return latents
 
     def vae_decode(self, latents: torch.Tensor, output_type: str = "pil"):

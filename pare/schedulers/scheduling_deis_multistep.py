@@ -27,11 +27,13 @@ from .schedule import check_num_inference_steps
 from .scheduling_dpmsolver_multistep import (
     FLOW_MATCHING_CONFIG,
     add_vp_noise,
+    check_solver_timesteps,
+    solver_timesteps,
     convert_model_output,
     first_order_update,
     vp_alpha_sigma,
 )
-from .scheduling_unipc_multistep import solver_sigmas, solver_timesteps
+from .scheduling_unipc_multistep import solver_sigmas
 from .scheduling_utils import DiscreteScheduler, SchedulerOutput, check_choice, threshold_sample
 from .sigmas import SigmaSchedulerMixin
 
@@ -108,7 +110,7 @@ class DEISMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
     num_inference_steps < 1; unknown config values, including solver_order 4+ (diffusers runs it as order 3)
     and prediction_type "flow_prediction"; "leading" spacing past T-1; spacings that repeat a timestep; a timestep
     not in the schedule (diffusers silently takes the last step); a step after the last one; `mu` (flow matching).
-    "trailing" spacing never gains diffusers' spurious timestep -1 (see `scheduling_unipc_multistep.solver_timesteps`).
+    "trailing" spacing never gains diffusers' spurious timestep -1 (see `scheduling_dpmsolver_multistep.solver_timesteps`).
     """
 
     beta_schedules = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -167,6 +169,7 @@ class DEISMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
             raise ValueError(f"{owner}.set_timesteps: mu={mu} shifts flow-matching schedules (use_dynamic_shifting), which pare does not implement")
         n = check_num_inference_steps(num_inference_steps, c.num_train_timesteps)
         timesteps = solver_timesteps(c.timestep_spacing, n, c.num_train_timesteps, c.steps_offset)
+        check_solver_timesteps(timesteps, c.timestep_spacing, n, c.num_train_timesteps, c.steps_offset)
         sigmas, timesteps = solver_sigmas(self, timesteps, n, "sigma_min")  # DEIS ends at the smallest level
         self.sigmas = torch.from_numpy(sigmas)  # (n + 1,), CPU
         self.timesteps = torch.from_numpy(np.asarray(timesteps)).to(device=device, dtype=torch.int64)

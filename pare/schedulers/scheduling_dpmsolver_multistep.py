@@ -289,6 +289,58 @@ def add_vp_noise(scheduler, original_samples: torch.Tensor, noise: torch.Tensor,
     return alpha_t * original_samples + sigma_t * noise
 
 
+def last_unclipped_timestep(scheduler) -> int:
+    """T minus the timesteps whose lambda lies below `lambda_min_clipped` (the cosine schedule's plunges at the end)."""
+    clipped_idx = torch.searchsorted(torch.flip(scheduler.lambda_t, [0]), scheduler.config.lambda_min_clipped)
+    return int(scheduler.config.num_train_timesteps - clipped_idx)
+
+
+def solver_timesteps(timestep_spacing: str, num_inference_steps: int, num_train_timesteps: int, steps_offset: int = 0,
+                     last_timestep: int | None = None) -> np.ndarray:
+    """The integer timesteps of the DPM-Solver family (DPM-Solver, UniPC, DEIS): n of n + 1 spaced points over
+    [0, last_timestep), the last (t = 0) dropped. `last_timestep`: T (the default), or DPM-Solver's
+    `last_unclipped_timestep`.
+
+    The spacings of Lin et al., arXiv 2305.08891, Table 2, as diffusers' multistep solvers compute them:
+        linspace  round(linspace(0, last-1, n+1))[::-1][:-1]
+        leading   (arange(n+1) * (last // (n+1)))[::-1][:-1] + steps_offset
+        trailing  round(arange(last, 0, -T/n)) - 1         (T/n, not last/n, as in diffusers)
+
+    Where pare differs from diffusers on purpose: "trailing" drops the spurious -1 of np.arange's overshoot
+    (n = 61 of T = 1000, say: diffusers visits n + 1 timesteps, the last -1). `check_solver_timesteps`
+    refuses the spacings a solver cannot take.
+    """
+    T, n = num_train_timesteps, num_inference_steps
+    last = T if last_timestep is None else last_timestep
+    if timestep_spacing == "linspace":
+        return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+    if timestep_spacing == "leading":
+        step_ratio = last // (n + 1)
+        return (np.arange(0, n + 1) * step_ratio).round()[::-1][:-1].copy().astype(np.int64) + steps_offset
+    if timestep_spacing == "trailing":
+        timesteps = np.arange(last, 0, -T / n).round().copy().astype(np.int64) - 1
+        return timesteps[timesteps >= 0]  # np.arange may overshoot by one float step, to round(~0) - 1 = -1
+    raise ValueError(f"timestep_spacing={timestep_spacing!r} is unknown; expected linspace, leading or trailing")
+
+
+def check_solver_timesteps(timesteps: np.ndarray, timestep_spacing: str, num_inference_steps: int,
+                           num_train_timesteps: int, steps_offset: int = 0, context: str = "") -> None:
+    """Spaced timesteps whose noise levels are interpolated must lie in [0, T-1] and be distinct."""
+    T, n = num_train_timesteps, num_inference_steps
+    if len(timesteps) and timesteps.max() >= T:
+        # diffusers clamps the noise level to sigma_{T-1} and hands the model a timestep it was never trained on.
+        raise ValueError(
+            f"timestep_spacing='leading' with steps_offset={steps_offset} and num_inference_steps={n} gives "
+            f"timestep {int(timesteps.max())}, past the last trained timestep {T - 1}: use fewer steps or steps_offset=0"
+        )
+    if len(timesteps) == 0 or (np.diff(timesteps) >= 0).any():
+        raise ValueError(
+            f"timestep_spacing={timestep_spacing!r} with num_inference_steps={n} of num_train_timesteps={T}{context} "
+            f"repeats timesteps ({timesteps.tolist()[:8]} ...): they must be distinct, because the solver divides by "
+            "the log-SNR step between them; use fewer steps"
+        )
+
+
 def resolve_foreign_values(scheduler) -> None:
     """Read a DEIS / UniPC value in algorithm_type / solver_type as diffusers does (FOREIGN_VALUES), with a note."""
     c, owner = scheduler.config, type(scheduler).__name__
@@ -421,42 +473,6 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
 
     # --- timesteps
 
-    def _spaced_timesteps(self, num_inference_steps: int) -> np.ndarray:
-        """The integer timesteps of `timestep_spacing` (arXiv 2305.08891, Table 2), over [0, last_timestep).
-
-        last_timestep = T minus the timesteps whose lambda lies below `lambda_min_clipped` (for the cosine
-        schedule, whose lambda plunges at the end). Unlike DDIM's spacings these drop t = 0 from n + 1 points.
-        """
-        c, T, n = self.config, self.config.num_train_timesteps, num_inference_steps
-        clipped_idx = torch.searchsorted(torch.flip(self.lambda_t, [0]), c.lambda_min_clipped)
-        last_timestep = int(T - clipped_idx)
-        if c.timestep_spacing == "linspace":
-            timesteps = np.linspace(0, last_timestep - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-        elif c.timestep_spacing == "leading":
-            step_ratio = last_timestep // (n + 1)
-            timesteps = (np.arange(0, n + 1) * step_ratio).round()[::-1][:-1].copy().astype(np.int64) + c.steps_offset
-        else:  # trailing
-            timesteps = np.arange(last_timestep, 0, -T / n).round().copy().astype(np.int64) - 1
-            # np.arange can overshoot by one float step and end in round(~0) - 1 = -1, outside the trained range.
-            timesteps = timesteps[timesteps >= 0]
-        return timesteps
-
-    def _check_spaced_timesteps(self, timesteps: np.ndarray, n: int) -> None:
-        """Spaced timesteps whose noise levels are interpolated must lie in [0, T-1] and be distinct."""
-        c, T = self.config, self.config.num_train_timesteps
-        if len(timesteps) and timesteps.max() >= T:
-            # diffusers clamps the noise level to sigma_{T-1} and hands the model a timestep it was never trained on.
-            raise ValueError(
-                f"timestep_spacing='leading' with steps_offset={c.steps_offset} and num_inference_steps={n} gives "
-                f"timestep {int(timesteps.max())}, past the last trained timestep {T - 1}: use fewer steps or steps_offset=0"
-            )
-        if len(timesteps) == 0 or (np.diff(timesteps) >= 0).any():
-            raise ValueError(
-                f"timestep_spacing={c.timestep_spacing!r} with num_inference_steps={n} (lambda_min_clipped="
-                f"{c.lambda_min_clipped}) gives the timesteps {timesteps.tolist()[:8]}...: they must be distinct, "
-                "because the solver divides by the log-SNR step between them; use fewer steps"
-            )
-
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
@@ -484,7 +500,8 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
             timesteps = check_custom_timesteps(timesteps, T).numpy()
         else:
             num_inference_steps = check_num_inference_steps(num_inference_steps, T)
-            timesteps = self._spaced_timesteps(num_inference_steps)
+            timesteps = solver_timesteps(c.timestep_spacing, num_inference_steps, T, c.steps_offset,
+                                         last_unclipped_timestep(self))
 
         # 1. the noise levels: interpolated at the timesteps, or a spacing of its own whose timesteps follow from sigma
         sigmas = train_sigmas(self.alphas_cumprod)  # (T,) ascending, float32
@@ -505,7 +522,8 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
                 timesteps = timesteps.round()
         else:
             if num_inference_steps is not None:
-                self._check_spaced_timesteps(timesteps, num_inference_steps)
+                check_solver_timesteps(timesteps, c.timestep_spacing, num_inference_steps, T, c.steps_offset,
+                                       f" (lambda_min_clipped={c.lambda_min_clipped})")
             sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
 
         # 2. the last level: where sampling ends

@@ -26,6 +26,9 @@ from .scheduling_dpmsolver_multistep import (
     LEARNED_VARIANCE_TYPES,
     VARIANCE_TYPES,
     add_vp_noise,
+    check_solver_timesteps,
+    last_unclipped_timestep,
+    solver_timesteps,
     check_solver_config,
     convert_model_output,
     degenerate_step,
@@ -246,16 +249,11 @@ class DPMSolverSinglestepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
             num_inference_steps = len(timesteps)
         else:
             num_inference_steps = check_num_inference_steps(num_inference_steps, T)
-            # "linspace" over the timesteps whose lambda is above lambda_min_clipped, t = 0 dropped from n + 1 points
-            clipped_idx = torch.searchsorted(torch.flip(self.lambda_t, [0]), c.lambda_min_clipped).item()
-            timesteps = np.linspace(0, T - 1 - clipped_idx, num_inference_steps + 1).round()[::-1][:-1].copy().astype(np.int64)
-            interpolated = not any(c[flag] for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"))
-            if interpolated and (np.diff(timesteps) >= 0).any():
-                raise ValueError(
-                    f"num_inference_steps={num_inference_steps} (lambda_min_clipped={c.lambda_min_clipped}) gives the timesteps "
-                    f"{timesteps.tolist()[:8]}...: they must be distinct, because the solver divides by the log-SNR step "
-                    "between them; use fewer steps"
-                )
+            # "linspace" over the timesteps whose lambda is above lambda_min_clipped (diffusers has no other spacing here)
+            timesteps = solver_timesteps("linspace", num_inference_steps, T, last_timestep=last_unclipped_timestep(self))
+            if not any(c[flag] for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")):
+                check_solver_timesteps(timesteps, "linspace", num_inference_steps, T,
+                                       context=f" (lambda_min_clipped={c.lambda_min_clipped})")
         self.num_inference_steps = num_inference_steps
 
         # 1. the noise levels (as in the multistep twin; Karras timesteps are always rounded here)

@@ -35,6 +35,8 @@ from .scheduling_dpmsolver_multistep import (
     FINAL_SIGMAS_TYPES,
     FLOW_MATCHING_CONFIG,
     add_vp_noise,
+    check_solver_timesteps,
+    solver_timesteps,
     convert_model_output,
     log_snr,
     vp_alpha_sigma,
@@ -49,42 +51,6 @@ SOLVER_TYPES = ("bh1", "bh2")
 FOREIGN_SOLVER_TYPES = {"midpoint": "bh2", "heun": "bh2", "logrho": "bh2"}
 # Keys for flow matching (not Stable Diffusion) and a scheduler-in-a-scheduler: the one value pare supports.
 UNSUPPORTED_CONFIG = {**FLOW_MATCHING_CONFIG, "shift_terminal": None, "solver_p": None}
-
-
-def solver_timesteps(timestep_spacing: str, num_inference_steps: int, num_train_timesteps: int, steps_offset: int = 0):
-    """The integer timesteps of the DPM-Solver family (UniPC, DEIS): n of n + 1 spaced points, the last (t = 0) dropped.
-
-    The spacings of Lin et al., arXiv 2305.08891, Table 2, as diffusers' multistep solvers compute them:
-        linspace  round(linspace(0, T-1, n+1))[::-1][:-1]
-        leading   (arange(n+1) * (T // (n+1)))[::-1][:-1] + steps_offset
-        trailing  round(arange(T, 0, -T/n)) - 1
-
-    Where pare differs from diffusers on purpose: "trailing" drops the spurious -1 of np.arange's overshoot
-    (n = 61 of T = 1000, say: diffusers visits n + 1 timesteps, the last -1); "leading" past T-1 and
-    spacings that repeat a timestep (n close to T: a log-SNR step of zero) raise a ValueError.
-    """
-    T, n = num_train_timesteps, check_num_inference_steps(num_inference_steps, num_train_timesteps)
-    if timestep_spacing == "linspace":
-        timesteps = np.linspace(0, T - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-    elif timestep_spacing == "leading":
-        step_ratio = T // (n + 1)
-        timesteps = (np.arange(0, n + 1) * step_ratio).round()[::-1][:-1].copy().astype(np.int64) + steps_offset
-        if timesteps.max() >= T:
-            raise ValueError(
-                f"timestep_spacing='leading' with steps_offset={steps_offset} and num_inference_steps={n} gives "
-                f"timestep {int(timesteps.max())}, past the last trained timestep {T - 1}: use fewer steps or steps_offset=0"
-            )
-    elif timestep_spacing == "trailing":
-        timesteps = np.arange(T, 0, -T / n).round().copy().astype(np.int64) - 1
-        timesteps = timesteps[:n]  # np.arange may overshoot by one float step, to round(~0) - 1 = -1
-    else:
-        raise ValueError(f"timestep_spacing={timestep_spacing!r} is unknown; expected linspace, leading or trailing")
-    if (np.diff(timesteps) >= 0).any():
-        raise ValueError(
-            f"timestep_spacing={timestep_spacing!r} with num_inference_steps={n} of num_train_timesteps={T} repeats "
-            f"timesteps ({timesteps.tolist()[:6]} ...): the solver divides by the log-SNR step between them; use fewer steps"
-        )
-    return timesteps
 
 
 def solver_sigmas(scheduler, timesteps: np.ndarray, num_inference_steps: int, final_sigma: str):
@@ -243,6 +209,7 @@ class UniPCMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
             )
         n = check_num_inference_steps(num_inference_steps, c.num_train_timesteps)
         timesteps = solver_timesteps(c.timestep_spacing, n, c.num_train_timesteps, c.steps_offset)
+        check_solver_timesteps(timesteps, c.timestep_spacing, n, c.num_train_timesteps, c.steps_offset)
         sigmas, timesteps = solver_sigmas(self, timesteps, n, c.final_sigmas_type)
         self.sigmas = torch.from_numpy(sigmas)  # (n + 1,), CPU
         self.timesteps = torch.from_numpy(np.asarray(timesteps)).to(device=device, dtype=torch.int64)
