@@ -70,3 +70,12 @@ def test_bench_fast_mode_is_pare_only_and_compared_with_diffusers_best(tmp_path)
     fast = next(r for r in rows if r["mode"] == "fast")
     assert math.isfinite(fast["median_ms"]) and fast["compile_s"] is not None  # the set-up time is reported
     assert "| tiny unet b1 | fast (vs diffusers eager) | 1 |" in (tmp_path / "fast.md").read_text()
+
+
+def test_bench_fast_mode_takes_a_controlnet_and_unet_pair(tmp_path):
+    """The controlnet-step case times a (UNet, ControlNet) pair: the fast mode optimizes (and restores) both."""
+    assert main(["bench", "--device", "cpu", "--models", "tiny", "--cases", "controlnet-step", "--iters", "1",
+                 "--warmup", "1", "--batches", "2", "--modes", "eager,fast", "--out", str(tmp_path), "--stem", "cnf"]) == 0
+    rows = json.loads((tmp_path / "cnf.json").read_text())["results"]
+    fast = [r for r in rows if r["mode"] == "fast"]
+    assert [r["library"] for r in fast] == ["pare"] and math.isfinite(fast[0]["median_ms"]), fast

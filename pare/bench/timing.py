@@ -133,7 +133,7 @@ def prepare(mode: str, model: torch.nn.Module, call: Callable[[torch.nn.Module],
         return in_cuda_graph(lambda: call(model), device), None, ""
     if mode in ("compile", "compile-ro", "compile-graph"):
         if mode == "compile-graph":
-            for m in _modules(model):
+            for m in _targets(model):
                 m.to(memory_format=torch.channels_last)
         # Compile the call, not the module, so that methods like vae.decode are compiled too.
         compiled = torch.compile(call, mode="reduce-overhead" if mode == "compile-ro" else None)
@@ -149,7 +149,8 @@ def prepare(mode: str, model: torch.nn.Module, call: Callable[[torch.nn.Module],
         import pare.fast
 
         t0 = time.perf_counter()
-        pare.fast.optimize(model)
+        for m in _targets(model):
+            pare.fast.optimize(m)  # a pipeline as a whole (its UNet graphed on CUDA), or a model's blocks
         if graphable and device.type == "cuda":
             fn = in_cuda_graph(lambda: call(model), device)
         else:
@@ -160,10 +161,9 @@ def prepare(mode: str, model: torch.nn.Module, call: Callable[[torch.nn.Module],
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
 
 
-def _modules(model) -> list[torch.nn.Module]:
-    if isinstance(model, torch.nn.Module):
-        return [model]
-    return [m for m in vars(model).values() if isinstance(m, torch.nn.Module)]
+def _targets(model) -> list:
+    """What compile-graph and fast change: the model, or each model of a (UNet, ControlNet) pair."""
+    return list(model) if isinstance(model, (tuple, list)) else [model]
 
 
 def undo(mode: str, model) -> None:
@@ -171,9 +171,10 @@ def undo(mode: str, model) -> None:
     if mode == "fast":
         import pare.fast
 
-        pare.fast.restore(model)
+        for m in _targets(model):
+            pare.fast.restore(m)
     elif mode == "compile-graph":
-        for m in _modules(model):
+        for m in _targets(model):
             m.to(memory_format=torch.contiguous_format)
 
 
