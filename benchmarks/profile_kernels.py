@@ -75,6 +75,17 @@ def main() -> None:
     args = parser.parse_args()
     ref = import_reference(None)
     device, dtype = torch.device("cuda"), torch.float16
+    import datetime
+
+    import triton
+
+    from pare.bench import _driver
+
+    header = {"device": torch.cuda.get_device_name(device), "driver": _driver(), "torch": torch.__version__,
+              "cuda": torch.version.cuda, "triton": triton.__version__, "cudnn": torch.backends.cudnn.version(),
+              "diffusers": ref.__version__, "dtype": "float16", "date": datetime.date.today().isoformat(),
+              "command": "python benchmarks/profile_kernels.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items())}
+    print(header, flush=True)
     results = []
     for family in args.models.split(","):
         for case in args.cases.split(","):
@@ -89,7 +100,7 @@ def main() -> None:
                 print(f"{w.name:<24} {mode:<6} total {row['total_ms']:.2f} ms: {cells}", flush=True)
                 if args.out:
                     Path(args.out).mkdir(parents=True, exist_ok=True)
-                    (Path(args.out) / "profile.json").write_text(json.dumps(results, indent=1))
+                    (Path(args.out) / "profile.json").write_text(json.dumps({"header": header, "results": results}, indent=1))
             del w
             torch.cuda.empty_cache()
 
