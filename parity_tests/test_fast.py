@@ -18,6 +18,7 @@ import pare.fast
 from pare.configs import TINY_SD_UNET, TINY_SDXL_UNET, TINY_VAE
 from pare.fast.kernels import geglu as geglu_kernel
 from pare.fast.kernels import group_norm as gn_kernel
+from pare.fast.kernels import layer_norm as ln_kernel
 from pare.fast.kernels import triton_available
 from pare.models.attention import Attention
 from pare.models.autoencoder_kl import AutoencoderKL
@@ -57,7 +58,8 @@ def test_optimize_swaps_blocks_keeps_the_state_dict_and_restore_undoes_it():
     expected = reference(*args, **kwargs)
     pare.fast.optimize(ours)
     kinds = {type(m).__name__ for m in ours.modules()}
-    assert {"FastResnetBlock2D", "FastAttention", "FastGEGLU", "FastTransformer2DModel", "FastGroupNorm"} <= kinds
+    assert {"FastResnetBlock2D", "FastAttention", "FastGEGLU", "FastTransformer2DModel", "FastBasicTransformerBlock",
+            "FastGroupNorm"} <= kinds
     assert "ResnetBlock2D" not in kinds and "Attention" not in kinds
     assert ours.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert ours(*args, **kwargs).is_contiguous(memory_format=torch.channels_last)  # channels last end to end
@@ -117,6 +119,36 @@ def test_lora_hooks_on_projections_are_honoured():
     after = ours(*args, **kwargs)
     assert (after - before).abs().max() > 1e-3  # the hook changed the output
     assert_parity("fast UNet with a hook on to_q", after, reference(*args, **kwargs), scope="end_to_end")
+
+
+@torch.no_grad()
+def test_transformer_block_adds_the_residual_in_the_projections_and_steps_aside_for_lora():
+    """The fused block (LayerNorm writes x + b_out; the projection's GEMM accumulates into it) is the
+    reference block's function; a hook on an output projection sends the block back to the reference."""
+    from pare.fast.transformer import FastBasicTransformerBlock
+    from pare.models.transformer import BasicTransformerBlock
+
+    torch.manual_seed(0)
+    block = BasicTransformerBlock(64, 4, 16, cross_attention_dim=32).eval()
+    for p in block.parameters():  # non-trivial norms and biases, so that a dropped or doubled bias shows
+        p.data += 0.1 * torch.randn_like(p)
+    reference = copy.deepcopy(block)
+    pare.fast.optimize_model(block)
+    assert type(block) is FastBasicTransformerBlock and block._fusable()
+    x, text = torch.randn(2, 10, 64), torch.randn(2, 7, 32)
+    mask = torch.zeros(2, 1, 7).masked_fill(torch.arange(7) >= 5, float("-inf"))
+    x_before = x.clone()
+    ours = block(x, text, encoder_attention_mask=mask)
+    assert torch.equal(x, x_before)  # the residual stream is a new tensor: the input is not written
+    torch.testing.assert_close(ours, reference(x, text, encoder_attention_mask=mask), rtol=1e-5, atol=1e-5)
+
+    def add_one(module, inputs, output):
+        return output + 1.0
+
+    for b in (block, reference):
+        b.attn2.to_out[0].register_forward_hook(add_one)
+    assert not block._fusable()
+    torch.testing.assert_close(block(x, text), reference(x, text), rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
@@ -192,6 +224,25 @@ def test_group_norm_kernel_is_as_accurate_as_torch(shape, dtype, add, silu):
     assert ours.is_contiguous(memory_format=torch.channels_last) and ours.dtype == dtype
     assert torch.isfinite(ours).all()
     assert rel(ours, exact) <= BUDGET * rel(torchs, exact) + FLOOR[dtype], (rel(ours, exact), rel(torchs, exact))
+
+
+@pytest.mark.cuda
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 4096, 320), (2, 1024, 1280), (2, 77, 640), (3, 5, 40), (1, 3, 5000)])
+def test_layer_norm_kernel_is_as_accurate_as_torch(shape, dtype):
+    g = torch.Generator("cuda").manual_seed(sum(shape))
+    c = shape[-1]
+    x = (torch.randn(*shape, generator=g, device="cuda") * 3 + 2).to(dtype)
+    weight, bias, shift = (torch.randn(c, generator=g, device="cuda").to(dtype) for _ in range(3))
+    exact_y, exact_r = ln_kernel.reference(x.double(), weight.double(), bias.double(), 1e-5, shift.double())
+    torch_y, torch_r = ln_kernel.reference(x, weight, bias, 1e-5, shift)
+    y, r = ln_kernel.layer_norm(x, weight, bias, 1e-5, shift=shift)
+    assert y.dtype == r.dtype == dtype and y.is_contiguous() and r.is_contiguous()
+    assert rel(y, exact_y) <= BUDGET * rel(torch_y, exact_y) + FLOOR[dtype], (rel(y, exact_y), rel(torch_y, exact_y))
+    assert rel(r, exact_r) <= BUDGET * rel(torch_r, exact_r) + FLOOR[dtype]
+    y_only, none = ln_kernel.layer_norm(x, weight, bias, 1e-5)
+    assert none is None and torch.equal(y_only, y)
 
 
 @pytest.mark.cuda

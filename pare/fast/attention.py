@@ -8,10 +8,13 @@ and reads the activations once instead of three times.
 
 Maps (the VAE's attention) stay channels last: GroupNorm by the Triton kernel, tokens as a view.
 
-The reference forward runs instead when a projection carries a LoRA forward hook (the hook
-belongs to the module's own call), under torch.compile (which fuses on its own, and cannot
-trace the check that follows), and when the fused weights no longer back the parameters (after
+The three projections run as their own modules instead when one carries a LoRA forward hook (the
+hook belongs to the module's own call), under torch.compile (which fuses on its own, and cannot
+trace the data-pointer check), and when the fused weights no longer back the parameters (after
 `.to(dtype)`, say): then the fusion is redone on the next call outside graph capture.
+
+`attend` stops before the output projection, so that `FastBasicTransformerBlock` can run that
+projection as a GEMM that accumulates into the residual stream.
 """
 
 from __future__ import annotations
@@ -55,17 +58,40 @@ class FastAttention(Attention):
         starts = itertools.accumulate([0] + [l.out_features for l in self._fused_group])
         return all(l.weight.data_ptr() == weight[start].data_ptr() for l, start in zip(self._fused_group, starts))
 
+    def projections(self, hidden_states: torch.Tensor, context: torch.Tensor | None,
+                    lora_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, N, inner) of the tokens, k and v (B, M, inner) of the context (the tokens when None):
+        one GEMM for the fused group where nothing (a LoRA hook, torch.compile, graph capture) forbids it."""
+        self_context = context is None
+        fused = (all(plain(m) for m in (self.to_q, self.to_k, self.to_v)) and self_context != self.is_cross_attention
+                 and not torch.compiler.is_compiling())  # compile cannot trace the data-pointer check below
+        if fused and not self._fused_ok():
+            fused = not (hidden_states.is_cuda and torch.cuda.is_current_stream_capturing())
+            if fused:  # refuse the stale fused weights: fuse again from the parameters as they are now
+                self.fuse()
+        if not fused:
+            context = hidden_states if self_context else context
+            return tuple(lora_call(m, x, lora_scale) for m, x in
+                         ((self.to_q, hidden_states), (self.to_k, context), (self.to_v, context)))
+        weight, bias = self._fused
+        if self_context:
+            return F.linear(hidden_states, weight, bias).chunk(3, dim=-1)  # (B, N, 3*inner) -> 3 x (B, N, inner), views
+        k, v = F.linear(context, weight, bias).chunk(2, dim=-1)  # (B, M, 2*inner) -> 2 x (B, M, inner), views
+        return lora_call(self.to_q, hidden_states, lora_scale), k, v
+
+    def attend(self, hidden_states: torch.Tensor, context: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None, lora_scale: float = 1.0) -> torch.Tensor:
+        """softmax(Q K^T / sqrt(d)) V of tokens (B, N, C): (B, N, inner), before the output projection."""
+        batch, heads, d = hidden_states.shape[0], self.heads, self.inner_dim // self.heads
+        q, k, v = self.projections(hidden_states, context, lora_scale)
+        q, k, v = (x.view(batch, -1, heads, d).transpose(1, 2) for x in (q, k, v))  # (B, heads, N or M, d), strided views
+        if attention_mask is not None:
+            attention_mask = self._check_mask(attention_mask, k.shape[2])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)  # (B, heads, N, d)
+        return out.transpose(1, 2).reshape(batch, -1, self.inner_dim)  # (B, N, heads*d)
+
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, lora_scale: float = 1.0) -> torch.Tensor:
-        self_context = encoder_hidden_states is None
-        if (not all(plain(m) for m in (self.to_q, self.to_k, self.to_v)) or self_context == self.is_cross_attention
-                or torch.compiler.is_compiling()):  # compile cannot trace the data-pointer check below
-            return super().forward(hidden_states, encoder_hidden_states, attention_mask, lora_scale)
-        if not self._fused_ok():
-            if hidden_states.is_cuda and torch.cuda.is_current_stream_capturing():
-                return super().forward(hidden_states, encoder_hidden_states, attention_mask, lora_scale)
-            self.fuse()
-        weight, bias = self._fused
         residual = hidden_states
         is_map = hidden_states.ndim == 4
         if is_map:
@@ -76,20 +102,7 @@ class FastAttention(Attention):
             hidden_states = hidden_states.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, H*W, C); a view if channels last
         elif self.group_norm is not None:
             hidden_states = self.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        batch, heads, d = hidden_states.shape[0], self.heads, self.inner_dim // self.heads
-        if self_context:
-            qkv = F.linear(hidden_states, weight, bias).view(batch, -1, 3, heads, d)  # (B, N, 3, heads, d)
-            q, k, v = qkv.unbind(2)
-        else:
-            q = lora_call(self.to_q, hidden_states, lora_scale).view(batch, -1, heads, d)  # (B, N, heads, d)
-            kv = F.linear(encoder_hidden_states, weight, bias).view(batch, -1, 2, heads, d)  # (B, M, 2, heads, d)
-            k, v = kv.unbind(2)
-        q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, heads, N or M, d), strided views
-        if attention_mask is not None:
-            attention_mask = self._check_mask(attention_mask, k.shape[2])
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)  # (B, heads, N, d)
-        out = out.transpose(1, 2).reshape(batch, -1, self.inner_dim)  # (B, N, heads*d)
+        out = self.attend(hidden_states, encoder_hidden_states, attention_mask, lora_scale)  # (B, N, inner)
         out = self.to_out[1](lora_call(self.to_out[0], out, lora_scale))
         if is_map:
             out = out.view(b, h, w, -1).permute(0, 3, 1, 2)  # (B, C, H, W), channels last

@@ -7,6 +7,7 @@ Each reference class is swapped for its fast subclass (`module.__class__`), so n
     Attention           -> FastAttention            (attention.py: one QKV / KV GEMM)
     GEGLU               -> FastGEGLU                (transformer.py: the gate kernel)
     Transformer2DModel  -> FastTransformer2DModel   (transformer.py: channels last, no copies)
+    BasicTransformerBlock -> FastBasicTransformerBlock (transformer.py: residual adds in the GEMMs)
     nn.GroupNorm        -> FastGroupNorm            (norm.py)
     UNet2DConditionModel -> GraphedUNet2DConditionModel (graph.py; CUDA, in pipelines, `cuda_graph=True`)
 
@@ -22,19 +23,20 @@ from torch import nn
 
 from ..models.attention import Attention
 from ..models.resnet import ResnetBlock2D
-from ..models.transformer import GEGLU, Transformer2DModel
+from ..models.transformer import GEGLU, BasicTransformerBlock, Transformer2DModel
 from ..models.unet_2d_condition import UNet2DConditionModel
 from .attention import FastAttention
 from .graph import GraphedUNet2DConditionModel
 from .norm import FastGroupNorm
 from .resnet import FastResnetBlock2D
-from .transformer import FastGEGLU, FastTransformer2DModel
+from .transformer import FastBasicTransformerBlock, FastGEGLU, FastTransformer2DModel
 
 SWAPS = {
     ResnetBlock2D: FastResnetBlock2D,
     Attention: FastAttention,
     GEGLU: FastGEGLU,
     Transformer2DModel: FastTransformer2DModel,
+    BasicTransformerBlock: FastBasicTransformerBlock,
     nn.GroupNorm: FastGroupNorm,
 }
 MODEL_NAMES = ("unet", "vae", "controlnet")  # the pipeline components that get the fast path

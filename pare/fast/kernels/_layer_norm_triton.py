@@ -1,0 +1,28 @@
+"""The Triton side of `layer_norm.py` (imported only where Triton is installed). Tokens are rows:
+the value of token t, channel c sits at t*C + c, so a (rows, channels) tile is read with unit
+stride along the channels, and a row's statistics are a reduction over the tile's second axis."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def layer_norm(x_ptr, w_ptr, b_ptr, y_ptr, shift_ptr, r_ptr, rows, C, eps,
+               C_P: tl.constexpr, BLOCK_ROWS: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """y = (x - mean) / sqrt(var + eps) * w + b over each row; with HAS_SHIFT also r = x + shift[c]."""
+    r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # (R,)
+    c = tl.arange(0, C_P)
+    cm = c < C
+    mask = (r[:, None] < rows) & cm[None, :]  # (R, C_P)
+    offs = r[:, None].to(tl.int64) * C + c[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / C  # (R,)
+    d = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.sum(d * d, axis=1) / C + eps))  # (R,)
+    w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float32)
+    y = d * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if HAS_SHIFT:
+        s = tl.load(shift_ptr + c, mask=cm, other=0.0).to(tl.float32)
+        tl.store(r_ptr + offs, (x + s[None, :]).to(r_ptr.dtype.element_ty), mask=mask)
