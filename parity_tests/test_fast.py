@@ -181,6 +181,25 @@ def test_enable_fast_on_a_pipeline_matches_the_reference_pipeline():
     assert not any("Fast" in type(m).__name__ for m in ours.unet.modules())
 
 
+def test_the_graphed_unet_checks_each_input_tensor_once_but_sees_in_place_changes(monkeypatch):
+    """The finite check is a host read (a wait for the GPU): the same, unchanged tensors are not read again."""
+    import pare.fast.graph as graph
+
+    read = []
+    real = graph.check_finite_inputs
+    monkeypatch.setattr(graph, "check_finite_inputs", lambda owner, **t: (read.append(sorted(t)), real(owner, **t)))
+    model = torch.nn.Linear(1, 1)
+    schedule, text = torch.linspace(999.0, 0.0, 5), torch.randn(2, 7, 8)
+    for t in schedule:  # each step's timestep is a view of the schedule: the schedule is read once
+        graph.check_finite_once(model, timestep=t, encoder_hidden_states=text)
+    assert read == [["encoder_hidden_states", "timestep"]] + [[]] * 4
+    text[0, 0, 0] = float("nan")  # an in-place change bumps the version: read again, and refused
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        graph.check_finite_once(model, timestep=schedule[0], encoder_hidden_states=text)
+    with pytest.raises(ValueError, match="timestep"):  # a new tensor is read
+        graph.check_finite_once(model, timestep=torch.tensor(float("inf")), encoder_hidden_states=torch.ones(1))
+
+
 def test_optimize_rejects_what_it_cannot_optimize():
     with pytest.raises(TypeError, match="neither a torch module nor a pipeline"):
         pare.fast.optimize(object())

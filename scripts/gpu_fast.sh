@@ -4,6 +4,8 @@
 # Usage (device tool, from the repo root, carrying .whl). Each group fits one 10-minute call:
 #   STEPS="tests profile parity" bash scripts/gpu_fast.sh
 #   STEPS="bench" bash scripts/gpu_fast.sh            # SD1.5 with compile-graph (about 5 min), then SDXL
+# Diagnostics: ab (benchmarks/ab_fast.py: the fast path's options, A/B in one run), syncs (benchmarks/sync_points.py:
+# the host syncs of a fast pipeline call), sdxl-pipeline (the SDXL text-to-image call on the fast path alone).
 source scripts/gpu_prelude.sh
 set -o pipefail
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
@@ -17,6 +19,9 @@ for step in ${STEPS:-tests profile parity}; do
     parity)
       timeout ${T_PARITY:-150} python3 -m pare.cli parity --fast --config sd15 --device cuda --dtype fp16 --components unet,vae,pipeline --steps 50 --out "$OUT/parity-fast-sd15" 2>&1 | tail -4
       timeout ${T_PARITY:-150} python3 -m pare.cli parity --fast --config sdxl --device cuda --dtype fp16 --components unet,vae --out "$OUT/parity-fast-sdxl" 2>&1 | tail -4 ;;
+    ab) timeout ${T_AB:-200} python3 benchmarks/ab_fast.py --models ${AB_MODELS:-sd15,sdxl} --out "$OUT" 2>&1 | quiet | tail -4 ;;
+    syncs) timeout ${T_SYNCS:-120} python3 benchmarks/sync_points.py --model sd15 --steps 5 2>&1 | quiet | tail -25 ;;
+    sdxl-pipeline) timeout ${T_SDXL:-240} python3 -m pare.cli bench --models sdxl --cases pipeline --modes fast --out "$OUT" --stem bench-h200-sdxl-pipeline 2>&1 | quiet | tail -8 ;;
     bench)
       timeout 330 python3 -m pare.cli bench --models sd15 --cases unet,vae-decode,pipeline --batches 2 --modes eager,graph,compile-graph,fast --out "$OUT" --stem bench-h200-sd15 2>&1 | quiet | tail -22
       timeout 230 python3 -m pare.cli bench --models sdxl --cases unet,vae-decode,pipeline --batches 2 --modes eager,graph,fast --out "$OUT" --stem bench-h200-sdxl 2>&1 | quiet | tail -16 ;;

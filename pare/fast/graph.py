@@ -11,12 +11,16 @@ replayed stale; and the state of LoRA hooks (`pare/lora/layers.py`), whose adapt
 captured graph would otherwise keep. (A submodule swapped for a new one after the first call is not
 seen: call `pare.fast.optimize` again, which starts a new cache.) In-place changes to weights (fusing a LoRA, loading a state
 dict) are seen by a replay: it reads the same memory. The inputs are checked to be finite before
-the replay, as the eager UNet checks them.
+the replay, as the eager UNet checks them, but a tensor already checked (the same object, unchanged
+since: its version counter) is not read again. That check is a host read, which makes the CPU wait
+for the GPU; the prompt's embeddings and the schedule (each step's timestep is one of its elements)
+are the same tensors at every step, so a denoising loop pays it once, not once per step.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
@@ -82,6 +86,16 @@ class GraphCache:
         return tree_map(lambda t: t.clone() if torch.is_tensor(t) else t, out)
 
 
+def check_finite_once(model: torch.nn.Module, **inputs) -> None:
+    """`check_finite_inputs`, skipping the tensors it passed before unchanged; a view is judged by its base."""
+    memo = model.__dict__.setdefault("_pare_finite", {})  # name -> (weak reference, version) of the last tensor passed
+    bases = {k: (v._base if torch.is_tensor(v) and v._base is not None else v) for k, v in inputs.items()}
+    fresh = {k: v for k, v in bases.items()
+             if not (torch.is_tensor(v) and k in memo and memo[k][0]() is v and memo[k][1] == v._version)}
+    check_finite_inputs(type(model).__name__, **fresh)
+    memo.update({k: (weakref.ref(v), v._version) for k, v in fresh.items() if torch.is_tensor(v)})
+
+
 class GraphedUNet2DConditionModel(UNet2DConditionModel):
     """The UNet, replayed from CUDA graphs where it can be (CUDA, no autograd); eager elsewhere."""
 
@@ -90,8 +104,8 @@ class GraphedUNet2DConditionModel(UNet2DConditionModel):
         if (not sample.is_cuda or torch.is_grad_enabled() or torch.compiler.is_compiling()
                 or torch.cuda.is_current_stream_capturing()):
             return eager(sample, timestep, encoder_hidden_states, **kwargs)
-        check_finite_inputs(type(self).__name__, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
-                            timestep_cond=kwargs.get("timestep_cond"), **(kwargs.get("added_cond_kwargs") or {}))
+        check_finite_once(self, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                          timestep_cond=kwargs.get("timestep_cond"), **(kwargs.get("added_cond_kwargs") or {}))
         if not torch.is_tensor(timestep):  # a Python number would be baked into the graph: make it an input
             timestep = torch.tensor(timestep)
         timestep = timestep.to(sample.device)
