@@ -69,6 +69,12 @@ def test_optimize_swaps_blocks_keeps_the_state_dict_and_restore_undoes_it():
     attn = next(m for m in ours.modules() if isinstance(m, Attention) and not m.is_cross_attention)
     fused = attn._fused[0]
     assert attn.to_k.weight.data_ptr() == fused[attn.to_q.out_features].data_ptr()
+    # every ResNet's time-embedding projection is a view of one stacked matrix, computed once per call
+    resnets = [m for m in ours.modules() if type(m).__name__ == "FastResnetBlock2D"]
+    bank = resnets[0]._time_projections
+    assert len(resnets) > 2 and all(r._time_projections is bank for r in resnets)
+    a, _ = bank.slices[id(resnets[-1].time_emb_proj)]
+    assert resnets[-1].time_emb_proj.weight.data_ptr() == bank.weight[a].data_ptr()
     pare.fast.restore(ours)
     assert not any("Fast" in type(m).__name__ for m in ours.modules())
     assert torch.equal(ours(*args, **kwargs), expected)  # the reference forward again, bit for bit
@@ -198,6 +204,12 @@ def test_the_graphed_unet_checks_each_input_tensor_once_but_sees_in_place_change
         graph.check_finite_once(model, timestep=schedule[0], encoder_hidden_states=text)
     with pytest.raises(ValueError, match="timestep"):  # a new tensor is read
         graph.check_finite_once(model, timestep=torch.tensor(float("inf")), encoder_hidden_states=torch.ones(1))
+    with torch.inference_mode():  # inference tensors keep no version counter: read every time
+        text = torch.randn(2, 7, 8)
+        read.clear()
+        for _ in range(2):
+            graph.check_finite_once(model, encoder_hidden_states=text)
+        assert read == [["encoder_hidden_states"]] * 2
 
 
 def test_optimize_rejects_what_it_cannot_optimize():

@@ -91,9 +91,14 @@ def check_finite_once(model: torch.nn.Module, **inputs) -> None:
     memo = model.__dict__.setdefault("_pare_finite", {})  # name -> (weak reference, version) of the last tensor passed
     bases = {k: (v._base if torch.is_tensor(v) and v._base is not None else v) for k, v in inputs.items()}
     fresh = {k: v for k, v in bases.items()
-             if not (torch.is_tensor(v) and k in memo and memo[k][0]() is v and memo[k][1] == v._version)}
+             if not (torch.is_tensor(v) and k in memo and memo[k][0]() is v and memo[k][1] == version(v))}
     check_finite_inputs(type(model).__name__, **fresh)
-    memo.update({k: (weakref.ref(v), v._version) for k, v in fresh.items() if torch.is_tensor(v)})
+    memo.update({k: (weakref.ref(v), version(v)) for k, v in fresh.items() if torch.is_tensor(v) and version(v) is not None})
+
+
+def version(t: torch.Tensor) -> int | None:
+    """The in-place change counter of a tensor; None for an inference-mode tensor, which has none."""
+    return None if t.is_inference() else t._version
 
 
 class GraphedUNet2DConditionModel(UNet2DConditionModel):

@@ -11,6 +11,7 @@ Each reference class is swapped for its fast subclass (`module.__class__`), so n
     nn.GroupNorm        -> FastGroupNorm            (norm.py)
     UNet2DConditionModel -> GraphedUNet2DConditionModel (graph.py; CUDA, in pipelines, `cuda_graph=True`)
 
+plus every ResNet's time-embedding projection of a model in one GEMM (time_projections.py),
 and the weights of every model go channels last (cuDNN's fast convolution layout on recent GPUs).
 On the CPU, or without Triton, the kernels run their PyTorch twins: the same function, the same
 module tree, no speed-up promised.
@@ -25,6 +26,7 @@ from ..models.attention import Attention
 from ..models.resnet import ResnetBlock2D
 from ..models.transformer import GEGLU, BasicTransformerBlock, Transformer2DModel
 from ..models.unet_2d_condition import UNet2DConditionModel
+from . import time_projections
 from .attention import FastAttention
 from .graph import GraphedUNet2DConditionModel
 from .norm import FastGroupNorm
@@ -52,6 +54,7 @@ def optimize_model(model: nn.Module, *, channels_last: bool = True, cuda_graph: 
             module.__class__ = fast
             if fast is FastAttention:
                 module.fuse()
+    time_projections.attach(model, [m for m in model.modules() if isinstance(m, FastResnetBlock2D)])
     if cuda_graph and type(model) in (UNet2DConditionModel, GraphedUNet2DConditionModel):
         model.__class__ = GraphedUNet2DConditionModel
         model.__dict__.pop("_pare_graphs", None)  # a new cache: the graphs of an earlier optimize may be stale
@@ -66,6 +69,7 @@ def restore_model(model: nn.Module) -> nn.Module:
         if type(module) in back:
             module.__class__ = back[type(module)]
     model.__dict__.pop("_pare_graphs", None)
+    time_projections.detach(model)
     model.to(memory_format=torch.contiguous_format)
     return model
 

@@ -41,7 +41,10 @@ class FastResnetBlock2D(ResnetBlock2D):
                   and self.conv1.bias is not None)
         hidden_states = group_norm(input_tensor, n1.num_groups, n1.weight, n1.bias, n1.eps, silu=True)
         add = None
-        if self.time_emb_proj is not None:
+        bank = self.__dict__.get("_time_projections")  # time_projections.py: all blocks' projections in one GEMM
+        if self.time_emb_proj is not None and bank is not None and plain(self.time_emb_proj):
+            add = bank.project(self.time_emb_proj, temb, lora_scale)  # (B, C_out)
+        elif self.time_emb_proj is not None:
             add = lora_call(self.time_emb_proj, temb if self.skip_time_act else F.silu(temb), lora_scale)  # (B, C_out)
         if direct:
             hidden_states = self.conv1._conv_forward(hidden_states, self.conv1.weight, None)  # (B, C_out, H, W)
