@@ -5,7 +5,9 @@ is read with unit stride along the channels (stats and apply alike).
 Tried and dropped (benchmarks/NOTES.md): statistics per channel over (pixels, channels) tiles merged
 in a loop by Chan's update, with fewer programs: coalesced, but 1.5x slower than the (pixels,
 groups, channels of a group) tiles that `stats` used then, on SD1.5's UNet, its in-loop reductions
-serialising it. `stats` now merges once per program, with no loop: each tile's channels into groups."""
+serialising it. `stats` now merges once per program, with no loop: each tile's channels into groups.
+It gathers the channels' statistics into (groups, channels of a group) to do so: a one-hot (channels,
+groups) matrix, tried first, is C_P x G_P values a program, and spilled registers from C = 1280 on (ptxas)."""
 
 import triton
 import triton.language as tl
@@ -13,9 +15,11 @@ import triton.language as tl
 
 @triton.jit
 def stats(x_ptr, add_ptr, part_ptr, HW, C, CPG, n_tiles,
-          G: tl.constexpr, G_P: tl.constexpr, C_P: tl.constexpr, BLOCK_HW: tl.constexpr, HAS_ADD: tl.constexpr):
+          G: tl.constexpr, G_P: tl.constexpr, C_P: tl.constexpr, CPG_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+          HAS_ADD: tl.constexpr):
     """Pass 1: (mean, M2) of every group over BLOCK_HW pixels. The tile is (pixels, channels), as in `apply`:
-    each channel's (mean, M2) over the tile's pixels, then the channels of a group merged exactly (Chan et al.)."""
+    each channel's (mean, M2) over the tile's pixels, gathered into (groups, channels of a group) and merged
+    along the group's channels exactly (Chan et al.)."""
     tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     rows = tile * BLOCK_HW + tl.arange(0, BLOCK_HW)  # (R,)
@@ -31,11 +35,17 @@ def stats(x_ptr, add_ptr, part_ptr, HW, C, CPG, n_tiles,
     mean_c = tl.sum(x, axis=0) / n  # (C_P,)
     d = tl.where(mask, x - mean_c[None, :], 0.0)
     m2_c = tl.sum(d * d, axis=0)  # (C_P,)
+    k = tl.arange(0, G_P * CPG_P)  # (G_P * CPG_P,): (group, channel of the group), flattened
+    kg, kj = k // CPG_P, k % CPG_P
+    valid = (kg < G) & (kj < CPG)
+    ch = tl.where(valid, kg * CPG + kj, 0)  # its channel
+    ok = tl.reshape(valid, (G_P, CPG_P))
+    mean_gc = tl.reshape(tl.gather(mean_c, ch, 0), (G_P, CPG_P))
+    m2_gc = tl.reshape(tl.gather(m2_c, ch, 0), (G_P, CPG_P))
+    mean = tl.sum(tl.where(ok, mean_gc, 0.0), axis=1) / CPG  # (G_P,): CPG channels of n values each
+    dm = mean_gc - mean[:, None]  # (G_P, CPG_P)
+    m2 = tl.sum(tl.where(ok, m2_gc + n * dm * dm, 0.0), axis=1)  # (G_P,)
     g = tl.arange(0, G_P)
-    member = ((c // CPG)[:, None] == g[None, :]) & cm[:, None]  # (C_P, G_P): channel c is in group g
-    mean = tl.sum(tl.where(member, mean_c[:, None], 0.0), axis=0) / CPG  # (G_P,): CPG channels of n values each
-    dm = mean_c[:, None] - mean[None, :]  # (C_P, G_P)
-    m2 = tl.sum(tl.where(member, m2_c[:, None] + n * dm * dm, 0.0), axis=0)  # (G_P,)
     out = part_ptr + ((b * n_tiles + tile) * G_P + g) * 2
     tl.store(out, mean, mask=g < G)
     tl.store(out + 1, m2, mask=g < G)

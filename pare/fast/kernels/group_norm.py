@@ -15,8 +15,8 @@ around it wants (channels last: cuDNN's fastest convs on Hopper).
 
 Three launches:
     1. stats:    one program per BLOCK_HW pixels of one image, a (pixels, channels) tile: each channel's
-                 (mean, M2) over the tile's pixels, then the channels of each group merged by the same
-                 update (a one-hot channel-to-group matrix, no loop) -> (mean, M2) of each group there.
+                 (mean, M2) over the tile's pixels, gathered into (groups, channels of a group) and
+                 merged by the same update, with no loop -> (mean, M2) of each group there.
     2. finalize: one program per (image, group): merge the tiles -> (mean, 1/sqrt(var + eps)).
     3. apply:    y = (x + add - mean) * rstd * weight + bias, then SiLU, in one pass.
 All arithmetic is float32; the input and output keep their dtype.
@@ -58,7 +58,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
         return reference(x, num_groups, weight, bias, eps, add, silu)
     x = x.contiguous(memory_format=torch.channels_last)  # a no-op on the fast path, where maps are channels last
     hw, cpg = h * w, c // num_groups
-    g_p, c_p = triton.next_power_of_2(num_groups), triton.next_power_of_2(c)
+    g_p, cpg_p, c_p = triton.next_power_of_2(num_groups), triton.next_power_of_2(cpg), triton.next_power_of_2(c)
     rows_stats = max(1, STATS_TILE // c_p)
     rows_apply = max(1, TILE // c_p)
     n_tiles = triton.cdiv(hw, rows_stats)
@@ -68,7 +68,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     y = torch.empty_like(x, memory_format=torch.channels_last)
     warps = lambda values: 4 if values <= 4096 else 8  # noqa: E731
     stats[(n_tiles, b)](x, add_, partial, hw, c, cpg, n_tiles, G=num_groups, G_P=g_p, C_P=c_p,
-                        BLOCK_HW=rows_stats, HAS_ADD=add is not None, num_warps=warps(rows_stats * c_p))
+                        CPG_P=cpg_p, BLOCK_HW=rows_stats, HAS_ADD=add is not None, num_warps=warps(rows_stats * c_p))
     finalize[(b, num_groups)](partial, stat, hw, cpg, n_tiles, eps, G=num_groups, G_P=g_p, BLOCK_HW=rows_stats,
                               BLOCK_T=min(1024, triton.next_power_of_2(n_tiles)), num_warps=4)
     apply[(triton.cdiv(hw, rows_apply), b)](x, add_, stat, weight, bias, y, hw, c, cpg, G=num_groups, C_P=c_p,
