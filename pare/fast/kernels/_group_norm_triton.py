@@ -1,10 +1,13 @@
 """The Triton side of `group_norm.py` (imported only where Triton is installed). Maps are channels last:
 the value of pixel p, channel c of image b sits at b*HW*C + p*C + c, so a tile of (pixels, channels)
-is read with unit stride along the channels (apply) or in runs of a group's channels (stats).
+is read with unit stride along the channels (stats and apply alike).
 
 Tried and dropped (benchmarks/NOTES.md): statistics per channel over (pixels, channels) tiles merged
 in a loop by Chan's update, with fewer programs: coalesced, but 1.5x slower than the (pixels,
-groups, channels of a group) tiles here on SD1.5's UNet, its in-loop reductions serialising it."""
+groups, channels of a group) tiles that `stats` used then, on SD1.5's UNet, its in-loop reductions
+serialising it. `stats` now merges once per program, with no loop: each tile's channels into groups.
+It gathers the channels' statistics into (groups, channels of a group) to do so: a one-hot (channels,
+groups) matrix, tried first, is C_P x G_P values a program, and spilled registers from C = 1280 on (ptxas)."""
 
 import triton
 import triton.language as tl
@@ -12,25 +15,37 @@ import triton.language as tl
 
 @triton.jit
 def stats(x_ptr, add_ptr, part_ptr, HW, C, CPG, n_tiles,
-          G: tl.constexpr, G_P: tl.constexpr, CPG_P: tl.constexpr, BLOCK_HW: tl.constexpr, HAS_ADD: tl.constexpr):
-    """Pass 1: (mean, M2) of every group over BLOCK_HW pixels. The tile is (pixels, groups, channels of a group)."""
+          G: tl.constexpr, G_P: tl.constexpr, C_P: tl.constexpr, CPG_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+          HAS_ADD: tl.constexpr):
+    """Pass 1: (mean, M2) of every group over BLOCK_HW pixels. The tile is (pixels, channels), as in `apply`:
+    each channel's (mean, M2) over the tile's pixels, gathered into (groups, channels of a group) and merged
+    along the group's channels exactly (Chan et al.)."""
     tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     rows = tile * BLOCK_HW + tl.arange(0, BLOCK_HW)  # (R,)
-    g = tl.arange(0, G_P)
-    j = tl.arange(0, CPG_P)
-    ch = g[:, None] * CPG + j[None, :]  # (G_P, CPG_P): channel index
-    cmask = (g[:, None] < G) & (j[None, :] < CPG)
-    mask = (rows[:, None, None] < HW) & cmask[None, :, :]  # (R, G_P, CPG_P)
-    offs = b * HW * C + rows[:, None, None].to(tl.int64) * C + ch[None, :, :]
+    c = tl.arange(0, C_P)
+    cm = c < C
+    mask = (rows[:, None] < HW) & cm[None, :]  # (R, C_P)
+    offs = b * HW * C + rows[:, None].to(tl.int64) * C + c[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_ADD:
-        a = tl.load(add_ptr + b * C + ch, mask=cmask, other=0.0).to(tl.float32)  # (G_P, CPG_P)
-        x = tl.where(mask, x + a[None, :, :], 0.0)
-    n = (tl.minimum(HW - tile * BLOCK_HW, BLOCK_HW) * CPG).to(tl.float32)  # values of one group in this tile
-    mean = tl.sum(tl.sum(x, axis=2), axis=0) / n  # (G_P,)
-    d = tl.where(mask, x - mean[None, :, None], 0.0)
-    m2 = tl.sum(tl.sum(d * d, axis=2), axis=0)  # (G_P,)
+        a = tl.load(add_ptr + b * C + c, mask=cm, other=0.0).to(tl.float32)  # (C_P,)
+        x = tl.where(mask, x + a[None, :], 0.0)
+    n = tl.minimum(HW - tile * BLOCK_HW, BLOCK_HW).to(tl.float32)  # pixels in this tile: values of one channel
+    mean_c = tl.sum(x, axis=0) / n  # (C_P,)
+    d = tl.where(mask, x - mean_c[None, :], 0.0)
+    m2_c = tl.sum(d * d, axis=0)  # (C_P,)
+    k = tl.arange(0, G_P * CPG_P)  # (G_P * CPG_P,): (group, channel of the group), flattened
+    kg, kj = k // CPG_P, k % CPG_P
+    valid = (kg < G) & (kj < CPG)
+    ch = tl.where(valid, kg * CPG + kj, 0)  # its channel
+    ok = tl.reshape(valid, (G_P, CPG_P))
+    mean_gc = tl.reshape(tl.gather(mean_c, ch, 0), (G_P, CPG_P))
+    m2_gc = tl.reshape(tl.gather(m2_c, ch, 0), (G_P, CPG_P))
+    mean = tl.sum(tl.where(ok, mean_gc, 0.0), axis=1) / CPG  # (G_P,): CPG channels of n values each
+    dm = mean_gc - mean[:, None]  # (G_P, CPG_P)
+    m2 = tl.sum(tl.where(ok, m2_gc + n * dm * dm, 0.0), axis=1)  # (G_P,)
+    g = tl.arange(0, G_P)
     out = part_ptr + ((b * n_tiles + tile) * G_P + g) * 2
     tl.store(out, mean, mask=g < G)
     tl.store(out + 1, m2, mask=g < G)

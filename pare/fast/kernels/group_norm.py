@@ -3,9 +3,9 @@
 Replaces: `nn.GroupNorm` + `nn.SiLU` in `pare/models/resnet.py ResnetBlock2D` (norm1 -> act, and
 (h + temb) -> norm2 -> act), and plain `nn.GroupNorm` everywhere else on the fast path (the
 transformers' norm, the VAE attention's norm, conv_norm_out).
-Source: Wu & He, Group Normalization (arXiv 1803.08494, eq. 1 and 3); the tiles' statistics are
-merged by the pairwise update of Chan, Golub & LeVeque (1979): for tiles of n_i values with mean
-m_i and sum of squared deviations M2_i,
+Source: Wu & He, Group Normalization (arXiv 1803.08494, eq. 1 and 3); the statistics of a tile's
+channels, then of the tiles, are merged by the pairwise update of Chan, Golub & LeVeque (1979): for
+parts of n_i values with mean m_i and sum of squared deviations M2_i,
     mean = sum_i n_i m_i / N,    M2 = sum_i M2_i + n_i (m_i - mean)^2,    var = M2 / N.
 
 Why a kernel: PyTorch's CUDA GroupNorm reads NCHW, so on a channels-last map it pays a layout
@@ -14,7 +14,9 @@ x is read twice and y written once, coalesced over channels, whatever the layout
 around it wants (channels last: cuDNN's fastest convs on Hopper).
 
 Three launches:
-    1. stats:    one program per BLOCK_HW pixels of one image: (mean, M2) of each group's values there.
+    1. stats:    one program per BLOCK_HW pixels of one image, a (pixels, channels) tile: each channel's
+                 (mean, M2) over the tile's pixels, gathered into (groups, channels of a group) and
+                 merged by the same update, with no loop -> (mean, M2) of each group there.
     2. finalize: one program per (image, group): merge the tiles -> (mean, 1/sqrt(var + eps)).
     3. apply:    y = (x + add - mean) * rstd * weight + bias, then SiLU, in one pass.
 All arithmetic is float32; the input and output keep their dtype.
@@ -33,7 +35,8 @@ if TRITON:  # at import, not in the call: torch.compile cannot trace an import
     from ._group_norm_triton import add_bias_residual as add_bias_residual_kernel
     from ._group_norm_triton import apply, finalize, stats
 
-TILE = 4096  # values per program in the stats and apply passes: a few per thread at 4 warps
+TILE = 4096  # values per program in the apply and bias-residual passes: a few per thread at 4 warps
+STATS_TILE = 16384  # values per program in the stats pass: fewer, larger tiles, so fewer partials to merge
 
 
 def reference(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
@@ -56,7 +59,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     x = x.contiguous(memory_format=torch.channels_last)  # a no-op on the fast path, where maps are channels last
     hw, cpg = h * w, c // num_groups
     g_p, cpg_p, c_p = triton.next_power_of_2(num_groups), triton.next_power_of_2(cpg), triton.next_power_of_2(c)
-    rows_stats = max(1, TILE // (g_p * cpg_p))
+    rows_stats = max(1, STATS_TILE // c_p)
     rows_apply = max(1, TILE // c_p)
     n_tiles = triton.cdiv(hw, rows_stats)
     add_ = add.contiguous() if add is not None else x  # a dummy pointer when there is no add
@@ -64,8 +67,8 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     stat = torch.empty(b, num_groups, 2, device=x.device, dtype=torch.float32)  # (mean, rstd) per group
     y = torch.empty_like(x, memory_format=torch.channels_last)
     warps = lambda values: 4 if values <= 4096 else 8  # noqa: E731
-    stats[(n_tiles, b)](x, add_, partial, hw, c, cpg, n_tiles, G=num_groups, G_P=g_p, CPG_P=cpg_p,
-                        BLOCK_HW=rows_stats, HAS_ADD=add is not None, num_warps=warps(rows_stats * g_p * cpg_p))
+    stats[(n_tiles, b)](x, add_, partial, hw, c, cpg, n_tiles, G=num_groups, G_P=g_p, C_P=c_p,
+                        CPG_P=cpg_p, BLOCK_HW=rows_stats, HAS_ADD=add is not None, num_warps=warps(rows_stats * c_p))
     finalize[(b, num_groups)](partial, stat, hw, cpg, n_tiles, eps, G=num_groups, G_P=g_p, BLOCK_HW=rows_stats,
                               BLOCK_T=min(1024, triton.next_power_of_2(n_tiles)), num_warps=4)
     apply[(triton.cdiv(hw, rows_apply), b)](x, add_, stat, weight, bias, y, hw, c, cpg, G=num_groups, C_P=c_p,
