@@ -1,24 +1,50 @@
-"""A/B of the fast path's options on one UNet, in one run: each variant captured in its own CUDA graph,
+"""A/B of the fast path's options on one model, in one run: each variant captured in its own CUDA graph,
 the graphs replayed in alternating rounds, so that the ratios between them are fair (same machine,
 same clocks, same weights).
 
-    python benchmarks/ab_fast.py --models sd15,sdxl --out DIR
+    python benchmarks/ab_fast.py --models sd15,sdxl --cases unet,vae-decode --out DIR \\
+        --set layer_norm.TILE=4096,16384 --set group_norm.STATS_TILE=4096,8192
 
-Variants (the weights stay where they are between captures; only block classes and flags change):
+Variants (the weights stay where they are between captures; only block classes, flags and the
+kernels' tile sizes change):
     fast              pare.fast as shipped
     no-block-fusion   the transformer blocks as the reference (residual adds as passes of their own)
     cudnn-benchmark   as fast, captured with torch.backends.cudnn.benchmark on (cuDNN times its algorithms)
+    MODULE.NAME=V     as fast, with a constant of pare/fast/kernels/MODULE.py set to V (`--set`, repeatable)
 The figures feed benchmarks/NOTES.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import statistics
 from pathlib import Path
 
 import torch
+
+
+@contextlib.contextmanager
+def constant(module: str, name: str, value):
+    mod = importlib.import_module(f"pare.fast.kernels.{module}")
+    old = getattr(mod, name)  # an unknown name fails here, before anything is measured
+    setattr(mod, name, type(old)(value))
+    try:
+        yield
+    finally:
+        setattr(mod, name, old)
+
+
+@contextlib.contextmanager
+def cudnn_benchmark():
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = old
 
 
 def main() -> None:
@@ -31,43 +57,57 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="sd15")
+    parser.add_argument("--cases", default="unet")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=V1,V2")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     ref, device = import_reference(None), torch.device("cuda")
     results = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "cases": {}}
 
-    def set_blocks(model, cls):
-        for m in model.modules():
-            if isinstance(m, BasicTransformerBlock):
-                m.__class__ = cls
+    @contextlib.contextmanager
+    def no_block_fusion(model):
+        blocks = [m for m in model.modules() if isinstance(m, FastBasicTransformerBlock)]
+        for m in blocks:
+            m.__class__ = BasicTransformerBlock
+        try:
+            yield
+        finally:
+            for m in blocks:
+                m.__class__ = FastBasicTransformerBlock
 
     for family in args.models.split(","):
-        w = workloads.build(ref, family, "unet", device, torch.float16, args.batch)
-        model = optimize_model(w.ours)
-        call = lambda: w.call_ours(model)  # noqa: E731
-        with torch.no_grad():
-            graphs = {"fast": in_cuda_graph(call, device)}
-            set_blocks(model, BasicTransformerBlock)
-            graphs["no-block-fusion"] = in_cuda_graph(call, device)
-            set_blocks(model, FastBasicTransformerBlock)
-            torch.backends.cudnn.benchmark = True
-            graphs["cudnn-benchmark"] = in_cuda_graph(call, device)
-            torch.backends.cudnn.benchmark = False
-            times = {k: [] for k in graphs}
-            for _ in range(args.rounds):
-                for name, fn in graphs.items():
-                    times[name] += time_ms(fn, device, warmup=3, iters=args.iters)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        results["cases"][w.name] = {k: {"ms": v, "x_fast": v / med["fast"]} for k, v in med.items()}
-        print(w.name, "  ".join(f"{k} {v:.3f} ms ({v / med['fast']:.3f}x)" for k, v in med.items()), flush=True)
-        if args.out:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / "ab_fast.json").write_text(json.dumps(results, indent=1))
-        del w, model, graphs, call
-        torch.cuda.empty_cache()
+        for case in args.cases.split(","):
+            w = workloads.build(ref, family, case, device, torch.float16, args.batch)
+            model = optimize_model(w.ours)
+            call = lambda: w.call_ours(model)  # noqa: E731
+            variants = {"fast": contextlib.nullcontext, "cudnn-benchmark": cudnn_benchmark}
+            if any(isinstance(m, FastBasicTransformerBlock) for m in model.modules()):
+                variants["no-block-fusion"] = lambda: no_block_fusion(model)
+            for spec in args.set:
+                target, values = spec.split("=")
+                module, name = target.split(".")
+                for v in values.split(","):
+                    variants[f"{target}={v}"] = lambda m=module, n=name, v=v: constant(m, n, v)
+            graphs = {}
+            with torch.no_grad():
+                for name, context in variants.items():
+                    with context():
+                        graphs[name] = in_cuda_graph(call, device)
+                times = {k: [] for k in graphs}
+                for _ in range(args.rounds):
+                    for name, fn in graphs.items():
+                        times[name] += time_ms(fn, device, warmup=3, iters=args.iters)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            results["cases"][w.name] = {k: {"ms": v, "x_fast": v / med["fast"]} for k, v in med.items()}
+            print(w.name, "  ".join(f"{k} {v:.3f} ms ({v / med['fast']:.3f}x)" for k, v in med.items()), flush=True)
+            if args.out:
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                (Path(args.out) / "ab_fast.json").write_text(json.dumps(results, indent=1))
+            del w, model, graphs, call
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
