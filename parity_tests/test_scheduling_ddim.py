@@ -264,3 +264,20 @@ def test_epsilon_at_zero_snr_raises_where_diffusers_returns_inf():
     assert not torch.isfinite(theirs.step(e, 999, x).pred_original_sample).all()
     with pytest.raises(ValueError, match="v_prediction"):
         ours.step(e, 999, x)
+
+
+def test_a_timestep_taken_from_the_schedule_is_read_from_its_host_copy():
+    """A pipeline's loop passes elements of `scheduler.timesteps` (on the GPU, reading each would wait for it):
+    their values come from one host copy of the schedule, the right element each time, slices included."""
+    ours = pare.DDIMScheduler()
+    ours.set_timesteps(10)
+    ts = ours.timesteps
+    assert [ours._host_int(t) for t in ts] == ts.tolist()
+    assert [ours._host_int(t) for t in ts[3:]] == ts[3:].tolist()  # img2img's loop starts part-way in
+    host = ours._host_timesteps
+    assert ours._host_int(ts[4]) == int(ts[4]) and ours._host_timesteps is host  # not read again
+    ts[4] = 7  # an in-place change is seen (version counter)
+    assert ours._host_int(ts[4]) == 7
+    ours.set_timesteps(5)  # a new schedule is read anew
+    assert [ours._host_int(t) for t in ours.timesteps] == ours.timesteps.tolist()
+    assert ours._host_int(torch.tensor(981)) == 981 and ours._host_int(500) == 500  # anything else: int()

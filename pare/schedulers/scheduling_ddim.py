@@ -85,7 +85,7 @@ class DDIMScheduler(DiscreteScheduler):
         (diffusers issue #12633); pare keeps diffusers' stride so that both give the same numbers.
         A negative result means "past the last step": alpha_bar is then `final_alpha_cumprod`.
         """
-        return int(timestep) - self.config.num_train_timesteps // self.num_inference_steps
+        return self._host_int(timestep) - self.config.num_train_timesteps // self.num_inference_steps
 
     def step(
         self,

@@ -165,7 +165,7 @@ class PNDMScheduler(DiscreteScheduler):
 
         # 1. where this stage lands: a half step after stages 1 and 3 (counter even), none after 2 and 4
         diff_to_prev = 0 if self.counter % 2 else self.config.num_train_timesteps // self.num_inference_steps // 2
-        prev_timestep = int(timestep) - diff_to_prev
+        prev_timestep = self._host_int(timestep) - diff_to_prev
         # 2. every stage starts from x_t of its Runge-Kutta step
         timestep = int(self.prk_timesteps[self.counter // 4 * 4])
 
@@ -211,7 +211,7 @@ class PNDMScheduler(DiscreteScheduler):
                 f"or step() with skip_prk_steps=False); it has {len(self.ets)} of them"
             )
         stride = self.config.num_train_timesteps // self.num_inference_steps
-        timestep = int(timestep)
+        timestep = self._host_int(timestep)
 
         # 1. the step's ends, t and t - delta; the Heun correction (counter 1) redoes the first step
         prev_timestep = timestep - stride

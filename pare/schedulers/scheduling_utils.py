@@ -186,10 +186,26 @@ class DiscreteScheduler(ConfigMixin):
         return sample
 
     def _check_timestep(self, timestep) -> int:
-        t = int(timestep)
+        t = self._host_int(timestep)
         if not 0 <= t < self.config.num_train_timesteps:
             raise ValueError(f"timestep {t} is outside the trained range [0, {self.config.num_train_timesteps - 1}]")
         return t
+
+    def _host_int(self, timestep) -> int:
+        """int(timestep), without reading the GPU when it is an element of `self.timesteps`, as a pipeline's loop passes it.
+
+        Reading a CUDA tensor's value makes the CPU wait until the GPU has run everything queued: once a
+        step, that keeps the CPU from queueing the next step while the GPU runs this one. The schedule
+        is read to the host once instead (again if it is replaced or changed in place).
+        """
+        ts = self.timesteps
+        if not (torch.is_tensor(timestep) and timestep.ndim == 0 and ts.ndim == 1 and timestep._base is ts
+                and not ts.is_inference()):  # an inference tensor keeps no version counter
+            return int(timestep)
+        host = getattr(self, "_host_timesteps", None)
+        if host is None or host[0] is not ts or host[1] != ts._version:
+            host = self._host_timesteps = (ts, ts._version, ts.tolist())
+        return int(host[2][(timestep.storage_offset() - ts.storage_offset()) // ts.stride(0)])
 
     def _alpha_bar_at(self, timesteps, like: torch.Tensor) -> torch.Tensor:
         """alpha_bar at `timesteps` (int or (B,) tensor), in like's dtype and device, shaped to broadcast: (B, 1, ..., 1)."""

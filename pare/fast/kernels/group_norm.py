@@ -36,7 +36,8 @@ if TRITON:  # at import, not in the call: torch.compile cannot trace an import
     from ._group_norm_triton import apply, finalize, stats
 
 TILE = 4096  # values per program in the apply and bias-residual passes: a few per thread at 4 warps
-STATS_TILE = 16384  # values per program in the stats pass: fewer, larger tiles, so fewer partials to merge
+STATS_TILE = 32768  # values per program in the stats pass: larger tiles measured faster (benchmarks/NOTES.md)
+STATS_WARPS = 8
 
 
 def reference(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
@@ -68,7 +69,8 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     y = torch.empty_like(x, memory_format=torch.channels_last)
     warps = lambda values: 4 if values <= 4096 else 8  # noqa: E731
     stats[(n_tiles, b)](x, add_, partial, hw, c, cpg, n_tiles, G=num_groups, G_P=g_p, C_P=c_p,
-                        CPG_P=cpg_p, BLOCK_HW=rows_stats, HAS_ADD=add is not None, num_warps=warps(rows_stats * c_p))
+                        CPG_P=cpg_p, BLOCK_HW=rows_stats, HAS_ADD=add is not None,
+                        num_warps=STATS_WARPS if rows_stats * c_p > 4096 else 4)
     finalize[(b, num_groups)](partial, stat, hw, cpg, n_tiles, eps, G=num_groups, G_P=g_p, BLOCK_HW=rows_stats,
                               BLOCK_T=min(1024, triton.next_power_of_2(n_tiles)), num_warps=4)
     apply[(triton.cdiv(hw, rows_apply), b)](x, add_, stat, weight, bias, y, hw, c, cpg, G=num_groups, C_P=c_p,

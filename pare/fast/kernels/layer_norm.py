@@ -26,7 +26,8 @@ if TRITON:  # at import, not in the call: torch.compile cannot trace an import
 
     from ._layer_norm_triton import layer_norm as layer_norm_kernel
 
-TILE = 8192  # values per program: a row of up to 8192 channels, or several shorter ones
+TILE = 4096  # values per program: several rows (measured a little faster than 8192: benchmarks/NOTES.md)
+MAX_C = 8192  # longer rows run `reference`
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
@@ -42,7 +43,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     with Triton the kernel runs; elsewhere `reference`."""
     c = x.shape[-1]
     x = x.contiguous()  # a no-op on the fast path, where tokens are channels-last maps; r must be contiguous
-    if not (triton_ready(x) and weight is not None and bias is not None and c <= TILE):
+    if not (triton_ready(x) and weight is not None and bias is not None and c <= MAX_C):
         return reference(x, weight, bias, eps, shift)
     rows = x.numel() // c
     c_p = triton.next_power_of_2(c)
