@@ -26,8 +26,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--no-fast", action="store_true")
     args = parser.parse_args()
-    workloads.PIPELINE_STEPS = args.steps
-    w = workloads.build(import_reference(None), args.model, "pipeline", torch.device("cuda"), torch.float16)
+    w = workloads.build(import_reference(None), args.model, "pipeline", torch.device("cuda"), torch.float16,
+                        steps=args.steps)
     if not args.no_fast:
         w.ours.enable_fast()
     with torch.no_grad():

@@ -79,3 +79,13 @@ def test_bench_fast_mode_takes_a_controlnet_and_unet_pair(tmp_path):
     rows = json.loads((tmp_path / "cnf.json").read_text())["results"]
     fast = [r for r in rows if r["mode"] == "fast"]
     assert [r["library"] for r in fast] == ["pare"] and math.isfinite(fast[0]["median_ms"]), fast
+
+
+def test_bench_fast_mode_alone_and_pipeline_steps(tmp_path):
+    """`--modes fast` alone still gets its table row (no diffusers figure to compare), and `--steps` sets the
+    pipeline case's denoising steps (the SDXL target is for 30)."""
+    assert main(["bench", "--device", "cpu", "--models", "tiny", "--cases", "pipeline", "--steps", "3", "--modes",
+                 "fast", "--out", str(tmp_path), "--stem", "alone"]) == 0
+    rows = json.loads((tmp_path / "alone.json").read_text())["results"]
+    assert [(r["case"], r["library"], r["mode"]) for r in rows] == [("tiny txt2img 3 steps 32px", "pare", "fast")]
+    assert "| tiny txt2img 3 steps 32px | fast | 2 | " in (tmp_path / "alone.md").read_text()

@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma list of {workloads.CASES} (the default) and {workloads.EXTRA_CASES}")
     parser.add_argument("--modes", default=None, help=f"comma list of {MODES} (default: eager,graph on CUDA, eager on CPU)")
     parser.add_argument("--batches", default="1,2", help="UNet batch sizes (2 = classifier-free guidance)")
+    parser.add_argument("--steps", type=int, default=workloads.PIPELINE_STEPS,
+                        help=f"denoising steps of the pipeline case (default {workloads.PIPELINE_STEPS}, diffusers' default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--iters", type=int, default=None, help="timed runs per case (default 30 on CUDA, 3 on CPU)")
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     stem = args.stem or f"bench-{header['device'].replace(' ', '_')}-{header['dtype']}"
     plan = [(f, c, b) for f in families for c in cases for b in (map(int, args.batches.split(",")) if c in ("unet", "controlnet-step") else [1])]
     for family, case, batch in tqdm(plan, desc="pare bench", unit="case"):
-        w = workloads.build(ref, family, case, device, dtype, batch)
+        w = workloads.build(ref, family, case, device, dtype, batch, args.steps)
         case_modes = modes if w.graphable else tuple(m for m in modes if m == "eager" or (m == "fast" and w.fast))
         # Full pipelines take fewer runs by default (seconds each); --iters/--warmup given apply to every case.
         case_warmup = args.warmup or (w.runs[0] if w.runs else warmup)

@@ -37,14 +37,16 @@ def to_markdown(run: Run) -> str:
             timed = [r for r in run.results if r.case == case and r.library == "diffusers" and not math.isnan(r.median_ms)]
             theirs = min(timed, key=lambda r: r.median_ms, default=None)
             label = f"{mode} (vs diffusers {theirs.mode})" if theirs else mode
-        if ours is None or theirs is None:
+        if ours is None:
             continue
-        ratio = ours.median_ms / theirs.median_ms if theirs.median_ms and not math.isnan(theirs.median_ms) else None
-        mem = lambda r: "—" if r.peak_mem_gib is None else f"{r.peak_mem_gib:.2f}"  # noqa: E731
-        comp = "—" if ours.compile_s is None else f"{ours.compile_s:.0f} / {theirs.compile_s or float('nan'):.0f}"
+        ratio = (ours.median_ms / theirs.median_ms if theirs is not None and theirs.median_ms
+                 and not math.isnan(theirs.median_ms) else None)
+        mem = lambda r: "—" if r is None or r.peak_mem_gib is None else f"{r.peak_mem_gib:.2f}"  # noqa: E731
+        theirs_compile = float("nan") if theirs is None or theirs.compile_s is None else theirs.compile_s
+        comp = "—" if ours.compile_s is None else f"{ours.compile_s:.0f} / {theirs_compile:.0f}"
+        timed = lambda r: "—" if r is None else f"{_ms(r.median_ms)} ({_ms(r.p10_ms)}–{_ms(r.p90_ms)})"  # noqa: E731
         lines.append(
-            f"| {case} | {label} | {ours.runs} | {_ms(ours.median_ms)} ({_ms(ours.p10_ms)}–{_ms(ours.p90_ms)}) "
-            f"| {_ms(theirs.median_ms)} ({_ms(theirs.p10_ms)}–{_ms(theirs.p90_ms)}) "
+            f"| {case} | {label} | {ours.runs} | {timed(ours)} | {timed(theirs)} "
             f"| {'—' if ratio is None or math.isnan(ratio) else f'{ratio:.2f}'} | {mem(ours)} | {mem(theirs)} "
             f"| {'—' if ours.gflop is None else f'{ours.gflop:.4g}'} | {_ms(ours.floor_ms)} "
             f"| {'—' if ours.x_floor is None or math.isnan(ours.x_floor) else f'{ours.x_floor:.1f}'} | {comp} |"

@@ -108,8 +108,8 @@ def scheduler_step(ref: ModuleType, family: str, device, dtype) -> Workload:
                     lambda s: s.step(eps, t_theirs, latents, return_dict=False)[0], graphable=False, fast=False)
 
 
-def pipeline(ref: ModuleType, family: str, device, dtype) -> Workload:
-    """The full text-to-image call: prompt, 50 DDIM steps with CFG (UNet batch 2), VAE decode; one image.
+def pipeline(ref: ModuleType, family: str, device, dtype, steps: int = PIPELINE_STEPS) -> Workload:
+    """The full text-to-image call: prompt, `steps` (50) DDIM steps with CFG (UNet batch 2), VAE decode; one image.
 
     diffusers' pipeline is built at the family's official configs (random init; see
     `pare.parity.checkpoint`), and pare's twin runs on the very same weight tensors. Both start
@@ -123,7 +123,7 @@ def pipeline(ref: ModuleType, family: str, device, dtype) -> Workload:
         pipe.set_progress_bar_config(disable=True)
     side = ours.default_size()
     noise = torch.randn(ours.latent_shape(1, side, side), generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    kwargs = dict(prompt=PROMPT, height=side, width=side, num_inference_steps=PIPELINE_STEPS, guidance_scale=7.5,
+    kwargs = dict(prompt=PROMPT, height=side, width=side, num_inference_steps=steps, guidance_scale=7.5,
                   latents=noise, output_type="pt")
 
     def stages(pipe) -> dict[str, list[torch.nn.Module]]:
@@ -132,11 +132,12 @@ def pipeline(ref: ModuleType, family: str, device, dtype) -> Workload:
 
     call = lambda p: p(**kwargs).images  # noqa: E731
     cuda = torch.device(device).type == "cuda"
-    return Workload(f"{family} txt2img {PIPELINE_STEPS} steps {side}px", ours, theirs, call, call, graphable=False,
+    return Workload(f"{family} txt2img {steps} steps {side}px", ours, theirs, call, call, graphable=False,
                     runs=(1, 5) if cuda else (1, 2), stages=stages)
 
 
-def build(ref: ModuleType, family: str, case: str, device, dtype, batch: int = 2) -> Workload:
+def build(ref: ModuleType, family: str, case: str, device, dtype, batch: int = 2,
+          steps: int = PIPELINE_STEPS) -> Workload:
     if case == "unet":
         return unet(ref, family, batch, device, dtype)
     if case in ("vae-decode", "vae-encode"):
@@ -144,7 +145,7 @@ def build(ref: ModuleType, family: str, case: str, device, dtype, batch: int = 2
     if case == "scheduler-step":
         return scheduler_step(ref, family, device, dtype)
     if case == "pipeline":
-        return pipeline(ref, family, device, dtype)
+        return pipeline(ref, family, device, dtype, steps)
     if case == "controlnet-step":
         from ..parity.controlnet_checkpoint import controlnet_step
 

@@ -37,7 +37,7 @@ if TRITON:  # at import, not in the call: torch.compile cannot trace an import
 
 TILE = 4096  # values per program in the apply and bias-residual passes: a few per thread at 4 warps
 STATS_TILE = 32768  # values per program in the stats pass: larger tiles measured faster (benchmarks/NOTES.md)
-STATS_WARPS = 8
+STATS_WARPS = 4  # 4 measured faster than 8 or 16 (benchmarks/NOTES.md)
 
 
 def reference(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,

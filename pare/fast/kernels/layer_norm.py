@@ -1,17 +1,16 @@
-"""LayerNorm over the last axis, which can also write its input plus a bias: the residual stream
-that the next projection's GEMM accumulates into.
+"""LayerNorm over the last axis, optionally after a residual add whose sum it also writes.
 
-Replaces: `nn.LayerNorm` (norm1, norm2, norm3) in `pare/models/transformer.py BasicTransformerBlock`,
-with `shift` the bias of the projection whose output is added back after the sub-layer (see
-`pare/fast/transformer.py FastBasicTransformerBlock`).
+Replaces: in `pare/models/transformer.py BasicTransformerBlock`, `norm1(x)`, and the residual add
+before `norm2` and `norm3` together with that norm: h = attn(...) + x, then norm(h). See
+`pare/fast/transformer.py FastBasicTransformerBlock`.
 Source: Ba, Kiros & Hinton, Layer Normalization (arXiv 1607.06450, eq. 4):
-    y = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias, the moments over the channels of one token.
+    y = (h - mean(h)) / sqrt(var(h) + eps) * weight + bias, the moments over the channels of one token.
 
-Why a kernel: each row is read once into registers and both outputs are written from there: the
-normalised row and, with `shift`, x + shift. In the reference the sub-layer's residual add
-(`attn(norm(x)) + x`) is a pass of its own, which reads two tensors and writes one; here the
-GEMM's epilogue does it (beta = 1 over the shifted residual), so that pass is gone.
-Arithmetic in float32 (two passes over the row held in registers), one rounding to the output dtype.
+Why a kernel: in the reference the residual add is a pass of its own (read two tensors, write one)
+and the norm reads its result back. Here each row is read once into registers: the sum is rounded
+to the input dtype and written (the residual stream, as the reference rounds it), and the
+normalised row is computed from it and written. Arithmetic in float32 (two passes over the row held
+in registers), one rounding to the output dtype.
 """
 
 from __future__ import annotations
@@ -31,26 +30,28 @@ MAX_C = 8192  # longer rows run `reference`
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-              shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+              residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The same function in plain PyTorch: the CPU path, and what the kernel is tested against."""
-    y = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
-    return y, (None if shift is None else x + shift)
+    h = x if residual is None else x + residual
+    return h, F.layer_norm(h, h.shape[-1:], weight, bias, eps)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-               shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(LayerNorm(x), x + shift or None), both contiguous. x: (..., C); weight, bias, shift: (C,). On CUDA
-    with Triton the kernel runs; elsewhere `reference`."""
+               residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, LayerNorm(h)) for h = x, or h = x + residual. x, residual: (..., C); weight, bias: (C,).
+    On CUDA with Triton the kernel runs; elsewhere `reference`."""
     c = x.shape[-1]
-    x = x.contiguous()  # a no-op on the fast path, where tokens are channels-last maps; r must be contiguous
-    if not (triton_ready(x) and weight is not None and bias is not None and c <= MAX_C):
-        return reference(x, weight, bias, eps, shift)
+    if not (triton_ready(x) and weight is not None and bias is not None and c <= MAX_C
+            and (residual is None or residual.shape == x.shape)):
+        return reference(x, weight, bias, eps, residual)
+    x = x.contiguous()  # a no-op on the fast path, where tokens are channels-last maps
     rows = x.numel() // c
     c_p = triton.next_power_of_2(c)
     block_rows = max(1, TILE // c_p)
     y = torch.empty_like(x)
-    r = torch.empty_like(x) if shift is not None else y  # y: a dummy pointer when there is no shift
+    h = torch.empty_like(x) if residual is not None else x
+    residual = residual.contiguous() if residual is not None else x  # x: a dummy pointer when there is none
     layer_norm_kernel[(triton.cdiv(rows, block_rows),)](
-        x, weight, bias, y, shift if shift is not None else bias, r, rows, c, eps,
-        C_P=c_p, BLOCK_ROWS=block_rows, HAS_SHIFT=shift is not None, num_warps=4 if block_rows * c_p <= 4096 else 8)
-    return y, (r if shift is not None else None)
+        x, residual, h, weight, bias, y, rows, c, eps,
+        C_P=c_p, BLOCK_ROWS=block_rows, HAS_RES=h is not x, num_warps=4 if block_rows * c_p <= 4096 else 8)
+    return h, y
