@@ -9,8 +9,11 @@ What it changes (optimize.py lists the swaps; each file says which reference mod
   (transformer.py) and of PyTorch's NCHW GroupNorm (kernels/group_norm.py);
 - GroupNorm + SiLU, with the ResNet's time-embedding add, in one Triton kernel (resnet.py);
 - the GEGLU gate in one kernel (kernels/geglu.py);
-- Q, K, V (or K, V) projections as one GEMM (attention.py);
-- in pipelines on CUDA, the UNet replayed from CUDA graphs (graph.py).
+- in the transformer blocks, each residual add done by the next LayerNorm's kernel (transformer.py,
+  kernels/layer_norm.py);
+- Q, K, V (or K, V) projections as one GEMM (attention.py), and every ResNet's time-embedding
+  projection as one GEMM per call (time_projections.py);
+- in pipelines on CUDA, the UNet replayed from CUDA graphs (graph.py), with no host sync per step.
 
 The fast path is held to the parity suite's error budget (`pare parity --fast`, and the
 `--fast` switch of the test suite). Measurements and what was tried: benchmarks/NOTES.md.

@@ -7,7 +7,7 @@ Each reference class is swapped for its fast subclass (`module.__class__`), so n
     Attention           -> FastAttention            (attention.py: one QKV / KV GEMM)
     GEGLU               -> FastGEGLU                (transformer.py: the gate kernel)
     Transformer2DModel  -> FastTransformer2DModel   (transformer.py: channels last, no copies)
-    BasicTransformerBlock -> FastBasicTransformerBlock (transformer.py: residual adds in the GEMMs)
+    BasicTransformerBlock -> FastBasicTransformerBlock (transformer.py: residual add + LayerNorm kernels)
     nn.GroupNorm        -> FastGroupNorm            (norm.py)
     UNet2DConditionModel -> GraphedUNet2DConditionModel (graph.py; CUDA, in pipelines, `cuda_graph=True`)
 

@@ -1,5 +1,5 @@
 """The UNet's transformer on the fast path: channels last in and out, no layout copies; a fused GEGLU;
-the residual adds inside the projections' GEMMs.
+the blocks' residual adds fused into the LayerNorms that follow them.
 
 Replaces: `pare/models/transformer.py Transformer2DModel.forward`, `BasicTransformerBlock.forward`
 and `GEGLU.forward`.
