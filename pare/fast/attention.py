@@ -13,8 +13,8 @@ hook belongs to the module's own call), under torch.compile (which fuses on its 
 trace the data-pointer check), and when the fused weights no longer back the parameters (after
 `.to(dtype)`, say): then the fusion is redone on the next call outside graph capture.
 
-`attend` stops before the output projection, so that `FastBasicTransformerBlock` can run that
-projection as a GEMM that accumulates into the residual stream.
+`attend` stops before the output projection: `FastBasicTransformerBlock` runs the projection itself
+and leaves the residual add to the LayerNorm kernel that follows it.
 """
 
 from __future__ import annotations

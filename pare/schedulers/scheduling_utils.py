@@ -199,7 +199,7 @@ class DiscreteScheduler(ConfigMixin):
         is read to the host once instead (again if it is replaced or changed in place).
         """
         ts = self.timesteps
-        if not (torch.is_tensor(timestep) and timestep.ndim == 0 and ts.ndim == 1 and timestep._base is ts
+        if not (torch.is_tensor(timestep) and timestep.ndim == 0 and timestep._base is ts and ts.ndim == 1
                 and not ts.is_inference()):  # an inference tensor keeps no version counter
             return int(timestep)
         host = getattr(self, "_host_timesteps", None)
