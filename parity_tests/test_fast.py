@@ -75,6 +75,13 @@ def test_optimize_swaps_blocks_keeps_the_state_dict_and_restore_undoes_it():
     assert len(resnets) > 2 and all(r._time_projections is bank for r in resnets)
     a, _ = bank.slices[id(resnets[-1].time_emb_proj)]
     assert resnets[-1].time_emb_proj.weight.data_ptr() == bank.weight[a].data_ptr()
+    before = ours(*args, **kwargs)
+    swapped = copy.deepcopy(resnets[0].time_emb_proj)  # a projection swapped in after optimize: it is used
+    swapped.weight.data.mul_(2.0)
+    resnets[0].time_emb_proj, kept = swapped, resnets[0].time_emb_proj
+    assert (ours(*args, **kwargs) - before).abs().max() > 1e-3
+    resnets[0].time_emb_proj = kept
+    assert torch.equal(ours(*args, **kwargs), before)
     pare.fast.restore(ours)
     assert not any("Fast" in type(m).__name__ for m in ours.modules())
     assert torch.equal(ours(*args, **kwargs), expected)  # the reference forward again, bit for bit

@@ -44,7 +44,8 @@ class TimeProjections:
 
     def project(self, linear: nn.Linear, temb: torch.Tensor, lora_scale: float = 1.0) -> torch.Tensor:
         """linear(silu(temb)), (B, C_out): a slice of all the blocks' projections, computed once per embedding."""
-        if torch.compiler.is_compiling() or version(temb) is None:  # compile cannot trace the checks below
+        if (torch.compiler.is_compiling() or version(temb) is None  # compile cannot trace the checks below
+                or id(linear) not in self.slices):  # a projection swapped in after optimize is not in the stack
             return lora_call(linear, F.silu(temb), lora_scale)
         if not self.valid():  # the parameters were replaced (`.to(dtype)`, say): stack them again, outside a capture
             if temb.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -62,7 +63,7 @@ def attach(model: nn.Module, blocks: list[nn.Module]) -> None:
     groups: dict = {}
     for block in blocks:
         proj = getattr(block, "time_emb_proj", None)
-        if isinstance(proj, nn.Linear) and type(proj) is nn.Linear and proj.bias is not None and not block.skip_time_act:
+        if type(proj) is nn.Linear and proj.bias is not None and not block.skip_time_act:  # not a LoRA wrapper
             groups.setdefault((proj.in_features, proj.weight.dtype, proj.weight.device), []).append(block)
     for group in groups.values():
         if len(group) > 1:
