@@ -47,12 +47,12 @@ class TimeProjections:
         if (torch.compiler.is_compiling() or version(temb) is None  # compile cannot trace the checks below
                 or id(linear) not in self.slices):  # a projection swapped in after optimize is not in the stack
             return lora_call(linear, F.silu(temb), lora_scale)
-        if not self.valid():  # the parameters were replaced (`.to(dtype)`, say): stack them again, outside a capture
-            if temb.is_cuda and torch.cuda.is_current_stream_capturing():
-                return lora_call(linear, F.silu(temb), lora_scale)
-            self.__init__(self.linears)
         last = self.last
-        if last is None or last[0]() is not temb or last[1] != version(temb):
+        if last is None or last[0]() is not temb or last[1] != version(temb):  # the first block of a call asks
+            if not self.valid():  # the parameters were replaced (`.to(dtype)`, say): stack them again, outside a capture
+                if temb.is_cuda and torch.cuda.is_current_stream_capturing():
+                    return lora_call(linear, F.silu(temb), lora_scale)
+                self.__init__(self.linears)
             last = self.last = (weakref.ref(temb), version(temb), F.linear(F.silu(temb), self.weight, self.bias))
         a, b = self.slices[id(linear)]
         return last[2][:, a:b]  # (B, C_out)
