@@ -21,6 +21,7 @@ import contextlib
 import importlib
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -48,7 +49,7 @@ def cudnn_benchmark():
 
 
 def main() -> None:
-    from pare.bench import workloads
+    from pare.bench import environment, workloads
     from pare.bench.timing import in_cuda_graph, time_ms
     from pare.fast import optimize_model
     from pare.fast.transformer import FastBasicTransformerBlock
@@ -65,7 +66,9 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     ref, device = import_reference(None), torch.device("cuda")
-    results = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "cases": {}}
+    header = {**environment(device, ref.__version__), "dtype": "float16", "command": " ".join(["python"] + sys.argv)}
+    print(header, flush=True)
+    results = {**header, "cases": {}}
 
     @contextlib.contextmanager
     def no_block_fusion(model):

@@ -75,15 +75,9 @@ def main() -> None:
     args = parser.parse_args()
     ref = import_reference(None)
     device, dtype = torch.device("cuda"), torch.float16
-    import datetime
+    from pare.bench import environment
 
-    import triton
-
-    from pare.bench import _driver
-
-    header = {"device": torch.cuda.get_device_name(device), "driver": _driver(), "torch": torch.__version__,
-              "cuda": torch.version.cuda, "triton": triton.__version__, "cudnn": torch.backends.cudnn.version(),
-              "diffusers": ref.__version__, "dtype": "float16", "date": datetime.date.today().isoformat(),
+    header = {**environment(device, ref.__version__), "dtype": "float16",
               "command": "python benchmarks/profile_kernels.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items())}
     print(header, flush=True)
     results = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import sys
 import traceback
 import warnings
 
@@ -18,7 +19,7 @@ import torch
 
 
 def main() -> None:
-    from pare.bench import workloads
+    from pare.bench import environment, workloads
     from pare.parity.reference import import_reference
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,8 +27,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--no-fast", action="store_true")
     args = parser.parse_args()
-    w = workloads.build(import_reference(None), args.model, "pipeline", torch.device("cuda"), torch.float16,
-                        steps=args.steps)
+    ref = import_reference(None)
+    print({**environment(torch.device("cuda"), ref.__version__), "command": " ".join(["python"] + sys.argv)}, flush=True)
+    w = workloads.build(ref, args.model, "pipeline", torch.device("cuda"), torch.float16, steps=args.steps)
     if not args.no_fast:
         w.ours.enable_fast()
     with torch.no_grad():

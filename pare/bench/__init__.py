@@ -24,6 +24,23 @@ def _driver() -> str:
         return "n/a"
 
 
+def environment(device: torch.device, reference_version: str) -> dict:
+    """What a measurement ran on: device, driver, library versions and the date, for every results file."""
+    import importlib.metadata
+
+    import pare
+
+    cuda = device.type == "cuda"
+    try:
+        triton = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton = "n/a"
+    return {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "driver": _driver() if cuda else "n/a",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+            "triton": triton, "diffusers": reference_version, "pare": pare.__version__,
+            "date": datetime.date.today().isoformat()}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default=None, help=f"comma list of {list(workloads.FAMILIES)} "
                         "(default: sd15 on CUDA, tiny on CPU)")
@@ -45,8 +62,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> list[Path]:
     from tqdm import tqdm
 
-    import pare
-
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = DTYPES[args.dtype or ("fp16" if cuda else "fp32")]
@@ -62,12 +77,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     ref = import_reference(args.reference_path)
 
     peak = matmul_peak_flops(device, dtype)
-    header = {
-        "device": torch.cuda.get_device_name(device) if cuda else "cpu", "driver": _driver() if cuda else "n/a",
-        "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": ref.__version__, "pare": pare.__version__,
-        "dtype": str(dtype).replace("torch.", ""), "date": datetime.date.today().isoformat(),
-        "matmul_tflops": peak / 1e12, "iters": iters, "warmup": warmup,
-    }
+    header = {**environment(device, ref.__version__), "dtype": str(dtype).replace("torch.", ""),
+              "matmul_tflops": peak / 1e12, "iters": iters, "warmup": warmup}
     result = Run(header)
     stem = args.stem or f"bench-{header['device'].replace(' ', '_')}-{header['dtype']}"
     plan = [(f, c, b) for f in families for c in cases for b in (map(int, args.batches.split(",")) if c in ("unet", "controlnet-step") else [1])]
