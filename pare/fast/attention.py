@@ -80,10 +80,16 @@ class FastAttention(Attention):
         return lora_call(self.to_q, hidden_states, lora_scale), k, v
 
     def attend(self, hidden_states: torch.Tensor, context: torch.Tensor | None = None,
-               attention_mask: torch.Tensor | None = None, lora_scale: float = 1.0) -> torch.Tensor:
-        """softmax(Q K^T / sqrt(d)) V of tokens (B, N, C): (B, N, inner), before the output projection."""
+               attention_mask: torch.Tensor | None = None, lora_scale: float = 1.0,
+               kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """softmax(Q K^T / sqrt(d)) V of tokens (B, N, C): (B, N, inner), before the output projection.
+        kv: K and V (B, M, inner) of the context, already projected (`FastTransformer2DModel` projects the text
+        for all its blocks at once); else they are projected here."""
         batch, heads, d = hidden_states.shape[0], self.heads, self.inner_dim // self.heads
-        q, k, v = self.projections(hidden_states, context, lora_scale)
+        if kv is None:
+            q, k, v = self.projections(hidden_states, context, lora_scale)
+        else:
+            q, (k, v) = lora_call(self.to_q, hidden_states, lora_scale), kv
         q, k, v = (x.view(batch, -1, heads, d).transpose(1, 2) for x in (q, k, v))  # (B, heads, N or M, d), strided views
         if attention_mask is not None:
             attention_mask = self._check_mask(attention_mask, k.shape[2])

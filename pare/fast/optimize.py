@@ -6,7 +6,8 @@ Each reference class is swapped for its fast subclass (`module.__class__`), so n
     ResnetBlock2D       -> FastResnetBlock2D        (resnet.py: GroupNorm+SiLU kernels)
     Attention           -> FastAttention            (attention.py: one QKV / KV GEMM)
     GEGLU               -> FastGEGLU                (transformer.py: the gate kernel)
-    Transformer2DModel  -> FastTransformer2DModel   (transformer.py: channels last, no copies)
+    Transformer2DModel  -> FastTransformer2DModel   (transformer.py: channels last, no copies; its blocks'
+                                                     cross-attention K, V in one GEMM)
     BasicTransformerBlock -> FastBasicTransformerBlock (transformer.py: residual add + LayerNorm kernels)
     nn.GroupNorm        -> FastGroupNorm            (norm.py)
     UNet2DConditionModel -> GraphedUNet2DConditionModel (graph.py; CUDA, in pipelines, `cuda_graph=True`)
@@ -55,6 +56,9 @@ def optimize_model(model: nn.Module, *, channels_last: bool = True, cuda_graph: 
             if fast is FastAttention:
                 module.fuse()
     time_projections.attach(model, [m for m in model.modules() if isinstance(m, FastResnetBlock2D)])
+    for module in model.modules():  # after the attentions: their K, V become views of the transformer's stack
+        if isinstance(module, FastTransformer2DModel):
+            module.fuse()
     if cuda_graph and type(model) in (UNet2DConditionModel, GraphedUNet2DConditionModel):
         model.__class__ = GraphedUNet2DConditionModel
         model.__dict__.pop("_pare_graphs", None)  # a new cache: the graphs of an earlier optimize may be stale

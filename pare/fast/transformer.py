@@ -15,6 +15,14 @@ normalises the sum. The reference adds in a pass of its own and the LayerNorm re
 here one kernel does both (`kernels/layer_norm.py`), rounding the sum as the reference does: one
 pass and one launch fewer for each of the two adds followed by a norm.
 
+Where a transformer stacks several blocks (SDXL: 2 or 10 a stage), two more things are shared:
+the last add of each block (after its feed-forward) is done by the next block's norm1 kernel, and
+the text is projected to every block's cross-attention K and V by one GEMM: the K and V weights of
+all the blocks are stacked into one matrix (theirs become views of it, as in `attention.py`), since
+they all read the same text. Each block's own GEMM there has 2 x 77 rows: a launch, not FLOPs.
+This path needs the blocks free of hooks (`plain`), so the parity suite's recorded (accumulated)
+rows, which hook every block, run the blocks one by one; its local row of the transformer runs it.
+
 Tried first: the LayerNorm kernel also wrote x + b_out, and the projection's GEMM accumulated into
 it (`addmm_`, beta = 1), which saved the third add too; but the residual stream was rounded twice
 (x + b, then the sum), and each block's error against float64 came out 1.35x diffusers' (within the
@@ -28,7 +36,7 @@ import torch.nn.functional as F
 
 from ..models.lora_scale import lora_call
 from ..models.transformer import GEGLU, BasicTransformerBlock, Transformer2DModel
-from .attention import FastAttention
+from .attention import FastAttention, fuse_linears
 from .kernels.geglu import geglu
 from .kernels.group_norm import add_bias_residual, group_norm
 from .kernels.layer_norm import layer_norm
@@ -57,27 +65,75 @@ class FastBasicTransformerBlock(BasicTransformerBlock):
         if hidden_states.ndim != 3 or not self._fusable():
             return super().forward(hidden_states, encoder_hidden_states, encoder_attention_mask, attention_mask,
                                    lora_scale)
-        # hidden_states: (B, N, dim). Each residual add is done by the kernel of the norm that follows it.
-        def project(attn, y, context, mask):  # the output projection, as a module: LoRA hooks on it fire
-            return attn.to_out[1](lora_call(attn.to_out[0], attn.attend(y, context, mask, lora_scale), lora_scale))
+        out, h = self.fused(hidden_states, encoder_hidden_states, encoder_attention_mask, attention_mask, lora_scale)
+        return out + h
 
+    def fused(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+              encoder_attention_mask: torch.Tensor | None, attention_mask: torch.Tensor | None, lora_scale: float,
+              residual: torch.Tensor | None = None,
+              kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block with each residual add done by the kernel of the norm that follows it; for a `_fusable` block.
+        Returns (ff_out, h), the feed-forward's output and the residual stream, whose sum is the block's output:
+        the next block's norm1 adds them (`residual`), one pass fewer. kv: attn2's K and V of the text."""
+        def project(attn, y, context, mask, kv=None):  # the output projection, as a module: LoRA hooks on it fire
+            return attn.to_out[1](lora_call(attn.to_out[0], attn.attend(y, context, mask, lora_scale, kv), lora_scale))
+
+        # hidden_states: (B, N, dim)
         # 1. self-attention over the image tokens (over the text with only_cross_attention)
         context = encoder_hidden_states if self.only_cross_attention else None
         n = self.norm1
-        h, y = layer_norm(hidden_states, n.weight, n.bias, n.eps)
+        h, y = layer_norm(hidden_states, n.weight, n.bias, n.eps, residual=residual)
         out = project(self.attn1, y, context, attention_mask)
         # 2. cross-attention: image tokens query the text tokens; h = out + h and its norm in one kernel
         if self.attn2 is not None:
             n = self.norm2
             h, y = layer_norm(out, n.weight, n.bias, n.eps, residual=h)
-            out = project(self.attn2, y, encoder_hidden_states, encoder_attention_mask)
+            out = project(self.attn2, y, encoder_hidden_states, encoder_attention_mask, kv)
         # 3. feed-forward (its GEGLU gate in one kernel)
         n = self.norm3
         h, y = layer_norm(out, n.weight, n.bias, n.eps, residual=h)
-        return self.ff(y, lora_scale) + h
+        return self.ff(y, lora_scale), h
 
 
 class FastTransformer2DModel(Transformer2DModel):
+    def fuse(self) -> None:
+        """Stack the K and V weights of every block's cross-attention into one matrix (theirs become views, and
+        so does each attention's own fused K, V): the text is projected for all the blocks in one GEMM."""
+        attns = [b.attn2 for b in self.transformer_blocks]
+        self._context = None
+        if len(attns) < 2 or not all(isinstance(a, FastAttention) and a.is_cross_attention for a in attns):
+            return
+        linears = [l for a in attns for l in (a.to_k, a.to_v)]
+        weight, bias = fuse_linears(linears)  # (sum over blocks of 2*inner, cross_attention_dim)
+        slices, start = [], 0
+        for a in attns:
+            stop = start + 2 * a.inner_dim
+            a._fused, a._fused_group = (weight[start:stop], None if bias is None else bias[start:stop]), [a.to_k, a.to_v]
+            slices.append((start, start + a.inner_dim, stop))
+            start = stop
+        self._context = (weight, bias, slices)
+
+    def context_kv(self, context: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Each block's cross-attention K and V of the text (B, M, inner), from one GEMM; None where the
+        blocks must project their own (no stack, a LoRA hook on K or V, torch.compile, stale weights)."""
+        stack = self.__dict__.get("_context")
+        if stack is None or context is None or torch.compiler.is_compiling():
+            return None
+        attns = [b.attn2 for b in self.transformer_blocks]
+        if not all(plain(a.to_k) and plain(a.to_v) for a in attns):
+            return None
+        weight, bias, slices = stack
+        if not all(a.to_k.weight.data_ptr() == weight[s].data_ptr() and a.to_v.weight.data_ptr() == weight[m].data_ptr()
+                   and a.to_v.weight.dtype == weight.dtype for a, (s, m, _) in zip(attns, slices)):
+            if context.is_cuda and torch.cuda.is_current_stream_capturing():
+                return None  # the parameters were replaced (`.to(dtype)`, say): restack outside a capture
+            self.fuse()  # from the parameters as they are now: the check above holds by construction
+            if self._context is None:
+                return None
+            weight, bias, slices = self._context
+        kv = F.linear(context, weight, bias)  # (B, M, sum of 2*inner)
+        return [(kv[..., s:m], kv[..., m:e]) for s, m, e in slices]  # views: (B, M, inner) each
+
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 encoder_attention_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 lora_scale: float = 1.0) -> torch.Tensor:
@@ -94,10 +150,19 @@ class FastTransformer2DModel(Transformer2DModel):
             hidden_states = lora_call(self.proj_in, hidden_states, lora_scale)  # (B, inner_dim, H, W)
             hidden_states = hidden_states.permute(0, 2, 3, 1).reshape(b, h * w, self.inner_dim)
 
-        # 2. the transformer blocks, on tokens
-        for block in self.transformer_blocks:
-            hidden_states = block(hidden_states, encoder_hidden_states, encoder_attention_mask, attention_mask,
-                                  lora_scale)
+        # 2. the transformer blocks, on tokens; fused, each block's last add is done by the next one's norm1
+        blocks = self.transformer_blocks
+        if len(blocks) > 1 and all(plain(b) and isinstance(b, FastBasicTransformerBlock) and b._fusable() for b in blocks):
+            kvs = self.context_kv(encoder_hidden_states) or [None] * len(blocks)
+            stream = None  # the residual stream, still to be added to hidden_states (a block's ff output)
+            for block, kv in zip(blocks, kvs):
+                hidden_states, stream = block.fused(hidden_states, encoder_hidden_states, encoder_attention_mask,
+                                                    attention_mask, lora_scale, stream, kv)
+            hidden_states = hidden_states + stream
+        else:
+            for block in blocks:
+                hidden_states = block(hidden_states, encoder_hidden_states, encoder_attention_mask, attention_mask,
+                                      lora_scale)
 
         # 3. unflatten (a channels-last view) and project out; its bias joins the residual add (one pass)
         out = self.proj_out
