@@ -9,6 +9,9 @@ Variants (the weights stay where they are between captures; only block classes, 
 kernels' tile sizes change):
     fast              pare.fast as shipped
     no-block-fusion   the transformer blocks as the reference (residual adds as passes of their own)
+    no-stack-fusion   a transformer of several blocks runs them one by one (each projects its own text K, V;
+                      each adds its own last residual)
+    sdpa=BACKEND      as fast, captured with that SDPA backend first (flash, efficient, cudnn; then the rest)
     cudnn-benchmark   as fast, captured with torch.backends.cudnn.benchmark on (cuDNN times its algorithms)
     MODULE.NAME=V     as fast, with a constant of pare/fast/kernels/MODULE.py set to V (`--set`, repeatable)
 The figures feed benchmarks/NOTES.md.
@@ -39,6 +42,17 @@ def constant(module: str, name: str, value):
 
 
 @contextlib.contextmanager
+def sdpa_first(backend: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "cudnn": SDPBackend.CUDNN_ATTENTION}
+    order = [names[backend]] + [b for b in names.values() if b != names[backend]] + [SDPBackend.MATH]
+    with sdpa_kernel(order, set_priority=True):
+        yield
+
+
+@contextlib.contextmanager
 def cudnn_benchmark():
     old = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
@@ -52,7 +66,7 @@ def main() -> None:
     from pare.bench import environment, workloads
     from pare.bench.timing import in_cuda_graph, time_ms
     from pare.fast import optimize_model
-    from pare.fast.transformer import FastBasicTransformerBlock
+    from pare.fast.transformer import FastBasicTransformerBlock, FastTransformer2DModel
     from pare.models.transformer import BasicTransformerBlock
     from pare.parity.reference import import_reference
 
@@ -81,6 +95,16 @@ def main() -> None:
             for m in blocks:
                 m.__class__ = FastBasicTransformerBlock
 
+    @contextlib.contextmanager
+    def no_stack_fusion(model):  # a no-op hook on each block: the transformer then calls them one by one
+        handles = [b.register_forward_hook(lambda *_: None) for m in model.modules()
+                   if isinstance(m, FastTransformer2DModel) for b in m.transformer_blocks]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
     for family in args.models.split(","):
         for case in args.cases.split(","):
             w = workloads.build(ref, family, case, device, torch.float16, args.batch)
@@ -89,6 +113,10 @@ def main() -> None:
             variants = {"fast": contextlib.nullcontext, "cudnn-benchmark": cudnn_benchmark}
             if any(isinstance(m, FastBasicTransformerBlock) for m in model.modules()):
                 variants["no-block-fusion"] = lambda: no_block_fusion(model)
+            if any(isinstance(m, FastTransformer2DModel) and len(m.transformer_blocks) > 1 for m in model.modules()):
+                variants["no-stack-fusion"] = lambda: no_stack_fusion(model)
+            if any(isinstance(m, FastBasicTransformerBlock) for m in model.modules()):
+                variants.update({f"sdpa={b}": lambda b=b: sdpa_first(b) for b in ("flash", "cudnn")})
             for spec in args.set:
                 target, values = spec.split("=")
                 module, name = target.split(".")

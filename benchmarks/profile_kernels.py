@@ -37,7 +37,7 @@ def kernel_class(name: str) -> str:
     return "elementwise"
 
 
-def profile(fn, replays: int = 10) -> dict:
+def profile(fn, replays: int = 10, top: int = 25) -> dict:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     for _ in range(3):
@@ -48,7 +48,7 @@ def profile(fn, replays: int = 10) -> dict:
             fn()
         torch.cuda.synchronize()
     time_us, count = defaultdict(float), defaultdict(int)
-    names = defaultdict(float)
+    names, name_count = defaultdict(float), defaultdict(int)
     for event in prof.events():
         if event.device_type != torch.autograd.DeviceType.CUDA:
             continue
@@ -56,9 +56,11 @@ def profile(fn, replays: int = 10) -> dict:
         time_us[label] += event.device_time / replays
         count[label] += 1 / replays
         names[event.name] += event.device_time / replays
-    top = sorted(names.items(), key=lambda kv: -kv[1])[:25]
+        name_count[event.name] += 1
+    ranked = sorted(names.items(), key=lambda kv: -kv[1])[:top]
     return {"ms": {k: v / 1e3 for k, v in time_us.items()}, "kernels": {k: round(v) for k, v in count.items()},
-            "total_ms": sum(time_us.values()) / 1e3, "top": [(n[:120], us / 1e3) for n, us in top]}
+            "total_ms": sum(time_us.values()) / 1e3,
+            "top": [(n[:120], us / 1e3, round(name_count[n] / replays)) for n, us in ranked]}  # (name, ms, launches)
 
 
 def main() -> None:
@@ -71,6 +73,7 @@ def main() -> None:
     parser.add_argument("--cases", default="unet")
     parser.add_argument("--modes", default="graph,fast", help="graph (the reference modules) and/or fast")
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--top", type=int, default=25, help="kernel names kept, by time")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     ref = import_reference(None)
@@ -87,7 +90,7 @@ def main() -> None:
             for mode in args.modes.split(","):
                 with torch.no_grad():
                     fn, setup_s, _ = prepare(mode, w.ours, w.call_ours, device)
-                    row = {"case": w.name, "mode": mode, **profile(fn)}
+                    row = {"case": w.name, "mode": mode, **profile(fn, top=args.top)}
                     undo(mode, w.ours)
                 results.append(row)
                 cells = " ".join(f"{k} {v:.2f} ({row['kernels'][k]})" for k, v in sorted(row["ms"].items()))

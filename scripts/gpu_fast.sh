@@ -15,7 +15,7 @@ for step in ${STEPS:-tests profile parity}; do
   echo "=== $step ($(date -u +%T)) ==="
   case $step in
     tests) timeout ${T_TESTS:-150} python3 -m pytest parity_tests/test_fast.py --device cuda --dtype fp16 -q -p no:cacheprovider -rfE 2>&1 | tee "$OUT/test_fast.log" | tail -12 ;;
-    profile) timeout ${T_PROFILE:-120} python3 benchmarks/profile_kernels.py --models ${PROFILE_MODELS:-sd15,sdxl} --cases unet,vae-decode --modes ${PROFILE_MODES:-graph,fast} --out "$OUT" 2>&1 | quiet ;;
+    profile) timeout ${T_PROFILE:-120} python3 benchmarks/profile_kernels.py --models ${PROFILE_MODELS:-sd15,sdxl} --cases unet,vae-decode --modes ${PROFILE_MODES:-graph,fast} --top ${PROFILE_TOP:-25} --out "$OUT" 2>&1 | quiet ;;
     parity)
       timeout ${T_PARITY:-150} python3 -m pare.cli parity --fast --config sd15 --device cuda --dtype fp16 --components unet,vae,pipeline --steps 50 --out "$OUT/parity-fast-sd15" 2>&1 | tail -4
       timeout ${T_PARITY:-150} python3 -m pare.cli parity --fast --config sdxl --device cuda --dtype fp16 --components unet,vae --out "$OUT/parity-fast-sdxl" 2>&1 | tail -4 ;;
