@@ -347,6 +347,20 @@ def test_geglu_kernel_is_as_accurate_as_torch(shape, dtype):
 
 
 @pytest.mark.cuda
+@needs_triton
+def test_float64_runs_the_pytorch_twins_not_the_float32_kernels():
+    """The kernels compute in float32: a float64 tensor must not lose its precision to them."""
+    g = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(2, 64, 8, 8, generator=g, device="cuda", dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    w, b = (torch.randn(64, generator=g, device="cuda", dtype=torch.float64) for _ in range(2))
+    assert torch.equal(gn_kernel.group_norm(x, 8, w, b, 1e-6, silu=True), gn_kernel.reference(x, 8, w, b, 1e-6, silu=True))
+    tokens = x.flatten(2).transpose(1, 2).contiguous()  # (2, 64 tokens, 64 channels)
+    h, y = ln_kernel.layer_norm(tokens, w, b, 1e-5, residual=tokens)
+    torch.testing.assert_close(y, ln_kernel.reference(tokens, w, b, 1e-5, tokens)[1], rtol=0, atol=0)
+    assert torch.equal(geglu_kernel.geglu(tokens), geglu_kernel.reference(tokens))
+
+
+@pytest.mark.cuda
 @torch.no_grad()
 def test_graphed_unet_replays_what_eager_computes_and_recaptures_on_change():
     from pare.fast.graph import GraphedUNet2DConditionModel
