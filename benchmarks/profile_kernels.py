@@ -1,15 +1,15 @@
 """Where a model's GPU time goes: kernel time by class (conv, GEMM, attention, norms, elementwise) under a CUDA graph.
 
     python benchmarks/profile_kernels.py --models sd15,sdxl --cases unet,vae-decode --modes graph,fast --out DIR
-    python benchmarks/profile_kernels.py --models sdxl --modes fast --who "Memset|copy"   # who launches them
+    python benchmarks/profile_kernels.py --models sdxl --modes fast --who "copy_|cat"   # who calls them
 
 Each (model, case, mode) is captured in one CUDA graph (`pare.bench.timing.in_cuda_graph`), replayed
 under the torch profiler, and its kernels summed by class from their names. pare's models only:
 diffusers launches the same kernels as pare's reference modules (the README's parity reports).
 This is the table of benchmarks/NOTES.md.
 
-`--who PATTERN` runs each model once more, eagerly, and names the Python lines (in pare, torch.nn) that
-launch the kernels whose names match PATTERN, with their counts: where a stray copy or memset comes from.
+`--who PATTERN` runs each model once more, eagerly, and names the lines of pare that call the aten ops
+whose names match PATTERN (`copy_|cat|add`), with their counts: where a stray copy comes from.
 """
 
 from __future__ import annotations
@@ -67,25 +67,26 @@ def profile(fn, replays: int = 10, top: int = 25) -> dict:
             "top": [(n[:120], us / 1e3, round(name_count[n] / replays)) for n, us in ranked]}  # (name, ms, launches)
 
 
-def launchers(fn, pattern: str, depth: int = 3) -> list:
-    """[(count, kernel name, the innermost pare/torch.nn frames of the op that launched it)], for one eager call."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+def launchers(fn, pattern: str, depth: int = 2) -> list:
+    """[(count, aten op, the innermost pare frames that called it)] for the ops of one eager call whose names match
+    `pattern`: where a stray copy or add comes from. (The profiler's own stacks came back empty on the device.)"""
+    import traceback
 
-    fn()
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
-        fn()
-        torch.cuda.synchronize()
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     found = defaultdict(int)
-    for event in prof.events():
-        for kernel in getattr(event, "kernels", []):
-            if re.search(pattern, kernel.name, re.IGNORECASE):
-                frames, parent = list(event.stack), event.cpu_parent  # the Python frames: a list, or parent events
-                while parent is not None:
-                    frames.append(parent.name)
-                    parent = parent.cpu_parent
-                frames = [f for f in frames if "pare/" in f or "torch/nn/" in f][:depth]
-                found[(kernel.name[:80], event.name, " < ".join(frames))] += 1
+
+    class Who(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket.__name__)
+            if re.search(pattern, name):
+                frames = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in traceback.extract_stack()
+                          if "/pare/" in f.filename][-depth:]
+                found[(name, " < ".join(reversed(frames)))] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Who():
+        fn()
     return sorted(((n, *k) for k, n in found.items()), reverse=True)
 
 
@@ -100,7 +101,7 @@ def main() -> None:
     parser.add_argument("--modes", default="graph,fast", help="graph (the reference modules) and/or fast")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--top", type=int, default=25, help="kernel names kept, by time")
-    parser.add_argument("--who", default=None, metavar="PATTERN", help="name the lines that launch these kernels")
+    parser.add_argument("--who", default=None, metavar="PATTERN", help="name the lines that call these aten ops")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     ref = import_reference(None)

@@ -304,13 +304,33 @@ def test_group_norm_kernel_is_as_accurate_as_torch(shape, dtype, add, silu):
     x = x.contiguous(memory_format=torch.channels_last)
     weight = torch.randn(c, generator=g, device="cuda").to(dtype)
     bias = torch.randn(c, generator=g, device="cuda").to(dtype)
-    extra = torch.randn(b, c, generator=g, device="cuda").to(dtype) if add else None
-    exact = gn_kernel.reference(x.double(), groups, weight.double(), bias.double(), 1e-6,
-                                None if extra is None else extra.double(), silu)
-    ours = gn_kernel.group_norm(x, groups, weight, bias, 1e-6, add=extra, silu=silu)
-    torchs = gn_kernel.reference(x, groups, weight, bias, 1e-6, extra, silu)
+    # add: a strided (B, C) slice, as the stacked time projections hand it over, and a conv's (C,) bias
+    extra = torch.randn(b, 2 * c, generator=g, device="cuda").to(dtype)[:, c:] if add else None
+    cadd = torch.randn(c, generator=g, device="cuda").to(dtype) if add else None
+    wide = lambda t: None if t is None else t.double()  # noqa: E731
+    exact = gn_kernel.reference(x.double(), groups, weight.double(), bias.double(), 1e-6, wide(extra), silu, wide(cadd))
+    ours = gn_kernel.group_norm(x, groups, weight, bias, 1e-6, add=extra, silu=silu, channel_add=cadd)
+    torchs = gn_kernel.reference(x, groups, weight, bias, 1e-6, extra, silu, cadd)
     assert ours.is_contiguous(memory_format=torch.channels_last) and ours.dtype == dtype
     assert torch.isfinite(ours).all()
+    assert rel(ours, exact) <= BUDGET * rel(torchs, exact) + FLOOR[dtype], (rel(ours, exact), rel(torchs, exact))
+
+
+@pytest.mark.cuda
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("biases", [1, 2])
+def test_add_bias_residual_kernel_is_as_accurate_as_torch(dtype, biases):
+    """conv2's output + the shortcut + conv2's bias (+ the shortcut conv's bias), in one pass, in place."""
+    g = torch.Generator("cuda").manual_seed(biases)
+    x, r = (torch.randn(2, 320, 13, 11, generator=g, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+            for _ in range(2))
+    b1, b2 = (torch.randn(320, generator=g, device="cuda").to(dtype) for _ in range(2))
+    b2 = b2 if biases == 2 else None
+    exact = x.double() + r.double() + b1.double()[:, None, None] + (0 if b2 is None else b2.double()[:, None, None])
+    torchs = (x + b1[:, None, None]) + (r if b2 is None else r + b2[:, None, None])  # the reference's roundings
+    ours = gn_kernel.add_bias_residual(x.clone(), r, b1, b2)
+    assert ours.dtype == dtype and ours.is_contiguous(memory_format=torch.channels_last)
     assert rel(ours, exact) <= BUDGET * rel(torchs, exact) + FLOOR[dtype], (rel(ours, exact), rel(torchs, exact))
 
 

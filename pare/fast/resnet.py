@@ -48,21 +48,19 @@ class FastResnetBlock2D(ResnetBlock2D):
             add = lora_call(self.time_emb_proj, temb if self.skip_time_act else F.silu(temb), lora_scale)  # (B, C_out)
         if direct:
             hidden_states = self.conv1._conv_forward(hidden_states, self.conv1.weight, None)  # (B, C_out, H, W)
-            wide = torch.promote_types(hidden_states.dtype, torch.float32)  # the kernel adds in float32 (or wider)
-            bias = self.conv1.bias.to(wide)[None]  # (1, C_out)
-            add = (bias if add is None else add.to(wide) + bias).expand(hidden_states.shape[0], -1)
         else:
             hidden_states = lora_call(self.conv1, hidden_states, lora_scale)
-        # norm2(h + bias1 + temb) -> SiLU in one pass; dropout is the identity at inference
-        hidden_states = group_norm(hidden_states, n2.num_groups, n2.weight, n2.bias, n2.eps, add=add, silu=True)
+        # norm2(h + bias1 + temb) -> SiLU in one pass (the kernel reads both adds as they are); dropout is the
+        # identity at inference
+        hidden_states = group_norm(hidden_states, n2.num_groups, n2.weight, n2.bias, n2.eps, add=add, silu=True,
+                                   channel_add=self.conv1.bias if direct else None)
         if direct:
             hidden_states = self.conv2._conv_forward(hidden_states, self.conv2.weight, None)
-            biases = [m.bias for m in (self.conv2, self.conv_shortcut) if m is not None and m.bias is not None]
-            shortcut = input_tensor
+            shortcut, shortcut_bias = input_tensor, None
             if self.conv_shortcut is not None:
                 shortcut = self.conv_shortcut._conv_forward(input_tensor, self.conv_shortcut.weight, None)
-            bias = None if not biases else biases[0] if len(biases) == 1 else biases[0] + biases[1]
-            return add_bias_residual(hidden_states, shortcut, bias)  # one pass
+                shortcut_bias = self.conv_shortcut.bias
+            return add_bias_residual(hidden_states, shortcut, self.conv2.bias, shortcut_bias)  # one pass
         hidden_states = lora_call(self.conv2, hidden_states, lora_scale)
         if self.conv_shortcut is not None:
             input_tensor = lora_call(self.conv_shortcut, input_tensor, lora_scale)

@@ -14,9 +14,21 @@ import triton.language as tl
 
 
 @triton.jit
-def stats(x_ptr, add_ptr, part_ptr, HW, C, CPG, n_tiles,
+def added(add_ptr, cadd_ptr, b, add_stride, c, cm, HAS_ADD: tl.constexpr, HAS_CADD: tl.constexpr):
+    """What is added to each channel before the norm, in float32, (C_P,): add[b, c] (image b's row, any dtype,
+    rows add_stride apart: a slice of the stacked time projections) + cadd[c] (a conv's bias)."""
+    a = tl.zeros_like(c).to(tl.float32)  # (C_P,)
+    if HAS_ADD:
+        a += tl.load(add_ptr + b * add_stride + c, mask=cm, other=0.0).to(tl.float32)
+    if HAS_CADD:
+        a += tl.load(cadd_ptr + c, mask=cm, other=0.0).to(tl.float32)
+    return a
+
+
+@triton.jit
+def stats(x_ptr, add_ptr, cadd_ptr, part_ptr, HW, C, CPG, n_tiles, add_stride,
           G: tl.constexpr, G_P: tl.constexpr, C_P: tl.constexpr, CPG_P: tl.constexpr, BLOCK_HW: tl.constexpr,
-          HAS_ADD: tl.constexpr):
+          HAS_ADD: tl.constexpr, HAS_CADD: tl.constexpr):
     """Pass 1: (mean, M2) of every group over BLOCK_HW pixels. The tile is (pixels, channels), as in `apply`:
     each channel's (mean, M2) over the tile's pixels, gathered into (groups, channels of a group) and merged
     along the group's channels exactly (Chan et al.)."""
@@ -28,9 +40,8 @@ def stats(x_ptr, add_ptr, part_ptr, HW, C, CPG, n_tiles,
     mask = (rows[:, None] < HW) & cm[None, :]  # (R, C_P)
     offs = b * HW * C + rows[:, None].to(tl.int64) * C + c[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_ADD:
-        a = tl.load(add_ptr + b * C + c, mask=cm, other=0.0).to(tl.float32)  # (C_P,)
-        x = tl.where(mask, x + a[None, :], 0.0)
+    if HAS_ADD or HAS_CADD:
+        x = tl.where(mask, x + added(add_ptr, cadd_ptr, b, add_stride, c, cm, HAS_ADD, HAS_CADD)[None, :], 0.0)
     n = tl.minimum(HW - tile * BLOCK_HW, BLOCK_HW).to(tl.float32)  # pixels in this tile: values of one channel
     mean_c = tl.sum(x, axis=0) / n  # (C_P,)
     d = tl.where(mask, x - mean_c[None, :], 0.0)
@@ -80,8 +91,9 @@ def finalize(part_ptr, stat_ptr, HW, CPG, n_tiles, eps,
 
 
 @triton.jit
-def apply(x_ptr, add_ptr, stat_ptr, w_ptr, bias_ptr, y_ptr, HW, C, CPG,
-          G: tl.constexpr, C_P: tl.constexpr, BLOCK_HW: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr):
+def apply(x_ptr, add_ptr, cadd_ptr, stat_ptr, w_ptr, bias_ptr, y_ptr, HW, C, CPG, add_stride,
+          G: tl.constexpr, C_P: tl.constexpr, BLOCK_HW: tl.constexpr, HAS_ADD: tl.constexpr, HAS_CADD: tl.constexpr,
+          SILU: tl.constexpr):
     """Pass 3: y = (x + add) * (rstd * w) + (bias - mean * rstd * w), then y * sigmoid(y), over (pixels, channels)."""
     tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -91,8 +103,8 @@ def apply(x_ptr, add_ptr, stat_ptr, w_ptr, bias_ptr, y_ptr, HW, C, CPG,
     mask = (rows[:, None] < HW) & cm[None, :]  # (R, C_P)
     offs = b * HW * C + rows[:, None].to(tl.int64) * C + c[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_ADD:
-        x += tl.load(add_ptr + b * C + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+    if HAS_ADD or HAS_CADD:
+        x += added(add_ptr, cadd_ptr, b, add_stride, c, cm, HAS_ADD, HAS_CADD)[None, :]
     grp = c // CPG
     mean = tl.load(stat_ptr + (b * G + grp) * 2, mask=cm, other=0.0)
     rstd = tl.load(stat_ptr + (b * G + grp) * 2 + 1, mask=cm, other=0.0)
@@ -105,8 +117,10 @@ def apply(x_ptr, add_ptr, stat_ptr, w_ptr, bias_ptr, y_ptr, HW, C, CPG,
 
 
 @triton.jit
-def add_bias_residual(x_ptr, r_ptr, bias_ptr, rows, C, C_P: tl.constexpr, BLOCK_ROWS: tl.constexpr):
-    """x <- x + r + bias[c], in place, over (rows, channels): a conv's bias and the residual add in one pass."""
+def add_bias_residual(x_ptr, r_ptr, bias_ptr, bias2_ptr, rows, C, C_P: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                      HAS_BIAS2: tl.constexpr):
+    """x <- x + r + bias[c] (+ bias2[c]), in place, over (rows, channels): the convs' biases and the residual add
+    in one pass."""
     r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     c = tl.arange(0, C_P)
     cm = c < C
@@ -115,4 +129,6 @@ def add_bias_residual(x_ptr, r_ptr, bias_ptr, rows, C, C_P: tl.constexpr, BLOCK_
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     res = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + c, mask=cm, other=0.0).to(tl.float32)
+    if HAS_BIAS2:
+        bias += tl.load(bias2_ptr + c, mask=cm, other=0.0).to(tl.float32)
     tl.store(x_ptr + offs, (x + res + bias[None, :]).to(x_ptr.dtype.element_ty), mask=mask)

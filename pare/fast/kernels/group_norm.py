@@ -19,6 +19,8 @@ Three launches:
                  merged by the same update, with no loop -> (mean, M2) of each group there.
     2. finalize: one program per (image, group): merge the tiles -> (mean, 1/sqrt(var + eps)).
     3. apply:    y = (x + add - mean) * rstd * weight + bias, then SiLU, in one pass.
+`add` is the time embedding's projection (B, C) and a conv's bias (C,), read as they are, in any dtype,
+and summed in float32 in the kernel: no pass (or launch) of their own to widen and sum them.
 All arithmetic is float32; the input and output keep their dtype.
 """
 
@@ -41,54 +43,71 @@ STATS_WARPS = 4  # 4 measured faster than 8 or 16 (benchmarks/NOTES.md)
 
 
 def reference(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-              add: torch.Tensor | None = None, silu: bool = False) -> torch.Tensor:
+              add: torch.Tensor | None = None, silu: bool = False, channel_add: torch.Tensor | None = None) -> torch.Tensor:
     """The same function in plain PyTorch: the CPU path, and what the kernel is tested against."""
     dtype = x.dtype
-    if add is not None:
-        x = (x + add[:, :, None, None]).to(dtype)  # (B, C) -> (B, C, 1, 1); add may be wider than x
+    if add is not None or channel_add is not None:
+        wide = torch.promote_types(dtype, torch.float32)  # the adds in float32 (or wider), as the kernel does them
+        a = sum(t.to(wide) for t in (add, channel_add) if t is not None)  # (B, C) or (C,)
+        x = (x + a.expand(x.shape[0], -1)[:, :, None, None]).to(dtype)  # (B, C, 1, 1)
     y = F.group_norm(x, num_groups, weight, bias, eps)
     return F.silu(y) if silu else y
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-               add: torch.Tensor | None = None, silu: bool = False) -> torch.Tensor:
-    """GroupNorm(x + add) [then SiLU]. x: (B, C, H, W); add: (B, C) or None. On CUDA with Triton the kernel
-    runs, and the result is channels last; elsewhere `reference`."""
+               add: torch.Tensor | None = None, silu: bool = False, channel_add: torch.Tensor | None = None) -> torch.Tensor:
+    """GroupNorm(x + add + channel_add) [then SiLU]. x: (B, C, H, W); add: (B, C) or None (its rows may be strided:
+    a slice of the stacked time projections); channel_add: (C,) or None (a conv's bias, added to every image).
+    Both are added in float32. On CUDA with Triton the kernel runs, and the result is channels last; elsewhere
+    `reference`."""
     b, c, h, w = x.shape
     if not (triton_ready(x) and weight is not None and bias is not None and c % num_groups == 0):
-        return reference(x, num_groups, weight, bias, eps, add, silu)
+        return reference(x, num_groups, weight, bias, eps, add, silu, channel_add)
     x = x.contiguous(memory_format=torch.channels_last)  # a no-op on the fast path, where maps are channels last
     hw, cpg = h * w, c // num_groups
     g_p, cpg_p, c_p = triton.next_power_of_2(num_groups), triton.next_power_of_2(cpg), triton.next_power_of_2(c)
     rows_stats = max(1, STATS_TILE // c_p)
     rows_apply = max(1, TILE // c_p)
     n_tiles = triton.cdiv(hw, rows_stats)
-    add_ = add.contiguous() if add is not None else x  # a dummy pointer when there is no add
+    if add is not None and add.stride(1) != 1:
+        add = add.contiguous()
+    add_ = add if add is not None else x  # a dummy pointer when there is no add
+    cadd = channel_add.contiguous() if channel_add is not None else x
+    add_stride = add.stride(0) if add is not None else 0
     partial = torch.empty(b, n_tiles, g_p, 2, device=x.device, dtype=torch.float32)  # (mean, M2) per tile and group
     stat = torch.empty(b, num_groups, 2, device=x.device, dtype=torch.float32)  # (mean, rstd) per group
     y = torch.empty_like(x, memory_format=torch.channels_last)
     warps = lambda values: 4 if values <= 4096 else 8  # noqa: E731
-    stats[(n_tiles, b)](x, add_, partial, hw, c, cpg, n_tiles, G=num_groups, G_P=g_p, C_P=c_p,
-                        CPG_P=cpg_p, BLOCK_HW=rows_stats, HAS_ADD=add is not None,
+    stats[(n_tiles, b)](x, add_, cadd, partial, hw, c, cpg, n_tiles, add_stride, G=num_groups, G_P=g_p, C_P=c_p,
+                        CPG_P=cpg_p, BLOCK_HW=rows_stats, HAS_ADD=add is not None, HAS_CADD=channel_add is not None,
                         num_warps=STATS_WARPS if rows_stats * c_p > 4096 else 4)
     finalize[(b, num_groups)](partial, stat, hw, cpg, n_tiles, eps, G=num_groups, G_P=g_p, BLOCK_HW=rows_stats,
                               BLOCK_T=min(1024, triton.next_power_of_2(n_tiles)), num_warps=4)
-    apply[(triton.cdiv(hw, rows_apply), b)](x, add_, stat, weight, bias, y, hw, c, cpg, G=num_groups, C_P=c_p,
-                                            BLOCK_HW=rows_apply, HAS_ADD=add is not None, SILU=silu,
+    apply[(triton.cdiv(hw, rows_apply), b)](x, add_, cadd, stat, weight, bias, y, hw, c, cpg, add_stride,
+                                            G=num_groups, C_P=c_p, BLOCK_HW=rows_apply, HAS_ADD=add is not None,
+                                            HAS_CADD=channel_add is not None, SILU=silu,
                                             num_warps=warps(rows_apply * c_p))
     return y
 
 
-def add_bias_residual(x: torch.Tensor, residual: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x + residual + bias[c] on (B, C, H, W) maps, in one pass, written into x (a conv's output, unbiased)."""
+def add_bias_residual(x: torch.Tensor, residual: torch.Tensor, bias: torch.Tensor | None,
+                      bias2: torch.Tensor | None = None) -> torch.Tensor:
+    """x + residual + bias[c] (+ bias2[c]) on (B, C, H, W) maps, in one pass, written into x (a conv's output,
+    unbiased). bias2: a second conv's bias (the shortcut's), added in float32 with the first."""
+    if bias is None:
+        bias, bias2 = bias2, None
     if not (triton_ready(x) and bias is not None and x.is_contiguous(memory_format=torch.channels_last)):
         out = x + residual
-        return out if bias is None else out + bias[:, None, None]
+        if bias is None:
+            return out
+        wide = torch.promote_types(x.dtype, torch.float32)
+        both = bias.to(wide) if bias2 is None else bias.to(wide) + bias2.to(wide)
+        return (out + both[:, None, None]).to(x.dtype)
     residual = residual.contiguous(memory_format=torch.channels_last)
     b, c, h, w = x.shape
     c_p = triton.next_power_of_2(c)
     rows = max(1, TILE // c_p)
     grid = (triton.cdiv(b * h * w, rows),)
-    add_bias_residual_kernel[grid](x, residual, bias, b * h * w, c, C_P=c_p, BLOCK_ROWS=rows,
-                                   num_warps=4 if rows * c_p <= 4096 else 8)
+    add_bias_residual_kernel[grid](x, residual, bias, bias if bias2 is None else bias2, b * h * w, c, C_P=c_p,
+                                   BLOCK_ROWS=rows, HAS_BIAS2=bias2 is not None, num_warps=4 if rows * c_p <= 4096 else 8)
     return x
