@@ -3,7 +3,7 @@
 # benchmarks committed under benchmarks/results/ (bench-h200-*.md); logs and results land in $OUT.
 # Usage (device tool, from the repo root, carrying .whl). Each group fits one 10-minute call:
 #   STEPS="tests profile parity" bash scripts/gpu_fast.sh
-#   STEPS="bench" bash scripts/gpu_fast.sh            # SD1.5 with compile-graph (about 5 min), then SDXL
+#   STEPS="bench" bash scripts/gpu_fast.sh            # SDXL, SD1.5 with compile-graph, the SDXL pipeline (about 7 min)
 # Diagnostics: ab (benchmarks/ab_fast.py: the fast path's options, A/B in one run), syncs (benchmarks/sync_points.py:
 # the host syncs of a fast pipeline call), sdxl-pipeline (the SDXL text-to-image call on the fast path alone).
 source scripts/gpu_prelude.sh
@@ -21,9 +21,12 @@ for step in ${STEPS:-tests profile parity}; do
       timeout ${T_PARITY:-150} python3 -m pare.cli parity --fast --config sdxl --device cuda --dtype fp16 --components unet,vae --out "$OUT/parity-fast-sdxl" 2>&1 | tail -4 ;;
     ab) timeout ${T_AB:-200} python3 benchmarks/ab_fast.py --models ${AB_MODELS:-sd15,sdxl} --out "$OUT" 2>&1 | quiet | tail -4 ;;
     syncs) timeout ${T_SYNCS:-120} python3 benchmarks/sync_points.py --model sd15 --steps 5 2>&1 | quiet | tail -25 ;;
-    sdxl-pipeline) timeout ${T_SDXL:-240} python3 -m pare.cli bench --models sdxl --cases pipeline --modes fast --out "$OUT" --stem bench-h200-sdxl-pipeline 2>&1 | quiet | tail -8 ;;
-    bench)
-      timeout 330 python3 -m pare.cli bench --models sd15 --cases unet,vae-decode,pipeline --batches 2 --modes eager,graph,compile-graph,fast --out "$OUT" --stem bench-h200-sd15 2>&1 | quiet | tail -22
-      timeout 230 python3 -m pare.cli bench --models sdxl --cases unet,vae-decode,pipeline --batches 2 --modes eager,graph,fast --out "$OUT" --stem bench-h200-sdxl 2>&1 | quiet | tail -16 ;;
+    sdxl-pipeline) timeout ${T_SDXL:-240} python3 -m pare.cli bench --models sdxl --cases pipeline --modes fast --steps 30 --out "$OUT" --stem sdxl-pipeline-fast 2>&1 | quiet | tail -8 ;;
+    bench)  # the README's benchmark table: three commands, about 430 s in all
+      timeout 140 python3 -m pare.cli bench --models sdxl --cases unet,vae-decode --batches 2 --modes eager,graph,fast --out "$OUT" --stem bench-h200-sdxl 2>&1 | quiet | tail -9
+      timeout 320 python3 -m pare.cli bench --models sd15 --cases unet,vae-decode,pipeline --batches 2 --modes eager,graph,compile-graph,fast --out "$OUT" --stem bench-h200-sd15 2>&1 | quiet | tail -20
+      timeout 110 python3 -m pare.cli bench --models sdxl --cases pipeline --modes eager,fast --steps 30 --iters 5 --warmup 2 --out "$OUT" --stem bench-h200-sdxl-pipeline 2>&1 | quiet | tail -8 ;;
   esac
 done
+# The device returns at most 8 files: everything in one archive; the Markdown and logs also stay loose.
+(cd "$OUT" && tar czf results.tgz --exclude=results.tgz * && rm -f -- *.json *.png)
