@@ -1,7 +1,7 @@
 """Where a model's GPU time goes: kernel time by class (conv, GEMM, attention, norms, elementwise) under a CUDA graph.
 
     python benchmarks/profile_kernels.py --models sd15,sdxl --cases unet,vae-decode --modes graph,fast --out DIR
-    python benchmarks/profile_kernels.py --models sdxl --modes fast --who "copy_|cat"   # who calls them
+    python benchmarks/profile_kernels.py --models sdxl --modes fast --who "_to_copy|copy_|cat"   # who calls them
 
 Each (model, case, mode) is captured in one CUDA graph (`pare.bench.timing.in_cuda_graph`), replayed
 under the torch profiler, and its kernels summed by class from their names. pare's models only:
@@ -9,7 +9,7 @@ diffusers launches the same kernels as pare's reference modules (the README's pa
 This is the table of benchmarks/NOTES.md.
 
 `--who PATTERN` runs each model once more, eagerly, and names the lines of pare that call the aten ops
-whose names match PATTERN (`copy_|cat|add`), with their counts: where a stray copy comes from.
+whose names match PATTERN (`_to_copy|cat|add`), with their counts: where a stray copy comes from.
 """
 
 from __future__ import annotations
