@@ -14,15 +14,26 @@ import triton.language as tl
 
 
 @triton.jit
-def added(add_ptr, cadd_ptr, b, add_stride, c, cm, HAS_ADD: tl.constexpr, HAS_CADD: tl.constexpr):
-    """What is added to each channel before the norm, in float32, (C_P,): add[b, c] (image b's row, any dtype,
-    rows add_stride apart: a slice of the stacked time projections) + cadd[c] (a conv's bias)."""
-    a = tl.zeros_like(c).to(tl.float32)  # (C_P,)
-    if HAS_ADD:
-        a += tl.load(add_ptr + b * add_stride + c, mask=cm, other=0.0).to(tl.float32)
-    if HAS_CADD:
-        a += tl.load(cadd_ptr + c, mask=cm, other=0.0).to(tl.float32)
-    return a
+def load_tile(x_ptr, add_ptr, cadd_ptr, b, tile, HW, C, add_stride,
+              C_P: tl.constexpr, BLOCK_HW: tl.constexpr, HAS_ADD: tl.constexpr, HAS_CADD: tl.constexpr):
+    """The (pixels, channels) tile of image b that `stats` and `apply` read, in float32, plus what is added to
+    each channel before the norm: add[b, c] (image b's row, any dtype, rows add_stride apart: a slice of the
+    stacked time projections) + cadd[c] (a conv's bias). Returns the tile, its offsets, its mask, the channels
+    (C_P,) and their mask; masked values are undefined."""
+    rows = tile * BLOCK_HW + tl.arange(0, BLOCK_HW)  # (R,)
+    c = tl.arange(0, C_P)
+    cm = c < C
+    mask = (rows[:, None] < HW) & cm[None, :]  # (R, C_P)
+    offs = b * HW * C + rows[:, None].to(tl.int64) * C + c[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ADD or HAS_CADD:
+        a = tl.zeros_like(c).to(tl.float32)  # (C_P,): summed first, then added to the tile once
+        if HAS_ADD:
+            a += tl.load(add_ptr + b * add_stride + c, mask=cm, other=0.0).to(tl.float32)
+        if HAS_CADD:
+            a += tl.load(cadd_ptr + c, mask=cm, other=0.0).to(tl.float32)
+        x += a[None, :]
+    return x, offs, mask, c, cm
 
 
 @triton.jit
@@ -34,14 +45,10 @@ def stats(x_ptr, add_ptr, cadd_ptr, part_ptr, HW, C, CPG, n_tiles, add_stride,
     along the group's channels exactly (Chan et al.)."""
     tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    rows = tile * BLOCK_HW + tl.arange(0, BLOCK_HW)  # (R,)
-    c = tl.arange(0, C_P)
-    cm = c < C
-    mask = (rows[:, None] < HW) & cm[None, :]  # (R, C_P)
-    offs = b * HW * C + rows[:, None].to(tl.int64) * C + c[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x, offs, mask, c, cm = load_tile(x_ptr, add_ptr, cadd_ptr, b, tile, HW, C, add_stride, C_P, BLOCK_HW,
+                                     HAS_ADD, HAS_CADD)
     if HAS_ADD or HAS_CADD:
-        x = tl.where(mask, x + added(add_ptr, cadd_ptr, b, add_stride, c, cm, HAS_ADD, HAS_CADD)[None, :], 0.0)
+        x = tl.where(mask, x, 0.0)  # the sums below count only the tile's values
     n = tl.minimum(HW - tile * BLOCK_HW, BLOCK_HW).to(tl.float32)  # pixels in this tile: values of one channel
     mean_c = tl.sum(x, axis=0) / n  # (C_P,)
     d = tl.where(mask, x - mean_c[None, :], 0.0)
@@ -97,14 +104,8 @@ def apply(x_ptr, add_ptr, cadd_ptr, stat_ptr, w_ptr, bias_ptr, y_ptr, HW, C, CPG
     """Pass 3: y = (x + add) * (rstd * w) + (bias - mean * rstd * w), then y * sigmoid(y), over (pixels, channels)."""
     tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    rows = tile * BLOCK_HW + tl.arange(0, BLOCK_HW)  # (R,)
-    c = tl.arange(0, C_P)
-    cm = c < C
-    mask = (rows[:, None] < HW) & cm[None, :]  # (R, C_P)
-    offs = b * HW * C + rows[:, None].to(tl.int64) * C + c[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_ADD or HAS_CADD:
-        x += added(add_ptr, cadd_ptr, b, add_stride, c, cm, HAS_ADD, HAS_CADD)[None, :]
+    x, offs, mask, c, cm = load_tile(x_ptr, add_ptr, cadd_ptr, b, tile, HW, C, add_stride, C_P, BLOCK_HW,
+                                     HAS_ADD, HAS_CADD)
     grp = c // CPG
     mean = tl.load(stat_ptr + (b * G + grp) * 2, mask=cm, other=0.0)
     rstd = tl.load(stat_ptr + (b * G + grp) * 2 + 1, mask=cm, other=0.0)
