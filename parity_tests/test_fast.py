@@ -237,10 +237,70 @@ def test_enable_fast_on_a_pipeline_matches_the_reference_pipeline():
     expected = ours(**kwargs).images
     ours.enable_fast()
     assert type(ours.unet).__name__ == "UNet2DConditionModel"  # no CUDA graph on the CPU
+    assert "forward" not in vars(ours.text_encoder) and "forward" not in vars(ours.vae.decoder)
     kwargs["generator"] = torch.Generator().manual_seed(0)
     assert_parity("tiny-sd pipeline, fast", ours(**kwargs).images, expected, scope="end_to_end")
     ours.disable_fast()
     assert not any("Fast" in type(m).__name__ for m in ours.unet.modules())
+
+
+def test_cuda_graph_true_on_the_cpu_runs_the_once_per_image_modules_eagerly_and_restore_undoes_it():
+    from parity_tests.tiny_components import build_diffusers_pipeline
+    from pare.parity.checkpoint import pare_twin
+
+    ours = pare_twin(build_diffusers_pipeline("tiny-sd"))
+    ids = torch.randint(0, 100, (2, 77))
+    z = torch.randn(1, 4, 4, 4)
+    expected = ours.text_encoder(ids).last_hidden_state, ours.vae.decoder(z)
+    pare.fast.optimize(ours, cuda_graph=True)
+    for module in (ours.text_encoder, ours.vae.encoder, ours.vae.decoder):
+        assert "forward" in vars(module) and "_pare_graphed" in vars(module)
+    torch.testing.assert_close(ours.text_encoder(ids).last_hidden_state, expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(ours.text_encoder(input_ids=ids).last_hidden_state, expected[0], rtol=0, atol=0)
+    assert not ours.text_encoder._pare_graphed.graphs  # CPU tensors: eager, nothing captured
+    pare.fast.restore(ours)
+    for module in (ours.text_encoder, ours.vae.encoder, ours.vae.decoder):
+        assert "forward" not in vars(module) and "_pare_graphed" not in vars(module)
+
+
+class _FakeGraph:
+    """Stands in for a CUDA graph on the CPU: `replay` recomputes the captured call on its static inputs."""
+
+    def __init__(self, fn, static, out):
+        self.fn, self.static, self.out = fn, static, out
+
+    def replay(self):
+        self.out.copy_(self.fn(x=self.static[0]))
+
+
+def test_graph_cache_drops_stale_graphs_and_captures_only_weights_seen_twice(monkeypatch):
+    """Weights that move at every call (a per-call cast) must not cost a capture per call, nor replay stale."""
+    from pare.fast.graph import GraphCache
+
+    model, log = torch.nn.Linear(3, 3), []
+    fn = lambda x: (log.append("eager"), model(x))[1]  # noqa: E731
+    cache = GraphCache(fn, model)
+
+    def capture(leaves, spec):
+        log.append("capture")
+        static = [l.clone() for l in leaves]
+        return _FakeGraph(fn, static, fn(x=static[0])), static, fn(x=static[0])
+
+    monkeypatch.setattr(cache, "capture", capture)
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        cache(x=x)
+        assert log == ["capture", "eager", "eager", "eager"]  # captured at once (a replay follows)
+        log.clear()
+        torch.testing.assert_close(cache(x=x), model(x), rtol=0, atol=0)
+        assert log == ["eager"]  # only the fake replay's recomputation: no new capture
+        model.weight = torch.nn.Parameter(torch.randn(3, 3))  # new weights: the graph is stale
+        log.clear()
+        torch.testing.assert_close(cache(x=x), model(x), rtol=0, atol=0)
+        assert log == ["eager"] and not cache.graphs  # eager, and the stale graph is gone
+        log.clear()
+        cache(x=x)  # the weights stayed put: capture now
+        assert log[0] == "capture" and len(cache.graphs) == 1
 
 
 def test_the_graphed_unet_checks_each_input_tensor_once_but_sees_in_place_changes(monkeypatch):
@@ -402,3 +462,34 @@ def test_graphed_unet_replays_what_eager_computes_and_recaptures_on_change():
     assert len(ours._pare_graphs.graphs) == 2  # a new batch size is a new graph
     with pytest.raises(ValueError, match="NaN or inf"):
         ours(args[0], args[1], torch.full_like(args[2], float("nan")), **kwargs)
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_graphed_text_encoders_and_vae_replay_what_eager_computes():
+    """In a pipeline on CUDA, the once-per-image modules replay graphs: the same numbers, and hooks still fire."""
+    from torch.utils._pytree import tree_leaves
+
+    from parity_tests.tiny_components import build_diffusers_pipeline
+    from pare.parity.checkpoint import pare_twin
+
+    ours = pare_twin(build_diffusers_pipeline("tiny-sdxl", device="cuda"), torch.float16)
+    ours.enable_fast()
+    g = torch.Generator("cuda").manual_seed(0)
+    ids = torch.randint(0, 100, (2, 77), device="cuda", generator=g)
+    z = torch.randn(1, 4, 8, 8, device="cuda", generator=g, dtype=torch.float16)
+    image = torch.randn(1, 3, 64, 64, device="cuda", generator=g, dtype=torch.float16)
+    cases = [(ours.text_encoder, ids, {"output_hidden_states": True}), (ours.text_encoder_2, ids, {}),
+             (ours.vae.decoder, z, {}), (ours.vae.encoder, image, {})]
+    for module, x, kwargs in cases:
+        calls = []
+        handle = module.register_forward_hook(lambda *a: calls.append(1))
+        eager = type(module).forward(module, x, **kwargs)
+        outs = [module(x, **kwargs) for _ in range(3)]  # the first captures, the others replay
+        assert len(module._pare_graphed.graphs) == 1 and len(calls) == 3
+        for out in outs:
+            for a, b in zip(tree_leaves(out), tree_leaves(eager), strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+        handle.remove()
+    ours.disable_fast()
+    assert all("_pare_graphed" not in vars(m) for m, _, _ in cases)

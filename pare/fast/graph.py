@@ -4,22 +4,32 @@ Replaces: the eager `pare/models/unet_2d_condition.py UNet2DConditionModel.forwa
 pipeline's loop, on CUDA. In eager mode SD's UNet is bound by the CPU launching its kernels
 (see the README's benchmarks); a graph, captured once per input signature, replays all of them.
 
-The cache key holds everything the captured kernels depend on but their input values: every
-input's shape, dtype, device and strides; the non-tensor arguments; the identity (data pointer)
-of every parameter, so that replaced weights (`.to()`, `load_state_dict(assign=True)`) are never
-replayed stale; and the state of LoRA hooks (`pare/lora/layers.py`), whose adapters and scales a
-captured graph would otherwise keep. (A submodule swapped for a new one after the first call is not
-seen: call `pare.fast.optimize` again, which starts a new cache.) In-place changes to weights (fusing a LoRA, loading a state
-dict) are seen by a replay: it reads the same memory. The inputs are checked to be finite before
+The cache key holds everything the captured kernels depend on but their input values and weights:
+every input's shape, dtype, device and strides; the non-tensor arguments; and the state of LoRA
+hooks (`pare/lora/layers.py`), whose adapters and scales a captured graph would otherwise keep.
+The weights are checked at every call instead: when any parameter moved or was replaced (`.to()`,
+`load_state_dict(assign=True)`; its data pointer changed), every graph of the old ones is dropped
+and the call runs eagerly, and a capture is made only once the weights are seen twice at the same
+place. So replaced weights are never replayed stale, and weights cast anew at every call (the VAE's
+float32 upcast of SDXL) cost no capture per call. (A submodule swapped for a new one after the first
+call is not seen: call `pare.fast.optimize` again, which starts a new cache.) In-place changes to
+weights (fusing a LoRA, loading a state dict) are seen by a replay: it reads the same memory. The inputs are checked to be finite before
 the replay, as the eager UNet checks them, but a tensor already checked (the same object, unchanged
 since: its version counter) is not read again. That check is a host read, which makes the CPU wait
 for the GPU; the prompt's embeddings and the schedule (each step's timestep is one of its elements)
 are the same tensors at every step, so a denoising loop pays it once, not once per step.
+
+A pipeline's text encoders and its VAE's encoder and decoder are replayed the same way
+(`graph_forward`): each is one call per image, but an eager call is bound by the CPU launching
+its kernels (SD1.5's CLIP, a prompt and its negative, eager: 17.3 ms of a 338 ms image; see
+benchmarks/NOTES.md). Their inputs need no finite check: token ids are integers, and
+`AutoencoderKL.decode` / `encode` check theirs before the call.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import weakref
 
 import torch
@@ -35,6 +45,10 @@ def _signature(leaf) -> tuple:
     return ("value", leaf)
 
 
+def _data_ptr(p) -> int:
+    return 0 if p is None else p.data_ptr()
+
+
 def _lora_state(model: torch.nn.Module) -> tuple:
     hooks = getattr(model, "_pare_lora_hooks", None) or {}
     return tuple((path, h.enabled, h.original_weight is not None, tuple(sorted(h.active.items())))
@@ -48,13 +62,14 @@ class GraphCache:
         self.fn, self.model, self.warmup = fn, model, warmup
         self.graphs: dict = {}
         self.pool = None  # one memory pool for all of this model's graphs: outputs are cloned out at once
-        # The parameter list, walked once: model.parameters() visits every module (about 1 ms per call on
-        # SD1.5's UNet, measured); the data pointers of this list are read per call (about 50 us).
-        self.params = list(model.parameters())
+        # Where each parameter lives, walked once: model.parameters() visits every module (about 1 ms per call
+        # on SD1.5's UNet, measured). Per call, each slot is read again, so that a parameter replaced by a new
+        # one (`load_state_dict(assign=True)`) is seen as well as one whose data moved (`.to()`).
+        self.slots = [(m, name) for m in model.modules() for name, p in m._parameters.items() if p is not None]
+        self.params_at = None  # the hash of the weights' data pointers at the last call
 
     def key(self, leaves, spec) -> tuple:
-        params = hash(tuple(p.data_ptr() for p in self.params))
-        return (str(spec), tuple(_signature(l) for l in leaves), params, _lora_state(self.model), self.model.training)
+        return (str(spec), tuple(_signature(l) for l in leaves), _lora_state(self.model), self.model.training)
 
     def capture(self, leaves, spec):
         static = [l.clone() if torch.is_tensor(l) else l for l in leaves]
@@ -74,6 +89,12 @@ class GraphCache:
         return graph, static, out
 
     def __call__(self, **kwargs):
+        params = hash(tuple(_data_ptr(m._parameters.get(name)) for m, name in self.slots))
+        if params != self.params_at:  # new weights (or the first call): the graphs of the old ones are stale
+            first, self.params_at = self.params_at is None, params
+            self.graphs.clear()
+            if not first:
+                return self.fn(**kwargs)  # capture only once the weights are seen twice at the same place
         leaves, spec = tree_flatten(kwargs)
         key = self.key(leaves, spec)
         if key not in self.graphs:
@@ -106,8 +127,7 @@ class GraphedUNet2DConditionModel(UNet2DConditionModel):
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, **kwargs):
         eager = functools.partial(UNet2DConditionModel.forward, self)
-        if (not sample.is_cuda or torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or torch.cuda.is_current_stream_capturing()):
+        if not replayable(sample):
             return eager(sample, timestep, encoder_hidden_states, **kwargs)
         check_finite_once(self, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
                           timestep_cond=kwargs.get("timestep_cond"), **(kwargs.get("added_cond_kwargs") or {}))
@@ -118,3 +138,38 @@ class GraphedUNet2DConditionModel(UNet2DConditionModel):
             self.__dict__["_pare_graphs"] = GraphCache(eager, self)
         return self.__dict__["_pare_graphs"](sample=sample, timestep=timestep,
                                              encoder_hidden_states=encoder_hidden_states, **kwargs)
+
+
+def replayable(x) -> bool:
+    """Whether a call on `x` may replay a graph: CUDA, no autograd, not inside a compile or another capture."""
+    return (torch.is_tensor(x) and x.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not torch.cuda.is_current_stream_capturing())
+
+
+def graph_forward(module: torch.nn.Module) -> None:
+    """Replay `module`'s forward from CUDA graphs where `replayable`; eager elsewhere. Undo: `eager_forward`.
+
+    The forward is set on the instance, so the module's own `__call__` (and the hooks it runs, such as the
+    stage timers of `pare bench`) still brackets each call. A graphed call's first input (token ids, a map)
+    may come by position or keyword; a call with more positional arguments runs eagerly.
+    """
+    eager = functools.partial(type(module).forward, module)
+    name = list(inspect.signature(type(module).forward).parameters)[1]  # after self: input_ids, sample
+    cache = GraphCache(eager, module)
+
+    def forward(*args, **kwargs):
+        x = args[0] if args else kwargs.get(name)
+        if len(args) > 1 or not replayable(x):
+            return eager(*args, **kwargs)
+        if args:
+            kwargs = {name: x, **kwargs}
+        return cache(**kwargs)
+
+    module.forward = forward  # an instance attribute: nn.Module.__call__ finds it before the class's
+    module.__dict__["_pare_graphed"] = cache
+
+
+def eager_forward(module: torch.nn.Module) -> None:
+    """Undo `graph_forward`: the class's forward again, the graphs dropped."""
+    if module.__dict__.pop("_pare_graphed", None) is not None:
+        module.__dict__.pop("forward", None)

@@ -14,6 +14,8 @@ Each reference class is swapped for its fast subclass (`module.__class__`), so n
 
 plus every ResNet's time-embedding projection of a model in one GEMM (time_projections.py),
 and the weights of every model go channels last (cuDNN's fast convolution layout on recent GPUs).
+In a pipeline on CUDA, the text encoders and the VAE's encoder and decoder, each called once per
+image, replay CUDA graphs too (graph.py `graph_forward`; the text encoders keep transformers' kernels).
 On the CPU, or without Triton, the kernels run their PyTorch twins: the same function, the same
 module tree, no speed-up promised.
 """
@@ -29,7 +31,7 @@ from ..models.transformer import GEGLU, BasicTransformerBlock, Transformer2DMode
 from ..models.unet_2d_condition import UNet2DConditionModel
 from . import time_projections
 from .attention import FastAttention
-from .graph import GraphedUNet2DConditionModel
+from .graph import GraphedUNet2DConditionModel, eager_forward, graph_forward
 from .norm import FastGroupNorm
 from .resnet import FastResnetBlock2D
 from .transformer import FastBasicTransformerBlock, FastGEGLU, FastTransformer2DModel
@@ -43,6 +45,7 @@ SWAPS = {
     nn.GroupNorm: FastGroupNorm,
 }
 MODEL_NAMES = ("unet", "vae", "controlnet")  # the pipeline components that get the fast path
+ENCODER_NAMES = ("text_encoder", "text_encoder_2")  # replayed from graphs in a pipeline; their kernels stay
 
 
 def optimize_model(model: nn.Module, *, channels_last: bool = True, cuda_graph: bool = False) -> nn.Module:
@@ -99,10 +102,27 @@ def optimize(obj, *, channels_last: bool = True, cuda_graph: bool | None = None)
         on_cuda = next(model.parameters()).is_cuda
         graph = (pipeline and on_cuda) if cuda_graph is None else cuda_graph
         optimize_model(model, channels_last=channels_last, cuda_graph=graph)
+    if pipeline:
+        for module in _once_per_image(obj):
+            graph = next(module.parameters()).is_cuda if cuda_graph is None else cuda_graph
+            eager_forward(module)  # a new cache: the graphs of an earlier optimize may be stale
+            if graph:
+                graph_forward(module)
     return obj
 
 
 def restore(obj):
     for model in _models(obj):
         restore_model(model)
+    if not isinstance(obj, nn.Module):
+        for module in _once_per_image(obj):
+            eager_forward(module)
     return obj
+
+
+def _once_per_image(pipe) -> list[nn.Module]:
+    """The modules a pipeline calls once per image (not per step): text encoders, the VAE's encoder and decoder."""
+    vae = getattr(pipe, "vae", None)
+    found = [getattr(pipe, name, None) for name in ENCODER_NAMES]
+    found += [getattr(vae, name, None) for name in ("encoder", "decoder")]
+    return [m for m in found if isinstance(m, nn.Module) and next(m.parameters(), None) is not None]
