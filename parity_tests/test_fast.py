@@ -404,7 +404,8 @@ def test_layer_norm_kernel_is_as_accurate_as_torch(shape, dtype):
     x = (torch.randn(*shape, generator=g, device="cuda") * 3 + 2).to(dtype)
     residual = torch.randn(*shape, generator=g, device="cuda").to(dtype)
     weight, bias = (torch.randn(c, generator=g, device="cuda").to(dtype) for _ in range(2))
-    for res in (None, residual):
+    row = torch.randn(c, generator=g, device="cuda").to(dtype)  # a bias added to every row: proj_in's
+    for res in (None, residual, row):
         h, y = ln_kernel.layer_norm(x, weight, bias, 1e-5, residual=res)
         torch_h, torch_y = ln_kernel.reference(x, weight, bias, 1e-5, res)
         _, exact_y = ln_kernel.reference(torch_h.double(), weight.double(), bias.double(), 1e-5)

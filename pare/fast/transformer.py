@@ -15,6 +15,10 @@ normalises the sum. The reference adds in a pass of its own and the LayerNorm re
 here one kernel does both (`kernels/layer_norm.py`), rounding the sum as the reference does: one
 pass and one launch fewer for each of the two adds followed by a norm.
 
+The 1x1 conv proj_in (SD1.x) runs without its bias, which the first block's norm1 kernel adds as
+it reads the tokens: the same rounding as the reference's separate bias add (PyTorch adds a
+cuDNN conv's bias in a pass of its own), without the pass.
+
 Where a transformer stacks several blocks (SDXL: 2 or 10 a stage), two more things are shared:
 the last add of each block (after its feed-forward) is done by the next block's norm1 kernel, and
 the text is projected to every block's cross-attention K and V by one GEMM: the K and V weights of
@@ -142,19 +146,27 @@ class FastTransformer2DModel(Transformer2DModel):
         n = self.norm
         hidden_states = group_norm(hidden_states, n.num_groups, n.weight, n.bias, n.eps)  # (B, C, H, W)
 
+        blocks = self.transformer_blocks
+        fused = bool(blocks) and all(plain(b) and isinstance(b, FastBasicTransformerBlock) and b._fusable()
+                                     for b in blocks)
+        stream = None  # what is still to be added to hidden_states: proj_in's bias, then a block's ff output
+
         # 1. project in and flatten: (B, C, H, W) -> (B, H*W, inner_dim)
+        proj = self.proj_in
         if self.use_linear_projection:
             hidden_states = hidden_states.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view if channels last
-            hidden_states = lora_call(self.proj_in, hidden_states, lora_scale)
+            hidden_states = lora_call(proj, hidden_states, lora_scale)
         else:
-            hidden_states = lora_call(self.proj_in, hidden_states, lora_scale)  # (B, inner_dim, H, W)
+            if fused and plain(proj) and proj.bias is not None:  # its bias is added by the first norm1's kernel
+                hidden_states = proj._conv_forward(hidden_states, proj.weight, None)  # (B, inner_dim, H, W)
+                stream = proj.bias  # (inner_dim,)
+            else:
+                hidden_states = lora_call(proj, hidden_states, lora_scale)  # (B, inner_dim, H, W)
             hidden_states = hidden_states.permute(0, 2, 3, 1).reshape(b, h * w, self.inner_dim)
 
         # 2. the transformer blocks, on tokens; fused, each block's last add is done by the next one's norm1
-        blocks = self.transformer_blocks
-        if len(blocks) > 1 and all(plain(b) and isinstance(b, FastBasicTransformerBlock) and b._fusable() for b in blocks):
+        if fused:
             kvs = self.context_kv(encoder_hidden_states) or [None] * len(blocks)
-            stream = None  # the residual stream, still to be added to hidden_states (a block's ff output)
             for block, kv in zip(blocks, kvs):
                 hidden_states, stream = block.fused(hidden_states, encoder_hidden_states, encoder_attention_mask,
                                                     attention_mask, lora_scale, stream, kv)

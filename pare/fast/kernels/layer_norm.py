@@ -1,7 +1,8 @@
 """LayerNorm over the last axis, optionally after a residual add whose sum it also writes.
 
 Replaces: in `pare/models/transformer.py BasicTransformerBlock`, `norm1(x)`, and the residual add
-before `norm2` and `norm3` together with that norm: h = attn(...) + x, then norm(h). See
+before `norm2` and `norm3` together with that norm: h = attn(...) + x, then norm(h). The add may
+also be a bias (C,): the conv proj_in's, before the first block's norm1. See
 `pare/fast/transformer.py FastBasicTransformerBlock`.
 Source: Ba, Kiros & Hinton, Layer Normalization (arXiv 1607.06450, eq. 4):
     y = (h - mean(h)) / sqrt(var(h) + eps) * weight + bias, the moments over the channels of one token.
@@ -38,11 +39,12 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: fl
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, LayerNorm(h)) for h = x, or h = x + residual. x, residual: (..., C); weight, bias: (C,).
+    """(h, LayerNorm(h)) for h = x, or h = x + residual. x: (..., C); residual: (..., C), or (C,), a bias added
+    to every row (the transformer's proj_in bias, so that its add is no pass of its own); weight, bias: (C,).
     On CUDA with Triton the kernel runs; elsewhere `reference`."""
     c = x.shape[-1]
     if not (triton_ready(x) and weight is not None and bias is not None and c <= MAX_C
-            and (residual is None or residual.shape == x.shape)):
+            and (residual is None or residual.shape in (x.shape, (c,)))):
         return reference(x, weight, bias, eps, residual)
     x = x.contiguous()  # a no-op on the fast path, where tokens are channels-last maps
     rows = x.numel() // c
@@ -53,5 +55,5 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     residual = residual.contiguous() if residual is not None else x  # x: a dummy pointer when there is none
     layer_norm_kernel[(triton.cdiv(rows, block_rows),)](
         x, residual, h, weight, bias, y, rows, c, eps,
-        C_P=c_p, BLOCK_ROWS=block_rows, HAS_RES=h is not x, num_warps=4 if block_rows * c_p <= 4096 else 8)
+        C_P=c_p, BLOCK_ROWS=block_rows, HAS_RES=h is not x, RES_ROWS=residual.shape == x.shape, num_warps=4 if block_rows * c_p <= 4096 else 8)
     return h, y
