@@ -185,7 +185,8 @@ def test_a_transformer_of_several_blocks_projects_the_text_once_and_chains_their
     reference = copy.deepcopy(model)
     tol = dict(rtol=1e-5, atol=1e-5) if device.type == "cpu" else dict(rtol=1e-4, atol=1e-4)  # Triton's float32 sums
     pare.fast.optimize_model(model)
-    weight, _, slices = model._context
+    stack, _, _, slices = model._context
+    weight = stack.weight
     for block, (s, m, e) in zip(model.transformer_blocks, slices):
         assert block.attn2.to_k.weight.data_ptr() == weight[s].data_ptr()
         assert block.attn2.to_v.weight.data_ptr() == weight[m].data_ptr() and block.attn2._fused_ok()
@@ -210,7 +211,53 @@ def test_a_transformer_of_several_blocks_projects_the_text_once_and_chains_their
     model.double()
     reference.double()
     torch.testing.assert_close(model(x.double(), text.double()), reference(x.double(), text.double()))
-    assert model._context[0].dtype == torch.float64  # restacked from the new parameters
+    assert model._context[0].weight.dtype == torch.float64  # restacked from the new parameters
+
+
+@torch.no_grad()
+def test_a_small_model_projects_the_text_for_all_its_transformers_in_one_gemm(monkeypatch):
+    """SD1.x: one K, V stack for every cross-attention of the UNet, projected by the first transformer a call
+    runs; a transformer called on its own projects its own columns; `.double()` restacks the whole model."""
+    import torch.nn.functional as F
+
+    from pare.fast import transformer as fast_transformer
+
+    ours, theirs = unet_pair(TINY_SD_UNET)
+    for p in ours.parameters():  # non-trivial biases, so that a dropped or doubled term shows
+        p.data += 0.05 * torch.randn_like(p)
+    theirs.load_state_dict(ours.state_dict())
+    pare.fast.optimize(ours)
+    transformers = [m for m in ours.modules() if isinstance(m, fast_transformer.FastTransformer2DModel)]
+    stacks = {id(t._context[0]) for t in transformers}
+    assert len(stacks) == 1 and transformers[0]._context[0].users == transformers  # down, mid, up: the call's order
+    stack = transformers[0]._context[0].weight
+    widths = []  # the rows of every GEMM that reads the stacked weights
+    linear = F.linear
+
+    def counted(x, w, b=None):
+        if w.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr():
+            widths.append(w.shape[0])
+        return linear(x, w, b)
+
+    monkeypatch.setattr(fast_transformer.F, "linear", counted)
+    args, kwargs = unet_inputs(TINY_SD_UNET, 2, 8, 8)
+    assert_parity("fast UNet, one K, V stack", ours(*args, **kwargs), theirs(*args, **kwargs).sample, scope="end_to_end")
+    assert widths == [stack.shape[0]]  # one projection of the text, for every transformer
+    assert transformers[-1]._context[0].product is None  # the last user let it go
+    middle = transformers[1]
+    x = torch.randn(2, middle.in_channels, 4, 4).contiguous(memory_format=torch.channels_last)
+    expected = fast_transformer.Transformer2DModel.forward(middle, x, args[2])  # the reference's forward
+    widths.clear()
+    torch.testing.assert_close(middle(x, args[2]), expected, rtol=1e-5, atol=1e-5)
+    lo, hi = middle._context[1:3]
+    assert widths == [hi - lo]  # on its own: only its columns
+    ours.double()
+    theirs.double()
+    args = [a.double() if a.is_floating_point() else a for a in args]
+    assert_parity("fast UNet after .double()", ours(*args, **kwargs), theirs(*args, **kwargs).sample,
+                  dtype=torch.float64, scope="end_to_end")
+    assert {id(t._context[0]) for t in transformers} == {id(transformers[0]._context[0])}  # restacked together
+    assert transformers[0]._context[0].weight.dtype == torch.float64
 
 
 @torch.no_grad()

@@ -7,7 +7,8 @@ Each reference class is swapped for its fast subclass (`module.__class__`), so n
     Attention           -> FastAttention            (attention.py: one QKV / KV GEMM)
     GEGLU               -> FastGEGLU                (transformer.py: the gate kernel)
     Transformer2DModel  -> FastTransformer2DModel   (transformer.py: channels last, no copies; its blocks'
-                                                     cross-attention K, V in one GEMM)
+                                                     cross-attention K, V in one GEMM, or the whole
+                                                     model's in one where small: `share_context`)
     BasicTransformerBlock -> FastBasicTransformerBlock (transformer.py: residual add + LayerNorm kernels)
     nn.GroupNorm        -> FastGroupNorm            (norm.py)
     UNet2DConditionModel -> GraphedUNet2DConditionModel (graph.py; CUDA, in pipelines, `cuda_graph=True`)
@@ -34,7 +35,7 @@ from .attention import FastAttention
 from .graph import GraphedUNet2DConditionModel, eager_forward, graph_forward
 from .norm import FastGroupNorm
 from .resnet import FastResnetBlock2D
-from .transformer import FastBasicTransformerBlock, FastGEGLU, FastTransformer2DModel
+from .transformer import MODEL_STACK_MAX, FastBasicTransformerBlock, FastGEGLU, FastTransformer2DModel, stack_context
 
 SWAPS = {
     ResnetBlock2D: FastResnetBlock2D,
@@ -59,13 +60,28 @@ def optimize_model(model: nn.Module, *, channels_last: bool = True, cuda_graph: 
             if fast is FastAttention:
                 module.fuse()
     time_projections.attach(model, [m for m in model.modules() if isinstance(m, FastResnetBlock2D)])
-    for module in model.modules():  # after the attentions: their K, V become views of the transformer's stack
-        if isinstance(module, FastTransformer2DModel):
-            module.fuse()
+    share_context(model)  # after the attentions: their K, V become views of the stacks
     if cuda_graph and type(model) in (UNet2DConditionModel, GraphedUNet2DConditionModel):
         model.__class__ = GraphedUNet2DConditionModel
         model.__dict__.pop("_pare_graphs", None)  # a new cache: the graphs of an earlier optimize may be stale
     return model
+
+
+def share_context(model: nn.Module) -> None:
+    """Stack the text's K, V weights of all the model's transformers into one matrix where its K, V output
+    (77 tokens x MODEL_STACK_MAX columns at most) is small (SD1.x, SD2.x); else one stack per transformer (SDXL:
+    one for all its 70 blocks would hold 51 MB through the call). A model-wide stack is projected by the first
+    transformer a call runs: UNets and ControlNets run down_blocks, mid_block, up_blocks in that order."""
+    transformers = [m for m in model.modules() if isinstance(m, FastTransformer2DModel)]
+    parts = [getattr(model, name, None) for name in ("down_blocks", "mid_block", "up_blocks")]
+    ordered = [m for part in parts if isinstance(part, nn.Module) for m in part.modules()
+               if isinstance(m, FastTransformer2DModel)]
+    width = sum(2 * b.attn2.inner_dim for t in ordered for b in t.transformer_blocks if b.attn2 is not None)
+    shared = ordered if ordered and width <= MODEL_STACK_MAX else []
+    stack_context(shared)
+    for t in transformers:
+        if t not in shared:
+            t.fuse()
 
 
 def restore_model(model: nn.Module) -> nn.Module:

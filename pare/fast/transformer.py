@@ -35,12 +35,15 @@ budget only thanks to its floor; benchmarks/NOTES.md).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from ..models.lora_scale import lora_call
 from ..models.transformer import GEGLU, BasicTransformerBlock, Transformer2DModel
 from .attention import FastAttention, fuse_linears
+from .graph import version
 from .kernels.geglu import geglu
 from .kernels.group_norm import add_bias_residual, group_norm
 from .kernels.layer_norm import layer_norm
@@ -99,44 +102,82 @@ class FastBasicTransformerBlock(BasicTransformerBlock):
         return self.ff(y, lora_scale), h
 
 
-class FastTransformer2DModel(Transformer2DModel):
-    def fuse(self) -> None:
-        """Stack the K and V weights of every block's cross-attention into one matrix (theirs become views, and
-        so does each attention's own fused K, V): the text is projected for all the blocks in one GEMM."""
-        attns = [b.attn2 for b in self.transformer_blocks]
-        self._context = None
-        if len(attns) < 2 or not all(isinstance(a, FastAttention) and a.is_cross_attention for a in attns):
-            return
-        linears = [l for a in attns for l in (a.to_k, a.to_v)]
-        weight, bias = fuse_linears(linears)  # (sum over blocks of 2*inner, cross_attention_dim)
-        slices, start = [], 0
-        for a in attns:
+MODEL_STACK_MAX = 32768  # K, V output columns a whole model may stack: SD1.x and SD2.x (24960) do, SDXL (166400) not
+
+
+@dataclass(eq=False)
+class ContextStack:
+    """The K and V weights of some cross-attentions, all reading the same text, stacked into one matrix.
+
+    One stack per transformer of several blocks; or one for all of a model's transformers (`stack_context`),
+    where its K, V output of a call (tokens x columns) is small. The first of `users` in the model's order
+    projects the text for all of them, and each takes its columns; the last lets the product go.
+    """
+    weight: torch.Tensor  # (sum of 2*inner, cross_attention_dim)
+    bias: torch.Tensor | None
+    users: list
+    product: tuple | None = None  # (text, its version, K and V of the text for every user) during a call
+
+
+def stack_context(transformers: list["FastTransformer2DModel"]) -> None:
+    """Stack the cross-attention K and V weights of `transformers` into one matrix (theirs become views, and so
+    does each attention's own fused K, V); each transformer's entry in `_context` says where its blocks' are."""
+    usable = [t for t in transformers if len(t.transformer_blocks) > 0 and all(
+        isinstance(b.attn2, FastAttention) and b.attn2.is_cross_attention for b in t.transformer_blocks)]
+    for t in transformers:
+        t._context = None
+    attns = [b.attn2 for t in usable for b in t.transformer_blocks]
+    if len(attns) < 2:
+        return
+    weight, bias = fuse_linears([l for a in attns for l in (a.to_k, a.to_v)])  # (sum of 2*inner, cross_dim)
+    stack = ContextStack(weight, bias, usable)
+    start = 0
+    for t in usable:
+        slices, lo = [], start
+        for a in (b.attn2 for b in t.transformer_blocks):
             stop = start + 2 * a.inner_dim
             a._fused, a._fused_group = (weight[start:stop], None if bias is None else bias[start:stop]), [a.to_k, a.to_v]
             slices.append((start, start + a.inner_dim, stop))
             start = stop
-        self._context = (weight, bias, slices)
+        t._context = (stack, lo, start, slices)
+
+
+class FastTransformer2DModel(Transformer2DModel):
+    def fuse(self) -> None:
+        """This transformer's own stack of its blocks' cross-attention K and V (SDXL's several blocks)."""
+        stack_context([self])
 
     def context_kv(self, context: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """Each block's cross-attention K and V of the text (B, M, inner), from one GEMM; None where the
-        blocks must project their own (no stack, a LoRA hook on K or V, torch.compile, stale weights)."""
-        stack = self.__dict__.get("_context")
-        if stack is None or context is None or torch.compiler.is_compiling():
+        """Each block's cross-attention K and V of the text (B, M, inner), from the stack's one GEMM (made by its
+        first user, in a model-wide stack); None where the blocks must project their own (no stack, a LoRA hook
+        on K or V, torch.compile, stale weights)."""
+        entry = self.__dict__.get("_context")
+        if entry is None or context is None or torch.compiler.is_compiling():
             return None
         attns = [b.attn2 for b in self.transformer_blocks]
         if not all(plain(a.to_k) and plain(a.to_v) for a in attns):
             return None
-        weight, bias, slices = stack
-        if not all(a.to_k.weight.data_ptr() == weight[s].data_ptr() and a.to_v.weight.data_ptr() == weight[m].data_ptr()
-                   and a.to_v.weight.dtype == weight.dtype for a, (s, m, _) in zip(attns, slices)):
+        stack, lo, hi, slices = entry
+        if not all(a.to_k.weight.data_ptr() == stack.weight[s].data_ptr()
+                   and a.to_v.weight.data_ptr() == stack.weight[m].data_ptr() and a.to_v.weight.dtype == stack.weight.dtype
+                   for a, (s, m, _) in zip(attns, slices)):
             if context.is_cuda and torch.cuda.is_current_stream_capturing():
                 return None  # the parameters were replaced (`.to(dtype)`, say): restack outside a capture
-            self.fuse()  # from the parameters as they are now: the check above holds by construction
+            stack_context(stack.users)  # from the parameters as they are now: the check above holds by construction
             if self._context is None:
                 return None
-            weight, bias, slices = self._context
-        kv = F.linear(context, weight, bias)  # (B, M, sum of 2*inner)
-        return [(kv[..., s:m], kv[..., m:e]) for s, m, e in slices]  # views: (B, M, inner) each
+            stack, lo, hi, slices = self._context
+        made = stack.product
+        if stack.users[0] is self:  # the first in the model's order: the text through the whole stack
+            stack.product = made = (context, version(context), F.linear(context, stack.weight, stack.bias))
+        if made is not None and made[0] is context and made[1] == version(context):
+            kv, base = made[2], 0  # (B, M, sum over the stack's users)
+        else:  # called on its own (or the first did not run): this transformer's columns only
+            bias = None if stack.bias is None else stack.bias[lo:hi]
+            kv, base = F.linear(context, stack.weight[lo:hi], bias), lo  # (B, M, its sum of 2*inner)
+        if stack.users[-1] is self:
+            stack.product = None  # the last user: let the product go
+        return [(kv[..., s - base:m - base], kv[..., m - base:e - base]) for s, m, e in slices]  # (B, M, inner) views
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 encoder_attention_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
