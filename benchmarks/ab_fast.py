@@ -11,6 +11,9 @@ kernels' tile sizes change):
     no-block-fusion   the transformer blocks as the reference (residual adds as passes of their own)
     no-stack-fusion   a transformer of several blocks runs them one by one (each projects its own text K, V;
                       each adds its own last residual)
+    own-stacks        each transformer projects its own text K, V (one stack per transformer, as SDXL), not
+                      one GEMM for the whole model (SD1.x, SD2.x: `share_context`)
+    proj-in-bias-pass the conv proj_in adds its own bias (a pass), not the first norm1 kernel
     sdpa=BACKEND      as fast, captured with that SDPA backend first (flash, efficient, cudnn; then the rest)
     cudnn-benchmark   as fast, captured with torch.backends.cudnn.benchmark on (cuDNN times its algorithms)
     MODULE.NAME=V     as fast, with a constant of pare/fast/kernels/MODULE.py set to V (`--set`, repeatable)
@@ -105,6 +108,32 @@ def main() -> None:
             for h in handles:
                 h.remove()
 
+    kept = []  # the weights earlier graphs read: a variant that restacks must not free them
+
+    @contextlib.contextmanager
+    def own_stacks(model):
+        from pare.fast.optimize import share_context
+
+        transformers = [m for m in model.modules() if isinstance(m, FastTransformer2DModel)]
+        kept.append([t._context for t in transformers])
+        for t in transformers:
+            t.fuse()
+        try:
+            yield
+        finally:
+            kept.append([t._context for t in transformers])
+            share_context(model)
+
+    @contextlib.contextmanager
+    def proj_in_bias_pass(model):  # a no-op hook on proj_in: it then runs as a module, with its bias
+        handles = [m.proj_in.register_forward_hook(lambda *_: None) for m in model.modules()
+                   if isinstance(m, FastTransformer2DModel) and not m.use_linear_projection]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
     for family in args.models.split(","):
         for case in args.cases.split(","):
             w = workloads.build(ref, family, case, device, torch.float16, args.batch)
@@ -115,6 +144,11 @@ def main() -> None:
                 variants["no-block-fusion"] = lambda: no_block_fusion(model)
             if any(isinstance(m, FastTransformer2DModel) and len(m.transformer_blocks) > 1 for m in model.modules()):
                 variants["no-stack-fusion"] = lambda: no_stack_fusion(model)
+            transformers = [m for m in model.modules() if isinstance(m, FastTransformer2DModel)]
+            if len({id(t._context[0]) for t in transformers if t._context}) == 1 < len(transformers):
+                variants["own-stacks"] = lambda: own_stacks(model)
+            if any(not t.use_linear_projection for t in transformers):
+                variants["proj-in-bias-pass"] = lambda: proj_in_bias_pass(model)
             if any(isinstance(m, FastBasicTransformerBlock) for m in model.modules()):
                 variants.update({f"sdpa={b}": lambda b=b: sdpa_first(b) for b in ("flash", "cudnn")})
             for spec in args.set:

@@ -539,5 +539,6 @@ def test_graphed_text_encoders_and_vae_replay_what_eager_computes():
             for a, b in zip(tree_leaves(out), tree_leaves(eager), strict=True):
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
         handle.remove()
+    assert len({m._pare_graphed.pool for m, _, _ in cases}) == 1  # replayed one at a time: one memory pool
     ours.disable_fast()
-    assert all("_pare_graphed" not in vars(m) for m, _, _ in cases)
+    assert all("_pare_graphed" not in vars(m) and "_pare_pool" not in vars(m) for m, _, _ in cases)

@@ -5,7 +5,8 @@
 #   STEPS="tests profile parity" bash scripts/gpu_fast.sh
 #   STEPS="bench" bash scripts/gpu_fast.sh            # SDXL, SD1.5 with compile-graph, the SDXL pipeline (about 7 min)
 # Diagnostics: ab (benchmarks/ab_fast.py: the fast path's options, A/B in one run), syncs (benchmarks/sync_points.py:
-# the host syncs of a fast pipeline call), sdxl-pipeline (the SDXL text-to-image call on the fast path alone).
+# the host syncs of a fast pipeline call), sd15-pipeline and sdxl-pipeline (a text-to-image call on the fast path
+# alone, with its stages).
 source scripts/gpu_prelude.sh
 set -o pipefail
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
@@ -21,6 +22,7 @@ for step in ${STEPS:-tests profile parity}; do
       timeout ${T_PARITY:-150} python3 -m pare.cli parity --fast --config sdxl --device cuda --dtype fp16 --components unet,vae --out "$OUT/parity-fast-sdxl" 2>&1 | tail -4 ;;
     ab) timeout ${T_AB:-200} python3 benchmarks/ab_fast.py --models ${AB_MODELS:-sd15,sdxl} --out "$OUT" 2>&1 | quiet | tail -4 ;;
     syncs) timeout ${T_SYNCS:-120} python3 benchmarks/sync_points.py --model sd15 --steps 5 2>&1 | quiet | tail -25 ;;
+    sd15-pipeline) timeout ${T_SD15:-150} python3 -m pare.cli bench --models sd15 --cases pipeline --modes fast --out "$OUT" --stem sd15-pipeline-fast 2>&1 | quiet | tail -8 ;;
     sdxl-pipeline) timeout ${T_SDXL:-240} python3 -m pare.cli bench --models sdxl --cases pipeline --modes fast --steps 30 --out "$OUT" --stem sdxl-pipeline-fast 2>&1 | quiet | tail -8 ;;
     bench)  # the README's benchmark table: three commands, about 430 s in all
       timeout 140 python3 -m pare.cli bench --models sdxl --cases unet,vae-decode --batches 2 --modes eager,graph,fast --out "$OUT" --stem bench-h200-sdxl 2>&1 | quiet | tail -9

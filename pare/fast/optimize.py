@@ -32,7 +32,7 @@ from ..models.transformer import GEGLU, BasicTransformerBlock, Transformer2DMode
 from ..models.unet_2d_condition import UNet2DConditionModel
 from . import time_projections
 from .attention import FastAttention
-from .graph import GraphedUNet2DConditionModel, eager_forward, graph_forward
+from .graph import GraphedUNet2DConditionModel, eager_forward, graph_forward, share_pool
 from .norm import FastGroupNorm
 from .resnet import FastResnetBlock2D
 from .transformer import MODEL_STACK_MAX, FastBasicTransformerBlock, FastGEGLU, FastTransformer2DModel, stack_context
@@ -92,6 +92,7 @@ def restore_model(model: nn.Module) -> nn.Module:
         if type(module) in back:
             module.__class__ = back[type(module)]
     model.__dict__.pop("_pare_graphs", None)
+    model.__dict__.pop("_pare_pool", None)
     time_projections.detach(model)
     model.to(memory_format=torch.contiguous_format)
     return model
@@ -119,11 +120,16 @@ def optimize(obj, *, channels_last: bool = True, cuda_graph: bool | None = None)
         graph = (pipeline and on_cuda) if cuda_graph is None else cuda_graph
         optimize_model(model, channels_last=channels_last, cuda_graph=graph)
     if pipeline:
+        graphed = []
         for module in _once_per_image(obj):
             graph = next(module.parameters()).is_cuda if cuda_graph is None else cuda_graph
             eager_forward(module)  # a new cache: the graphs of an earlier optimize may be stale
             if graph:
                 graph_forward(module)
+                graphed.append(module)
+        graphed += [m for m in _models(obj) if isinstance(m, GraphedUNet2DConditionModel)]
+        if len(graphed) > 1 and torch.cuda.is_available():
+            share_pool(graphed)  # called one at a time: their graphs can share their transient memory
     return obj
 
 
