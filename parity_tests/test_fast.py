@@ -310,6 +310,45 @@ def test_cuda_graph_true_on_the_cpu_runs_the_once_per_image_modules_eagerly_and_
         assert "forward" not in vars(module) and "_pare_graphed" not in vars(module)
 
 
+SYNCING_OPS = ("_local_scalar_dense", "nonzero", "is_nonzero", "aten.equal", "masked_select", "unique")
+
+
+@torch.no_grad()
+def test_what_the_graphs_replay_makes_no_synchronising_op(monkeypatch):
+    """A CUDA graph capture fails on an op that reads a value back to the host. On the CPU, with the capture's
+    checks emulated, the calls a fast pipeline captures (its UNet, text encoders, VAE encoder and decoder) must make
+    none: a guard against such an op creeping into pare's code or transformers' CLIP."""
+    import pare.models.autoencoder_kl
+    import pare.validation
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from parity_tests.tiny_components import build_diffusers_pipeline
+    from pare.parity.checkpoint import pare_twin
+
+    ours = pare_twin(build_diffusers_pipeline("tiny-sdxl"))
+    ours.enable_fast()
+    for module in (pare.validation, pare.models.autoencoder_kl):  # as while capturing: the NaN checks step aside
+        monkeypatch.setattr(module, "_tracing", lambda x: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if any(op in str(func) for op in SYNCING_OPS):
+                seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    ids = torch.randint(0, 100, (2, 77))
+    args, kwargs = unet_inputs(TINY_SDXL_UNET, 2, 8, 8)
+    with Record():
+        ours.text_encoder(ids, output_hidden_states=True)
+        ours.text_encoder_2(ids, output_hidden_states=True)
+        UNet2DConditionModel.forward(ours.unet, *args, **kwargs)  # what GraphedUNet2DConditionModel captures
+        ours.vae.decode(torch.randn(1, 4, 8, 8))
+        ours.vae.encode(torch.randn(1, 3, 64, 64))
+    assert seen == []
+
+
 class _FakeGraph:
     """Stands in for a CUDA graph on the CPU: `replay` recomputes the captured call on its static inputs."""
 
