@@ -389,6 +389,54 @@ def test_graph_cache_drops_stale_graphs_and_captures_only_weights_seen_twice(mon
         assert log[0] == "capture" and len(cache.graphs) == 1
 
 
+def test_graph_cache_runs_hooked_submodules_eagerly_and_sees_a_swapped_submodule(monkeypatch, caplog):
+    """A replay runs kernels, not Python: a submodule's forward hook must make the call eager (LoRA's excepted,
+    which the key follows); a submodule swapped for another is new weights, never replayed stale."""
+    from pare.fast.graph import GraphCache
+
+    model, log = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU()), []
+    fn = lambda x: (log.append("eager"), model(x))[1]  # noqa: E731
+    cache = GraphCache(fn, model)
+
+    def capture(leaves, spec):
+        log.append("capture")
+        static = [l.clone() for l in leaves]
+        return _FakeGraph(fn, static, fn(x=static[0])), static, fn(x=static[0])
+
+    monkeypatch.setattr(cache, "capture", capture)
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        cache(x=x)
+        seen = []
+        handle = model[0].register_forward_hook(lambda m, a, o: seen.append(1))
+        log.clear()
+        cache(x=x)
+        cache(x=x)
+        assert seen == [1, 1] and log == ["eager", "eager"]  # the hook fired: eager, no replay
+        assert sum("runs eagerly" in r.message for r in caplog.records) == 1  # said once
+        handle.remove()
+
+        class LoRALike:  # stands in for pare.lora.layers.LoRAHook: its bound method is the hook
+            enabled, original_weight, active = True, None, {}
+
+            def hook(self, m, a, o):
+                return o
+
+        lora = LoRALike()
+        object.__setattr__(model, "_pare_lora_hooks", {"0": lora})
+        handle = model[0].register_forward_hook(lora.hook)
+        cache(x=x)  # a new LoRA state: a new graph
+        log.clear()
+        cache(x=x)
+        assert log == ["eager"]  # a replay (the fake one recomputes once): LoRA's hook does not force eager
+        handle.remove()
+        object.__delattr__(model, "_pare_lora_hooks")
+        model[0] = torch.nn.Linear(3, 3)  # swapped: new weights
+        log.clear()
+        torch.testing.assert_close(cache(x=x), model(x), rtol=0, atol=0)
+        assert log == ["eager"] and not cache.graphs
+
+
 def test_the_graphed_unet_checks_each_input_tensor_once_but_sees_in_place_changes(monkeypatch):
     """The finite check is a host read (a wait for the GPU): the same, unchanged tensors are not read again."""
     import pare.fast.graph as graph

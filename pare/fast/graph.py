@@ -11,9 +11,11 @@ The weights are checked at every call instead: when any parameter moved or was r
 `load_state_dict(assign=True)`; its data pointer changed), every graph of the old ones is dropped
 and the call runs eagerly, and a capture is made only once the weights are seen twice at the same
 place. So replaced weights are never replayed stale, and weights cast anew at every call (the VAE's
-float32 upcast of SDXL) cost no capture per call. (A submodule swapped for a new one after the first
-call is not seen: call `pare.fast.optimize` again, which starts a new cache.) In-place changes to
-weights (fusing a LoRA, loading a state dict) are seen by a replay: it reads the same memory. The inputs are checked to be finite before
+float32 upcast of SDXL) cost no capture per call. A submodule swapped for another counts as new
+weights. In-place changes to weights (fusing a LoRA, loading a state dict) are seen by a replay: it
+reads the same memory. Forward hooks on a submodule (other than LoRA's, which the key follows) must
+run, and a replay would skip them: while there are any, the call runs eagerly, with a warning once.
+Hooks on the module itself (`pare bench`'s stage timers) run around the replay, as around any call. The inputs are checked to be finite before
 the replay, as the eager UNet checks them, but a tensor already checked (the same object, unchanged
 since: its version counter) is not read again. That check is a host read, which makes the CPU wait
 for the GPU; the prompt's embeddings and the schedule (each step's timestep is one of its elements)
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import weakref
 
 import torch
@@ -37,6 +40,8 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ..models.unet_2d_condition import UNet2DConditionModel
 from ..validation import check_finite_inputs
+
+logger = logging.getLogger(__name__)
 
 
 def _signature(leaf) -> tuple:
@@ -65,11 +70,29 @@ class GraphCache:
         # outputs are cloned out at once and its static outputs stay allocated, so the transient memory of
         # graphs replayed one after another (never at once) can be the same memory.
         self.pool = None
-        # Where each parameter lives, walked once: model.parameters() visits every module (about 1 ms per call
-        # on SD1.5's UNet, measured). Per call, each slot is read again, so that a parameter replaced by a new
-        # one (`load_state_dict(assign=True)`) is seen as well as one whose data moved (`.to()`).
-        self.slots = [(m, name) for m in model.modules() for name, p in m._parameters.items() if p is not None]
         self.params_at = None  # the hash of the weights' data pointers at the last call
+        self.warned = False
+        self.walk()
+
+    def walk(self) -> None:
+        """Record the module tree, walked once (model.parameters() visits every module: about 1 ms per call on
+        SD1.5's UNet, measured): each parent-child link, and where each parameter lives. Per call the links and
+        slots are read again, so that a submodule swapped for another, a parameter replaced by a new one
+        (`load_state_dict(assign=True)`) and one whose data moved (`.to()`) are all seen."""
+        modules = list(self.model.modules())
+        self.links = [(m, name, child) for m in modules for name, child in m._modules.items()]
+        self.inner = modules[1:]  # their hooks would run inside a graph, so a replay would skip them
+        self.slots = [(m, name) for m in modules for name, p in m._parameters.items() if p is not None]
+
+    def hooked(self) -> list[str]:
+        """The submodules with forward hooks a replay would skip: all but LoRA's, which the key follows."""
+        lora = {id(h) for h in (getattr(self.model, "_pare_lora_hooks", None) or {}).values()}
+        foreign = lambda hooks: any(id(getattr(h, "__self__", None)) not in lora for h in hooks.values())  # noqa: E731
+        names = [type(m).__name__ for m in self.inner if (m._forward_hooks and foreign(m._forward_hooks))
+                 or (m._forward_pre_hooks and foreign(m._forward_pre_hooks))]
+        if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+            names.append("every module (a global forward hook)")
+        return names
 
     def key(self, leaves, spec) -> tuple:
         return (str(spec), tuple(_signature(l) for l in leaves), _lora_state(self.model), self.model.training)
@@ -93,6 +116,15 @@ class GraphCache:
         return graph, static, out
 
     def __call__(self, **kwargs):
+        hooked = self.hooked()
+        if hooked:  # hooks must fire: a replay runs kernels, not Python
+            if not self.warned:
+                self.warned = True
+                logger.warning("pare.fast: forward hooks on %s inside %s: it runs eagerly, not from its CUDA graph, "
+                               "while they are there", ", ".join(sorted(set(hooked))), type(self.model).__name__)
+            return self.fn(**kwargs)
+        if any(parent._modules.get(name) is not child for parent, name, child in self.links):
+            self.walk()  # a submodule was swapped for another: its weights are new ones
         params = hash(tuple(_data_ptr(m._parameters.get(name)) for m, name in self.slots))
         if params != self.params_at:  # new weights (or the first call): the graphs of the old ones are stale
             first, self.params_at = self.params_at is None, params
