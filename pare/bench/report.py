@@ -23,9 +23,11 @@ def to_markdown(run: Run) -> str:
         f"pare {h['pare']}, dtype {h['dtype']}, matmul peak measured in this run: {h['matmul_tflops']:.1f} TFLOP/s. "
         f"Median of the timed runs (column runs; {h['iters']} after {h['warmup']} warm-up runs unless said) timed with "
         f"{'CUDA events' if h['device'] != 'cpu' else 'the host clock'}; spread is the 10th-90th percentile. "
-        "Ratios within this table are the figures to quote.",
+        "Ratios within this table are the figures to quote. Peak memory is the most allocated at once, and in "
+        "brackets the most the allocator held (CUDA graph pools stay held after their capture).",
         "",
-        "| case | mode | runs | pare ms | diffusers ms | pare / diffusers | pare peak GiB | diffusers peak GiB | GFLOP "
+        "| case | mode | runs | pare ms | diffusers ms | pare / diffusers | pare peak GiB (reserved) "
+        "| diffusers peak GiB (reserved) | GFLOP "
         "| floor ms | pare x floor | compile s (pare / diffusers) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -41,7 +43,8 @@ def to_markdown(run: Run) -> str:
             continue
         ratio = (ours.median_ms / theirs.median_ms if theirs is not None and theirs.median_ms
                  and not math.isnan(theirs.median_ms) else None)
-        mem = lambda r: "—" if r is None or r.peak_mem_gib is None else f"{r.peak_mem_gib:.2f}"  # noqa: E731
+        mem = lambda r: "—" if r is None or r.peak_mem_gib is None else f"{r.peak_mem_gib:.2f}" + (  # noqa: E731
+            "" if r.peak_reserved_gib is None else f" ({r.peak_reserved_gib:.2f})")
         theirs_compile = float("nan") if theirs is None or theirs.compile_s is None else theirs.compile_s
         comp = "—" if ours.compile_s is None else f"{ours.compile_s:.0f} / {theirs_compile:.0f}"
         timed = lambda r: "—" if r is None else f"{_ms(r.median_ms)} ({_ms(r.p10_ms)}–{_ms(r.p90_ms)})"  # noqa: E731

@@ -5,7 +5,8 @@ every mode asked for, one after the other, so the figures to quote are the *rati
 run (eager timings are bound by the CPU launching kernels and move between runs).
 
 Figures per case: median and spread (10th-90th percentile) of N timed runs measured with
-CUDA events after warm-up; peak memory (`torch.cuda.max_memory_allocated`, reset per case);
+CUDA events after warm-up; peak memory (`torch.cuda.max_memory_allocated`, reset per case; and `max_memory_reserved`, which counts
+CUDA graph pools as they stay held);
 FLOPs (`torch.utils.flop_counter.FlopCounterMode`) and the time they would take at the
 matmul peak measured at the start of the same run (the "floor").
 
@@ -49,6 +50,9 @@ class Result:
     compile_s: float | None = None
     note: str = ""
     stages_ms: dict | None = None  # full pipelines: ms per stage in one extra eager run (see stages.py)
+    # torch.cuda.max_memory_reserved: what the caching allocator held at its peak, CUDA graph pools included (a
+    # graph's pool stays reserved after its capture, while max_memory_allocated counts only live tensors)
+    peak_reserved_gib: float | None = None
 
     @property
     def x_floor(self) -> float | None:
@@ -207,6 +211,7 @@ def bench_case(run: Run, case: str, library: str, model: torch.nn.Module, call: 
             continue
         q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [times[0]] * 9
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None
         floor = gflop * 1e9 / peak_flops * 1e3 if gflop else None
         stages_ms = None
         if stages is not None and mode in ("eager", "fast"):
@@ -214,6 +219,6 @@ def bench_case(run: Run, case: str, library: str, model: torch.nn.Module, call: 
                 stages_ms = time_stages(lambda: call(model), stages(model), device)
         undo(mode, model)
         run.results.append(Result(case, library, mode, statistics.median(times), q[0], q[-1], len(times), peak, gflop,
-                                  floor, compile_s, note, stages_ms))
+                                  floor, compile_s, note, stages_ms, reserved))
         if mode.startswith("compile"):
             torch._dynamo.reset()  # free the compiled graphs before the next case
