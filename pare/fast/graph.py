@@ -84,6 +84,14 @@ class GraphCache:
         self.inner = modules[1:]  # their hooks would run inside a graph, so a replay would skip them
         self.slots = [(m, name) for m in modules for name, p in m._parameters.items() if p is not None]
 
+    def dtype(self) -> torch.dtype | None:
+        """The weights' dtype (of the first parameter): a cast could land at the same address."""
+        if not self.slots:
+            return None
+        m, name = self.slots[0]
+        p = m._parameters.get(name)
+        return None if p is None else p.dtype
+
     def hooked(self) -> list[str]:
         """The submodules with forward hooks a replay would skip: all but LoRA's, which the key follows."""
         lora = {id(h) for h in (getattr(self.model, "_pare_lora_hooks", None) or {}).values()}
@@ -125,7 +133,7 @@ class GraphCache:
             return self.fn(**kwargs)
         if any(parent._modules.get(name) is not child for parent, name, child in self.links):
             self.walk()  # a submodule was swapped for another: its weights are new ones
-        params = hash(tuple(_data_ptr(m._parameters.get(name)) for m, name in self.slots))
+        params = hash((tuple(_data_ptr(m._parameters.get(name)) for m, name in self.slots), self.dtype()))
         if params != self.params_at:  # new weights (or the first call): the graphs of the old ones are stale
             first, self.params_at = self.params_at is None, params
             self.graphs.clear()
