@@ -7,19 +7,22 @@ pipeline's loop, on CUDA. In eager mode SD's UNet is bound by the CPU launching 
 The cache key holds everything the captured kernels depend on but their input values and weights:
 every input's shape, dtype, device and strides; the non-tensor arguments; and the state of LoRA
 hooks (`pare/lora/layers.py`), whose adapters and scales a captured graph would otherwise keep.
-The weights are checked at every call instead: when any parameter moved or was replaced (`.to()`,
-`load_state_dict(assign=True)`; its data pointer changed), every graph of the old ones is dropped
-and the call runs eagerly, and a capture is made only once the weights are seen twice at the same
-place. So replaced weights are never replayed stale, and weights cast anew at every call (the VAE's
-float32 upcast of SDXL) cost no capture per call. A submodule swapped for another counts as new
-weights. In-place changes to weights (fusing a LoRA, loading a state dict) are seen by a replay: it
-reads the same memory. Forward hooks on a submodule (other than LoRA's, which the key follows) must
-run, and a replay would skip them: while there are any, the call runs eagerly, with a warning once.
-Hooks on the module itself (`pare bench`'s stage timers) run around the replay, as around any call. The inputs are checked to be finite before
-the replay, as the eager UNet checks them, but a tensor already checked (the same object, unchanged
-since: its version counter) is not read again. That check is a host read, which makes the CPU wait
-for the GPU; the prompt's embeddings and the schedule (each step's timestep is one of its elements)
-are the same tensors at every step, so a denoising loop pays it once, not once per step.
+
+The weights are checked at every call instead. When any parameter moved or was replaced (`.to()`,
+`load_state_dict(assign=True)`: its data pointer or dtype changed), or a submodule was swapped for
+another, every graph of the old weights is dropped and the call runs eagerly; a capture is made only
+once the weights are seen twice at the same place. So replaced weights are never replayed stale, and
+weights cast anew at every call (the VAE's float32 upcast of SDXL) cost no capture per call. In-place
+changes to weights (fusing a LoRA, loading a state dict) are seen by a replay: it reads the same memory.
+Forward hooks on a submodule (other than LoRA's, which the key follows) must run, and a replay would
+skip them: while there are any, the call runs eagerly, with a warning once. Hooks on the module itself
+(`pare bench`'s stage timers) run around the replay, as around any call.
+
+The inputs are checked to be finite before the replay, as the eager UNet checks them, but a tensor
+already checked (the same object, unchanged since: its version counter) is not read again. That
+check is a host read, which makes the CPU wait for the GPU; the prompt's embeddings and the schedule
+(each step's timestep is one of its elements) are the same tensors at every step, so a denoising
+loop pays it once, not once per step.
 
 A pipeline's text encoders and its VAE's encoder and decoder are replayed the same way
 (`graph_forward`): each is one call per image, but an eager call is bound by the CPU launching
@@ -124,6 +127,8 @@ class GraphCache:
         return graph, static, out
 
     def __call__(self, **kwargs):
+        if any(parent._modules.get(name) is not child for parent, name, child in self.links):
+            self.walk()  # a submodule was swapped for another: its weights are new ones
         hooked = self.hooked()
         if hooked:  # hooks must fire: a replay runs kernels, not Python
             if not self.warned:
@@ -131,8 +136,6 @@ class GraphCache:
                 logger.warning("pare.fast: forward hooks on %s inside %s: it runs eagerly, not from its CUDA graph, "
                                "while they are there", ", ".join(sorted(set(hooked))), type(self.model).__name__)
             return self.fn(**kwargs)
-        if any(parent._modules.get(name) is not child for parent, name, child in self.links):
-            self.walk()  # a submodule was swapped for another: its weights are new ones
         params = hash((tuple(_data_ptr(m._parameters.get(name)) for m, name in self.slots), self.dtype()))
         if params != self.params_at:  # new weights (or the first call): the graphs of the old ones are stale
             first, self.params_at = self.params_at is None, params
