@@ -3,6 +3,7 @@
     pytest parity_tests                              # CPU, float32, tight tolerances
     pytest parity_tests --device cuda --dtype fp16   # GPU tier, judged by the error budget
     pytest parity_tests --device cuda --dtype fp16 --fast   # the same, pare on its fast path (pare/fast/)
+    TRITON_INTERPRET=1 pytest parity_tests -m kernel        # the Triton kernels on the CPU, under Triton's interpreter
 """
 
 import os
@@ -45,13 +46,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
         return
     if device == "cpu":
+        from pare.fast.kernels import INTERPRET
+
         skip_cuda = pytest.mark.skip(reason="needs a CUDA device: run with --device cuda")
         skip_official = pytest.mark.skip(reason="official SD configs are the GPU tier: run with --device cuda")
+        skip_kernel = pytest.mark.skip(reason="a Triton kernel: run with --device cuda, or on the CPU under Triton's "
+                                              "interpreter (TRITON_INTERPRET=1, Triton installed)")
         for item in items:
             if "official" in item.keywords:
                 item.add_marker(skip_official)
             elif "cuda" in item.keywords:
                 item.add_marker(skip_cuda)
+            elif "kernel" in item.keywords and not INTERPRET:
+                item.add_marker(skip_kernel)
 
 
 @pytest.fixture(scope="session")
