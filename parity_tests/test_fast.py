@@ -307,6 +307,10 @@ def test_cuda_graph_true_on_the_cpu_runs_the_once_per_image_modules_eagerly_and_
     torch.testing.assert_close(ours.text_encoder(ids).last_hidden_state, expected[0], rtol=0, atol=0)
     torch.testing.assert_close(ours.text_encoder(input_ids=ids).last_hidden_state, expected[0], rtol=0, atol=0)
     assert not ours.text_encoder._pare_graphed.graphs  # CPU tensors: eager, nothing captured
+    ours.text_encoder(ids, output_hidden_states=True)  # transformers hooks CLIP's layers to gather them, for good
+    assert ours.text_encoder._pare_graphed.hooked() == []  # those hooks are replay-safe: no eager fallback
+    getattr(ours.text_encoder, "text_model", ours.text_encoder).encoder.layers[0].register_forward_hook(lambda *a: None)
+    assert ours.text_encoder._pare_graphed.hooked() == ["CLIPEncoderLayer"]  # a user's hook is not
     pare.fast.restore(ours)
     for module in (ours.text_encoder, ours.vae.encoder, ours.vae.decoder):
         assert "forward" not in vars(module) and "_pare_graphed" not in vars(module)

@@ -46,6 +46,11 @@ from ..validation import check_finite_inputs
 
 logger = logging.getLogger(__name__)
 
+# Hooks that only gather a submodule's outputs into the call's return value, so that a graph captures what they
+# gather among its outputs and a replay refills it: transformers' output capturing (`output_hidden_states`), which
+# it installs on CLIP's layers for good at the first such call.
+REPLAY_SAFE_HOOKS = ("transformers.utils.output_capturing",)
+
 
 def _signature(leaf) -> tuple:
     if torch.is_tensor(leaf):
@@ -96,9 +101,11 @@ class GraphCache:
         return None if p is None else p.dtype
 
     def hooked(self) -> list[str]:
-        """The submodules with forward hooks a replay would skip: all but LoRA's, which the key follows."""
+        """The submodules with forward hooks a replay would skip: all but LoRA's, which the key follows, and those
+        of `REPLAY_SAFE_HOOKS`."""
         lora = {id(h) for h in (getattr(self.model, "_pare_lora_hooks", None) or {}).values()}
-        foreign = lambda hooks: any(id(getattr(h, "__self__", None)) not in lora for h in hooks.values())  # noqa: E731
+        foreign = lambda hooks: any(id(getattr(h, "__self__", None)) not in lora  # noqa: E731
+                                    and getattr(h, "__module__", None) not in REPLAY_SAFE_HOOKS for h in hooks.values())
         names = [type(m).__name__ for m in self.inner if (m._forward_hooks and foreign(m._forward_hooks))
                  or (m._forward_pre_hooks and foreign(m._forward_pre_hooks))]
         if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
