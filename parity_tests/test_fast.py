@@ -365,11 +365,11 @@ class _FakeGraph:
         self.out.copy_(self.fn(x=self.static[0]))
 
 
-def test_graph_cache_drops_stale_graphs_and_captures_only_weights_seen_twice(monkeypatch):
-    """Weights that move at every call (a per-call cast) must not cost a capture per call, nor replay stale."""
+def fake_graph_cache(monkeypatch, model):
+    """A GraphCache over `model(x)` whose captures are `_FakeGraph`s; returns it and the log of what ran."""
     from pare.fast.graph import GraphCache
 
-    model, log = torch.nn.Linear(3, 3), []
+    log = []
     fn = lambda x: (log.append("eager"), model(x))[1]  # noqa: E731
     cache = GraphCache(fn, model)
 
@@ -379,6 +379,13 @@ def test_graph_cache_drops_stale_graphs_and_captures_only_weights_seen_twice(mon
         return _FakeGraph(fn, static, fn(x=static[0])), static, fn(x=static[0])
 
     monkeypatch.setattr(cache, "capture", capture)
+    return cache, log
+
+
+def test_graph_cache_drops_stale_graphs_and_captures_only_weights_seen_twice(monkeypatch):
+    """Weights that move at every call (a per-call cast) must not cost a capture per call, nor replay stale."""
+    model = torch.nn.Linear(3, 3)
+    cache, log = fake_graph_cache(monkeypatch, model)
     x = torch.randn(2, 3)
     with torch.no_grad():
         cache(x=x)
@@ -398,18 +405,8 @@ def test_graph_cache_drops_stale_graphs_and_captures_only_weights_seen_twice(mon
 def test_graph_cache_runs_hooked_submodules_eagerly_and_sees_a_swapped_submodule(monkeypatch, caplog):
     """A replay runs kernels, not Python: a submodule's forward hook must make the call eager (LoRA's excepted,
     which the key follows); a submodule swapped for another is new weights, never replayed stale."""
-    from pare.fast.graph import GraphCache
-
-    model, log = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU()), []
-    fn = lambda x: (log.append("eager"), model(x))[1]  # noqa: E731
-    cache = GraphCache(fn, model)
-
-    def capture(leaves, spec):
-        log.append("capture")
-        static = [l.clone() for l in leaves]
-        return _FakeGraph(fn, static, fn(x=static[0])), static, fn(x=static[0])
-
-    monkeypatch.setattr(cache, "capture", capture)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
+    cache, log = fake_graph_cache(monkeypatch, model)
     x = torch.randn(2, 3)
     with torch.no_grad():
         cache(x=x)
