@@ -15,7 +15,9 @@ PROMPT = "a photo of the cat"
 
 
 def generate(*args: str) -> int:
-    return main(["generate", "--prompt", PROMPT, "--steps", "2", "--seed", "0", *args])
+    """`pare generate` on the CPU in float32 (its default device is CUDA where there is one), where the images it is
+    compared with are drawn by diffusers."""
+    return main(["generate", "--prompt", PROMPT, "--steps", "2", "--seed", "0", "--device", "cpu", *args])
 
 
 def test_generate_writes_a_png_of_the_asked_size_with_a_progress_bar(tmp_path, capsys):
