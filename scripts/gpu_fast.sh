@@ -23,7 +23,7 @@ for step in ${STEPS:-tests profile parity}; do
       timeout ${T_PARITY:-150} python3 -m pare.cli parity --fast --config sdxl --device cuda --dtype fp16 --components unet,vae --out "$OUT/parity-fast-sdxl" 2>&1 | tail -4 ;;
     ab) timeout ${T_AB:-200} python3 benchmarks/ab_fast.py --models ${AB_MODELS:-sd15,sdxl} --out "$OUT" 2>&1 | quiet | tail -4 ;;
     syncs) timeout ${T_SYNCS:-120} python3 benchmarks/sync_points.py --model sd15 --steps 5 2>&1 | quiet | tail -25 ;;
-    suite) timeout ${T_SUITE:-540} python3 -m pytest parity_tests --device cuda --dtype fp16 --fast -q -p no:cacheprovider -rfE ${SUITE_ARGS:-} 2>&1 | tee "$OUT/suite_fast.log" | tail -15 ;;
+    suite) { cat "$OUT/device.txt"; git log -1 --format="commit %H" 2>/dev/null; timeout ${T_SUITE:-540} python3 -m pytest parity_tests --device cuda --dtype fp16 --fast -q -p no:cacheprovider -rfE ${SUITE_ARGS:-} 2>&1; } | tee "$OUT/suite_fast.log" | tail -15 ;;
     sd15-pipeline) timeout ${T_SD15:-150} python3 -m pare.cli bench --models sd15 --cases pipeline --modes fast --out "$OUT" --stem sd15-pipeline-fast 2>&1 | quiet | tail -8 ;;
     sdxl-pipeline) timeout ${T_SDXL:-240} python3 -m pare.cli bench --models sdxl --cases pipeline --modes fast --steps 30 --out "$OUT" --stem sdxl-pipeline-fast 2>&1 | quiet | tail -8 ;;
     bench)  # the README's benchmark table: three commands, about 430 s in all

@@ -5,9 +5,8 @@ every mode asked for, one after the other, so the figures to quote are the *rati
 run (eager timings are bound by the CPU launching kernels and move between runs).
 
 Figures per case: median and spread (10th-90th percentile) of N timed runs measured with
-CUDA events after warm-up; peak memory (`torch.cuda.max_memory_allocated`, reset per case; and `max_memory_reserved`, which counts
-CUDA graph pools as they stay held);
-FLOPs (`torch.utils.flop_counter.FlopCounterMode`) and the time they would take at the
+CUDA events after warm-up; peak memory (`torch.cuda.max_memory_allocated`, reset per case, and
+`max_memory_reserved`, which counts CUDA graph pools as they stay held); FLOPs (`torch.utils.flop_counter.FlopCounterMode`) and the time they would take at the
 matmul peak measured at the start of the same run (the "floor").
 
 The reference library is handed in as a module (see `pare.parity.reference`): pare itself

@@ -111,7 +111,9 @@ class ContextStack:
 
     One stack per transformer of several blocks; or one for all of a model's transformers (`stack_context`),
     where its K, V output of a call (tokens x columns) is small. The first of `users` in the model's order
-    projects the text for all of them, and each takes its columns; the last lets the product go.
+    projects the text for all of them, and each takes its columns; the last lets the product go. The first
+    projects at every call, not only for a new text: the text is often the same tensor from call to call (a
+    CUDA graph's static input is), and a memo of it would leave the GEMM out of a capture.
     """
     weight: torch.Tensor  # (sum of 2*inner, cross_attention_dim)
     bias: torch.Tensor | None
