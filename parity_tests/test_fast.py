@@ -311,9 +311,56 @@ def test_cuda_graph_true_on_the_cpu_runs_the_once_per_image_modules_eagerly_and_
     assert ours.text_encoder._pare_graphed.hooked() == []  # those hooks are replay-safe: no eager fallback
     getattr(ours.text_encoder, "text_model", ours.text_encoder).encoder.layers[0].register_forward_hook(lambda *a: None)
     assert ours.text_encoder._pare_graphed.hooked() == ["CLIPEncoderLayer"]  # a user's hook is not
+    assert "denoise" in vars(ours)  # the loop graph (loop.py) is installed; on CPU tensors it runs step by step
     pare.fast.restore(ours)
     for module in (ours.text_encoder, ours.vae.encoder, ours.vae.decoder):
         assert "forward" not in vars(module) and "_pare_graphed" not in vars(module)
+    assert "denoise" not in vars(ours)
+
+
+def test_the_loop_graph_keys_every_scheduler_by_value_and_spots_random_draws():
+    """loop.py's key: what a captured loop bakes in. Every pare scheduler's state is keyable; equal schedules give
+    equal keys whatever the generator object; another step count or eta gives another. The recorder that keeps
+    stochastic loops step by step sees the draws of DDIM with eta > 0 and of Euler ancestral, and none at eta = 0."""
+    from pare.fast.loop import RecordRandom, schedule_key
+    from pare.schedulers import SCHEDULERS, DDIMScheduler, EulerAncestralDiscreteScheduler
+
+    def key(cls, steps, **step_kwargs):
+        s = cls()
+        s.set_timesteps(steps)
+        return schedule_key(s, step_kwargs)
+
+    for cls in SCHEDULERS.values():
+        assert key(cls, 10, eta=0.0) == key(cls, 10, eta=0.0) != key(cls, 11, eta=0.0), cls.__name__
+    assert key(DDIMScheduler, 10, generator=torch.Generator()) == key(DDIMScheduler, 10, generator=torch.Generator())
+    assert key(DDIMScheduler, 10, eta=0.0) != key(DDIMScheduler, 10, eta=1.0)
+    s = DDIMScheduler()
+    s.set_timesteps(10)
+    s.timesteps[0] += 1  # the key reads values, not identities
+    assert schedule_key(s, None) != key(DDIMScheduler, 10)
+
+    x = torch.randn(1, 4, 8, 8)
+    for cls, kwargs, draws in ((DDIMScheduler, {"eta": 0.0}, False), (DDIMScheduler, {"eta": 1.0}, True),
+                               (EulerAncestralDiscreteScheduler, {}, True)):
+        s = cls()
+        s.set_timesteps(10)
+        with RecordRandom() as record:
+            s.step(x, s.timesteps[0], x, generator=torch.Generator().manual_seed(0), **kwargs)
+        assert bool(record.drew) == draws, (cls.__name__, kwargs, record.drew)
+
+
+def test_only_loops_that_read_only_their_arguments_get_a_loop_graph():
+    """ControlNet's and inpainting's loops read tensors that are not their arguments (the condition image, the
+    mask), which a graph would bake in: they keep their own loop."""
+    from pare.fast.loop import graph_denoise
+    from pare.pipelines import (StableDiffusionControlNetPipeline, StableDiffusionImg2ImgPipeline,
+                                StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline)
+
+    for cls, graphed in ((StableDiffusionPipeline, True), (StableDiffusionImg2ImgPipeline, True),
+                         (StableDiffusionXLPipeline, True), (StableDiffusionControlNetPipeline, False),
+                         (StableDiffusionInpaintPipeline, False)):
+        pipe = object.__new__(cls)
+        assert graph_denoise(pipe) is graphed and ("denoise" in vars(pipe)) is graphed, cls.__name__
 
 
 SYNCING_OPS = ("_local_scalar_dense", "nonzero", "is_nonzero", "aten.equal", "masked_select", "unique")
@@ -648,3 +695,108 @@ def test_graphed_text_encoders_and_vae_replay_what_eager_computes():
     assert len({m._pare_graphed.pool for m, _, _ in cases}) == 1  # replayed one at a time: one memory pool
     ours.disable_fast()
     assert all("_pare_graphed" not in vars(m) and "_pare_pool" not in vars(m) for m, _, _ in cases)
+
+
+# (scheduler, config overrides, step keyword arguments, whether its loop replays from one graph)
+LOOP_CASES = (
+    ("DDIMScheduler", {}, {}, True),
+    ("DDIMScheduler", {}, {"eta": 1.0}, False),  # draws noise at every step
+    ("PNDMScheduler", {}, {}, True),
+    ("DPMSolverMultistepScheduler", {}, {}, True),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}, False),
+    ("DPMSolverSinglestepScheduler", {}, {}, True),
+    ("UniPCMultistepScheduler", {}, {}, True),
+    ("DEISMultistepScheduler", {}, {}, True),
+    ("EulerDiscreteScheduler", {}, {}, True),
+    ("EulerAncestralDiscreteScheduler", {}, {}, False),
+    ("HeunDiscreteScheduler", {}, {}, True),
+    ("KDPM2DiscreteScheduler", {}, {}, True),
+    ("LMSDiscreteScheduler", {}, {}, True),
+    ("DDPMScheduler", {}, {}, False),
+)
+
+
+def plain_state(scheduler) -> dict:
+    """A scheduler's attributes that are plain numbers or strings (its step index, counter, order...)."""
+    return {k: v for k, v in vars(scheduler).items() if v is None or isinstance(v, (bool, int, float, str))}
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["tiny-sd", "tiny-sdxl"])
+def test_the_loop_graph_replays_what_the_step_by_step_loop_computes(family):
+    """The whole loop from one graph (loop.py) against the same fast pipeline stepping (its UNet from per-step
+    graphs): the same latents to the bit, for the deterministic samplers replayed and the stochastic ones run step
+    by step (their generator left as the warm-up found it); the scheduler's state after a replay is the state after
+    a loop; another guidance scale is another graph, and a callback runs the loop step by step."""
+    from parity_tests.tiny_components import build_diffusers_pipeline
+    from pare.parity.checkpoint import pare_twin
+    from pare.schedulers import SCHEDULERS
+
+    ours = pare_twin(build_diffusers_pipeline(family, device="cuda"), torch.float16)
+    ours.set_progress_bar_config(disable=True)
+    ours.enable_fast()
+    graphed = vars(ours)["denoise"]
+    base = ours.scheduler.config
+    problems = []
+
+    def run(**kwargs):
+        return ours(prompt="a cat", num_inference_steps=4, height=64, width=64, output_type="latent",
+                    generator=torch.Generator("cuda").manual_seed(0), **kwargs).images
+
+    for name, overrides, call, replayed in LOOP_CASES:
+        ours.scheduler = SCHEDULERS[name].from_config(base, **overrides)
+        vars(ours)["denoise"] = graphed
+        first, second = run(**call), run(**call)  # warm-up, capture and replay; then a replay
+        after = plain_state(ours.scheduler)
+        entries = list(ours._pare_loop.graphs.values())
+        del vars(ours)["denoise"]  # the class's loop: step by step
+        expected = run(**call)
+        stepped = plain_state(ours.scheduler)
+        if (entries[-1] is not None) != replayed:
+            problems.append(f"{name} {overrides} {call}: replayed {entries[-1] is not None}, expected {replayed}")
+        for label, got in (("first", first), ("second", second)):
+            if not torch.equal(got, expected):
+                problems.append(f"{name} {overrides} {call}: {label} call differs by {(got - expected).abs().max()}")
+        if after != stepped:
+            problems.append(f"{name}: scheduler state {after} after a replay, {stepped} after a loop")
+    assert problems == []
+
+    vars(ours)["denoise"] = graphed
+    ours.scheduler = SCHEDULERS["DDIMScheduler"].from_config(base)
+    count = len(ours._pare_loop.graphs)
+    run(guidance_scale=5.0)
+    assert len(ours._pare_loop.graphs) == count + 1  # guidance_scale is baked into the graph: a new key
+    seen = []
+    run(callback_on_step_end=lambda pipe, i, t, tensors: seen.append(i))
+    assert seen == [0, 1, 2, 3] and len(ours._pare_loop.graphs) == count + 1
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_a_loop_that_cannot_be_captured_runs_step_by_step_with_a_warning(caplog):
+    """A scheduler step that reads the GPU back to the host cannot be captured: the capture fails, a warning says
+    so, the loop runs step by step with the right result, and the per-step graphs still work after it."""
+    from parity_tests.tiny_components import build_diffusers_pipeline
+    from pare.parity.checkpoint import pare_twin
+    from pare.schedulers import DDIMScheduler
+
+    class Syncing(DDIMScheduler):
+        def step(self, model_output, timestep, sample, **kwargs):
+            if float(model_output.abs().max()) < 0:  # a host read: not allowed in a capture
+                raise AssertionError
+            return super().step(model_output, timestep, sample, **kwargs)
+
+    ours = pare_twin(build_diffusers_pipeline("tiny-sd", device="cuda"), torch.float16)
+    ours.set_progress_bar_config(disable=True)
+    ours.scheduler = Syncing.from_config(ours.scheduler.config)
+    ours.enable_fast()
+    latents = torch.randn(ours.latent_shape(1, 64, 64), device="cuda", dtype=torch.float16)
+    kwargs = dict(prompt="a cat", num_inference_steps=3, height=64, width=64, output_type="latent", latents=latents)
+    with caplog.at_level("WARNING", logger="pare.fast.loop"):
+        got = [ours(**kwargs).images for _ in range(2)]
+    assert list(ours._pare_loop.graphs.values()) == [None]
+    assert sum("could not be captured" in r.message for r in caplog.records) == 1
+    del vars(ours)["denoise"]  # the class's loop, the UNet from its per-step graphs
+    expected = ours(**kwargs).images
+    assert all(torch.equal(g, expected) for g in got)

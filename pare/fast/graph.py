@@ -78,6 +78,7 @@ class GraphCache:
         # outputs are cloned out at once and its static outputs stay allocated, so the transient memory of
         # graphs replayed one after another (never at once) can be the same memory.
         self.pool = None
+        self.what, self.eagerly = type(model).__name__, "it runs eagerly, not from its CUDA graph"  # for warnings
         self.params_at = None  # the hash of the weights' data pointers at the last call
         self.warned = False
         self.walk()
@@ -118,13 +119,7 @@ class GraphCache:
     def capture(self, leaves, spec):
         static = [l.clone() if torch.is_tensor(l) else l for l in leaves]
         kwargs = tree_unflatten(static, spec)
-        device = next(l for l in leaves if torch.is_tensor(l) and l.is_cuda).device
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):  # warm-up off the capture: Triton and cuDNN pick their kernels here
-            for _ in range(self.warmup):
-                self.fn(**kwargs)
-        torch.cuda.current_stream(device).wait_stream(stream)
+        self.warm_up(kwargs, next(l for l in leaves if torch.is_tensor(l) and l.is_cuda).device)
         if self.pool is None:
             self.pool = self.model.__dict__.get("_pare_pool")
             self.pool = share_pool([self.model]) if self.pool is None else self.pool
@@ -133,6 +128,15 @@ class GraphCache:
             out = self.fn(**kwargs)
         return graph, static, out
 
+    def warm_up(self, kwargs: dict, device: torch.device) -> None:
+        """Run the call `warmup` times off the capture: Triton and cuDNN pick their kernels here."""
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(self.warmup):
+                self.fn(**kwargs)
+        torch.cuda.current_stream(device).wait_stream(stream)
+
     def __call__(self, **kwargs):
         if any(parent._modules.get(name) is not child for parent, name, child in self.links):
             self.walk()  # a submodule was swapped for another: its weights are new ones
@@ -140,8 +144,8 @@ class GraphCache:
         if hooked:  # hooks must fire: a replay runs kernels, not Python
             if not self.warned:
                 self.warned = True
-                logger.warning("pare.fast: forward hooks on %s inside %s: it runs eagerly, not from its CUDA graph, "
-                               "while they are there", ", ".join(sorted(set(hooked))), type(self.model).__name__)
+                logger.warning("pare.fast: forward hooks on %s inside %s: %s, while they are there",
+                               ", ".join(sorted(set(hooked))), self.what, self.eagerly)
             return self.fn(**kwargs)
         params = hash((tuple(_data_ptr(m._parameters.get(name)) for m, name in self.slots), self.dtype()))
         if params != self.params_at:  # new weights (or the first call): the graphs of the old ones are stale
@@ -153,7 +157,13 @@ class GraphCache:
         key = self.key(leaves, spec)
         if key not in self.graphs:
             self.graphs[key] = self.capture(leaves, spec)
-        graph, static, out = self.graphs[key]
+        entry = self.graphs[key]
+        if entry is None:  # a capture found this call not replayable (loop.py): eager for this key
+            return self.fn(**kwargs)
+        return self.replay(entry, leaves)
+
+    def replay(self, entry, leaves):
+        graph, static, out = entry[:3]
         for s, l in zip(static, leaves):
             if torch.is_tensor(l):
                 s.copy_(l)

@@ -12,6 +12,7 @@ Each reference class is swapped for its fast subclass (`module.__class__`), so n
     BasicTransformerBlock -> FastBasicTransformerBlock (transformer.py: residual add + LayerNorm kernels)
     nn.GroupNorm        -> FastGroupNorm            (norm.py)
     UNet2DConditionModel -> GraphedUNet2DConditionModel (graph.py; CUDA, in pipelines, `cuda_graph=True`)
+    pipeline.denoise     -> one CUDA graph for the whole loop (loop.py; CUDA, in pipelines, `loop_graph=True`)
 
 plus every ResNet's time-embedding projection of a model in one GEMM (time_projections.py),
 and the weights of every model go channels last (cuDNN's fast convolution layout on recent GPUs).
@@ -33,6 +34,7 @@ from ..models.unet_2d_condition import UNet2DConditionModel
 from . import time_projections
 from .attention import FastAttention
 from .graph import GraphedUNet2DConditionModel, eager_forward, graph_forward, share_pool
+from .loop import graph_denoise, step_denoise
 from .norm import FastGroupNorm
 from .resnet import FastResnetBlock2D
 from .transformer import MODEL_STACK_MAX, FastBasicTransformerBlock, FastGEGLU, FastTransformer2DModel, stack_context
@@ -109,10 +111,12 @@ def _models(obj) -> list[nn.Module]:
     return models
 
 
-def optimize(obj, *, channels_last: bool = True, cuda_graph: bool | None = None):
+def optimize(obj, *, channels_last: bool = True, cuda_graph: bool | None = None, loop_graph: bool | None = None):
     """The fast path for a pipeline (its UNet, VAE and ControlNet) or one model; returns `obj`.
 
-    `cuda_graph` (default: on for a pipeline's UNet on CUDA) replays the UNet from CUDA graphs.
+    `cuda_graph` (default: on for a pipeline's UNet on CUDA) replays the UNet from CUDA graphs, and the
+    once-per-image modules (text encoders, VAE encoder and decoder) too.
+    `loop_graph` (default: as `cuda_graph` is for the UNet) replays the whole denoising loop from one graph.
     """
     pipeline = not isinstance(obj, nn.Module)
     for model in _models(obj):
@@ -120,6 +124,12 @@ def optimize(obj, *, channels_last: bool = True, cuda_graph: bool | None = None)
         graph = (pipeline and on_cuda) if cuda_graph is None else cuda_graph
         optimize_model(model, channels_last=channels_last, cuda_graph=graph)
     if pipeline:
+        step_denoise(obj)  # a new cache, as below
+        unet = getattr(obj, "unet", None)
+        on_cuda = isinstance(unet, nn.Module) and next(unet.parameters()).is_cuda
+        default = on_cuda if cuda_graph is None else cuda_graph  # as for the UNet's graphs
+        if default if loop_graph is None else loop_graph:
+            graph_denoise(obj)
         graphed = []
         for module in _once_per_image(obj):
             graph = next(module.parameters()).is_cuda if cuda_graph is None else cuda_graph
@@ -137,6 +147,7 @@ def restore(obj):
     for model in _models(obj):
         restore_model(model)
     if not isinstance(obj, nn.Module):
+        step_denoise(obj)
         for module in _once_per_image(obj):
             eager_forward(module)
     return obj

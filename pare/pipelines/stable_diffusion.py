@@ -234,6 +234,10 @@ class StableDiffusionPipeline(PipelineMixin):
             latents, prompt_embeds = step_callback(self, callback, i, t, latents, prompt_embeds, callback_inputs)
         return latents
 
+    # This loop reads only its arguments, self.unet and self.scheduler: pare/fast/loop.py may replay it whole
+    # from one CUDA graph. A subclass whose loop reads more (a condition image, a mask) overrides denoise.
+    denoise.reads_only_arguments = True
+
     def vae_decode(self, latents: torch.Tensor, output_type: str = "pil"):
         """Latents -> images. The UNet's latents are the VAE's scaled by scaling_factor (0.18215) to
         unit variance (arXiv 2112.10752 section 4.3.2); undo that, decode, map [-1, 1] to output_type.

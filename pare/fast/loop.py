@@ -1,0 +1,231 @@
+"""The whole denoising loop as one CUDA graph: every step's UNet call, guidance and scheduler step in one replay.
+
+Replaces: `pare/pipelines/stable_diffusion.py StableDiffusionPipeline.denoise` on CUDA, in the pipelines that run
+that loop (text-to-image and image-to-image, SD 1.x / 2.x and SDXL). The loop is marked `reads_only_arguments`:
+it reads nothing but its arguments, `self.unet` and `self.scheduler`, so a graph of it depends on nothing else.
+ControlNet's and inpainting's loops read more (the condition image, the mask) and run step by step.
+
+Why: with the UNet replayed from a graph per step (graph.py), the host still launches each step's guidance
+arithmetic and scheduler step (about 15 small kernels) and copies the UNet's inputs in. One replay launches
+the whole loop, and the kernels between the UNet calls run back to back.
+
+What a capture bakes in, so what its key holds (graph.py's GraphCache adds the rest: the UNet's weights, LoRA
+state and hooks, the inputs' shapes):
+- the schedule. Each step's timestep and sigma enter the scheduler's arithmetic as host numbers (pare's
+  schedulers read the schedule on the host: `SchedulerMixin._host_int`), so the key holds the scheduler's class
+  and its state after `set_timesteps`, tensors by value;
+- guidance_scale, guidance_rescale and the step's keyword arguments (eta): Python numbers.
+Copied in at each replay: the starting latents, the prompt embeddings and SDXL's added conditions.
+
+Where the loop runs step by step instead (the UNet still replays its own graph at each step):
+- with a `callback_on_step_end`: it must see, and may replace, each step's tensors;
+- a loop that draws random numbers (ancestral and SDE samplers, DDIM with eta > 0). The first run of each key
+  is the capture's warm-up, and it records the ops it runs (a dispatch mode) to find out. It leaves the random
+  generators as it found them, so the step-by-step run that follows draws what it would have drawn;
+- a scheduler whose step cannot be captured (it reads a value back from the GPU, say): the capture fails, with
+  a warning once per key, and that key runs step by step from then on;
+- forward hooks on the UNet or inside it: they must fire at every step.
+
+The scheduler's Python state after a replay is what the captured run left (its step index, its history of
+model outputs), as after an eager loop. The inputs are checked finite once, at the loop's start: a value that
+turns non-finite inside the loop is not caught at its step but by the VAE's decode, which checks its input.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from .graph import GraphCache, check_finite_once, replayable
+
+logger = logging.getLogger(__name__)
+
+# aten ops that draw random numbers, by name without the in-place "_" and the "_like" of their variants
+RANDOM_OPS = ("randn", "rand", "randint", "randperm", "normal", "uniform", "bernoulli", "multinomial",
+              "exponential", "geometric", "cauchy", "log_normal", "poisson")
+
+
+class NotReplayable(Exception):
+    """A loop a graph cannot stand for (it draws random numbers): it runs step by step."""
+
+
+class RecordRandom(TorchDispatchMode):
+    """While active, lists the ops that drew random numbers."""
+
+    def __init__(self):
+        super().__init__()
+        self.drew: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__.rstrip("_").removesuffix("_like") in RANDOM_OPS:
+            self.drew.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class RandomStates:
+    """The generators a warm-up may draw from (the step's own, torch's CPU and CUDA defaults), saved to restore."""
+
+    def __init__(self, step_kwargs: dict | None, device: torch.device):
+        self.device = device
+        self.generators = [(g, g.get_state()) for g in tree_leaves(step_kwargs or {}) if isinstance(g, torch.Generator)]
+        self.cpu, self.cuda = torch.get_rng_state(), torch.cuda.get_rng_state(device)
+
+    def restore(self) -> None:
+        for g, saved in self.generators:
+            g.set_state(saved)
+        torch.set_rng_state(self.cpu)
+        torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+def value_key(v):
+    """A hashable stand-in for a scheduler attribute, by value (a CUDA tensor is read to the host).
+    TypeError for anything else: such a scheduler runs step by step."""
+    if torch.is_tensor(v):
+        host = v.detach().reshape(-1).cpu()
+        return ("tensor", str(v.dtype), tuple(v.shape), v.device.type, host.view(torch.uint8).numpy().tobytes())
+    if isinstance(v, np.ndarray):
+        return ("array", v.dtype.str, v.shape, v.tobytes())
+    if isinstance(v, (list, tuple)):
+        return tuple(value_key(x) for x in v)
+    if isinstance(v, (set, frozenset)):
+        return ("set",) + tuple(sorted(map(repr, v)))
+    if isinstance(v, dict):
+        return tuple((k, value_key(x)) for k, x in sorted(v.items(), key=lambda kv: str(kv[0])))
+    if v is None or isinstance(v, (bool, int, float, str, torch.dtype, torch.device)):
+        return v
+    raise TypeError(f"a scheduler attribute of type {type(v).__name__}")
+
+
+def state(scheduler) -> dict:
+    """The scheduler's attributes, its lists (of past model outputs, say) copied, not shared."""
+    return copied(vars(scheduler))
+
+
+def set_state(scheduler, saved: dict) -> None:
+    vars(scheduler).clear()
+    vars(scheduler).update(copied(saved))
+
+
+def copied(attributes: dict) -> dict:
+    return {k: (list(v) if isinstance(v, list) else v) for k, v in attributes.items()}
+
+
+def schedule_key(scheduler, step_kwargs: dict | None) -> tuple:
+    """What a captured loop's scheduler arithmetic depends on: its class and state (not `_host_*` caches), and the
+    step's numbers. A generator is keyed by its presence: a loop that draws from it is never replayed."""
+    attributes = {k: v for k, v in vars(scheduler).items() if not k.startswith("_host")}
+    steps = {k: ("generator",) if isinstance(v, torch.Generator) else v for k, v in (step_kwargs or {}).items()}
+    return type(scheduler), value_key(attributes), value_key(steps)
+
+
+def prime(scheduler) -> None:
+    """Read the schedule to the host before a capture, which cannot: `_host_int` keeps the copy it reads."""
+    ts = getattr(scheduler, "timesteps", None)
+    if hasattr(scheduler, "_host_int") and torch.is_tensor(ts) and ts.ndim == 1 and len(ts):
+        scheduler._host_int(ts[0])
+
+
+class Loop:
+    """The loop's arguments that are not tensors to copy in: baked into a capture, so compared by `key`."""
+
+    def __init__(self, timesteps, guidance_scale, guidance_rescale, step_kwargs, key):
+        self.timesteps, self.guidance_scale, self.guidance_rescale = timesteps, guidance_scale, guidance_rescale
+        self.step_kwargs, self.key = step_kwargs, key
+
+    def __eq__(self, other):
+        return isinstance(other, Loop) and self.key == other.key
+
+    def __hash__(self):
+        return hash(self.key)
+
+
+class LoopGraphs(GraphCache):
+    """A pipeline's denoising loop captured as one CUDA graph per key; other keys run step by step."""
+
+    def __init__(self, pipe):
+        self.pipe, self.start = pipe, None  # start: the scheduler's state a capture's runs each begin from
+        super().__init__(self.run, pipe.unet, warmup=1)
+        self.what, self.eagerly = f"{type(pipe).__name__}'s denoising loop", "it runs step by step"
+
+    def walk(self) -> None:
+        super().walk()
+        self.inner = [self.model] + self.inner  # the UNet's own hooks fire inside the loop, too
+
+    def run(self, latents, prompt_embeds, added_cond_kwargs, loop: Loop):
+        if self.start is not None:  # in a capture: its warm-up and the capture start where set_timesteps left it
+            set_state(self.pipe.scheduler, self.start)
+        return type(self.pipe).denoise(self.pipe, latents, loop.timesteps, prompt_embeds, loop.guidance_scale,
+                                       loop.guidance_rescale, loop.step_kwargs, added_cond_kwargs)
+
+    def warm_up(self, kwargs: dict, device: torch.device) -> None:
+        rng = RandomStates(kwargs["loop"].step_kwargs, device)
+        with RecordRandom() as record:
+            super().warm_up(kwargs, device)
+        rng.restore()
+        if record.drew:
+            raise NotReplayable(f"it draws random numbers ({record.drew[0]})")
+
+    def capture(self, leaves, spec):
+        scheduler = self.pipe.scheduler
+        prime(scheduler)
+        self.start = state(scheduler)
+        try:
+            graph, static, out = super().capture(leaves, spec)
+            entry = (graph, static, out, state(scheduler))  # and the state the captured run left
+        except NotReplayable as e:
+            logger.debug("pare.fast: %s runs step by step: %s", self.what, e)
+            entry = None
+        except RuntimeError as e:  # an op a capture does not allow, such as a read back to the host
+            logger.warning("pare.fast: %s with %s could not be captured as one CUDA graph, so it runs step by step "
+                           "(%s)", self.what, type(scheduler).__name__, str(e).splitlines()[0])
+            entry = None
+        set_state(scheduler, self.start)  # as set_timesteps left it: the step-by-step run may follow
+        self.start = None
+        return entry
+
+    def replay(self, entry, leaves):
+        out = super().replay(entry, leaves)
+        set_state(self.pipe.scheduler, entry[3])
+        return out
+
+
+def graph_denoise(pipe) -> bool:
+    """Replay `pipe.denoise` from one CUDA graph per loop where it can be; step by step elsewhere. Undo:
+    `step_denoise`. Returns whether the pipeline's loop can be graphed (`reads_only_arguments`)."""
+    loop = type(pipe).denoise
+    if not getattr(loop, "reads_only_arguments", False):
+        return False
+
+    def denoise(latents, timesteps, prompt_embeds, guidance_scale: float, guidance_rescale: float = 0.0,
+                step_kwargs: dict | None = None, added_cond_kwargs: dict | None = None, callback=None,
+                callback_inputs=("latents",)):
+        args = (latents, timesteps, prompt_embeds, guidance_scale, guidance_rescale, step_kwargs, added_cond_kwargs)
+        if callback is not None or not replayable(latents) or not torch.is_tensor(timesteps):
+            return loop(pipe, *args, callback=callback, callback_inputs=callback_inputs)
+        try:
+            key = schedule_key(pipe.scheduler, step_kwargs), float(guidance_scale), float(guidance_rescale)
+        except TypeError:
+            return loop(pipe, *args)
+        cache = pipe.__dict__.get("_pare_loop")
+        if cache is None or cache.model is not pipe.unet:  # a new UNet: a new cache
+            cache = pipe.__dict__["_pare_loop"] = LoopGraphs(pipe)
+        check_finite_once(pipe.unet, latents=latents, encoder_hidden_states=prompt_embeds,
+                          **(added_cond_kwargs or {}))
+        out = cache(latents=latents, prompt_embeds=prompt_embeds, added_cond_kwargs=added_cond_kwargs,
+                    loop=Loop(timesteps, guidance_scale, guidance_rescale, step_kwargs, key))
+        for _ in pipe.progress_bar(range(len(timesteps))):  # the bar a step-by-step loop shows, at once
+            pass
+        return out
+
+    pipe.denoise = denoise  # an instance attribute, found before the class's method
+    return True
+
+
+def step_denoise(pipe) -> None:
+    """Undo `graph_denoise`: the class's loop again, its graphs dropped."""
+    pipe.__dict__.pop("denoise", None)
+    pipe.__dict__.pop("_pare_loop", None)
