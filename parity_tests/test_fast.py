@@ -568,21 +568,6 @@ def test_group_norm_kernel_is_as_accurate_as_torch(shape, dtype, add, silu):
     assert ours.is_contiguous(memory_format=torch.channels_last) and ours.dtype == dtype
     assert torch.isfinite(ours).all()
     assert rel(ours, exact) <= BUDGET * rel(torchs, exact) + FLOOR[dtype], (rel(ours, exact), rel(torchs, exact))
-    assert all(int(c.count_nonzero()) == 0 for c in gn_kernel.COUNTS.values())  # left at zero for the next call
-
-
-@pytest.mark.kernel
-@needs_triton
-@pytest.mark.parametrize("shape", [(2, 320, 11, 13, 32), gpu_size((2, 128, 256, 256, 32))])
-def test_group_norm_merges_its_tiles_in_the_stats_launch_as_the_finalize_launch_does(shape, monkeypatch):
-    """The last stats program of an image merges the tiles (MERGE = 1) to what the finalize launch computes."""
-    b, c, h, w, groups = shape
-    x = torch.randn(b, c, h, w, device=KDEV).to(torch.float16).contiguous(memory_format=torch.channels_last)
-    weight, bias = torch.randn(c, device=KDEV).half(), torch.randn(c, device=KDEV).half()
-    merged = gn_kernel.group_norm(x, groups, weight, bias, 1e-5, silu=True)
-    monkeypatch.setattr(gn_kernel, "MERGE", 0)
-    launched = gn_kernel.group_norm(x, groups, weight, bias, 1e-5, silu=True)
-    torch.testing.assert_close(merged, launched, rtol=0, atol=2e-3)  # the sums' order differs, not the function
 
 
 @pytest.mark.kernel

@@ -37,15 +37,12 @@ def load_tile(x_ptr, add_ptr, cadd_ptr, b, tile, HW, C, add_stride,
 
 
 @triton.jit
-def stats(x_ptr, add_ptr, cadd_ptr, part_ptr, stat_ptr, count_ptr, HW, C, CPG, n_tiles, add_stride, eps,
+def stats(x_ptr, add_ptr, cadd_ptr, part_ptr, HW, C, CPG, n_tiles, add_stride,
           G: tl.constexpr, G_P: tl.constexpr, C_P: tl.constexpr, CPG_P: tl.constexpr, BLOCK_HW: tl.constexpr,
-          HAS_ADD: tl.constexpr, HAS_CADD: tl.constexpr, MERGE: tl.constexpr, BLOCK_T: tl.constexpr):
+          HAS_ADD: tl.constexpr, HAS_CADD: tl.constexpr):
     """Pass 1: (mean, M2) of every group over BLOCK_HW pixels. The tile is (pixels, channels), as in `apply`:
     each channel's (mean, M2) over the tile's pixels, gathered into (groups, channels of a group) and merged
-    along the group's channels exactly (Chan et al.).
-
-    MERGE: the last of an image's programs to finish (an atomic count per image) merges its tiles, as `finalize`
-    does, so no second launch is needed; it sets the count back to 0 for the next call."""
+    along the group's channels exactly (Chan et al.)."""
     tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     x, offs, mask, c, cm = load_tile(x_ptr, add_ptr, cadd_ptr, b, tile, HW, C, add_stride, C_P, BLOCK_HW,
@@ -70,41 +67,6 @@ def stats(x_ptr, add_ptr, cadd_ptr, part_ptr, stat_ptr, count_ptr, HW, C, CPG, n
     out = part_ptr + ((b * n_tiles + tile) * G_P + g) * 2
     tl.store(out, mean, mask=g < G)
     tl.store(out + 1, m2, mask=g < G)
-    if MERGE:
-        tl.debug_barrier()  # every thread's partials are written before the count says so (release, below)
-        done = tl.atomic_add(count_ptr + b, 1, sem="acq_rel")  # programs of image b finished before this one
-        if done == n_tiles - 1:
-            tl.debug_barrier()  # the acquire above, for every thread of this program
-            merge_tiles(part_ptr, stat_ptr, b, HW, CPG, n_tiles, eps, G, G_P, BLOCK_HW, BLOCK_T)
-            tl.atomic_xchg(count_ptr + b, 0)
-
-
-@triton.jit
-def merge_tiles(part_ptr, stat_ptr, b, HW, CPG, n_tiles, eps,
-                G: tl.constexpr, G_P: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Every group of image b: merge its tiles' (mean, M2) exactly (Chan et al.) -> mean and 1/sqrt(var + eps).
-    (BLOCK_T tiles, G_P groups) at a time, read from L2 (.cg): other programs wrote them."""
-    g = tl.arange(0, G_P)
-    total = (HW * CPG).to(tl.float32)
-    acc = tl.zeros((BLOCK_T, G_P), dtype=tl.float32)
-    for start in range(0, n_tiles, BLOCK_T):
-        t = start + tl.arange(0, BLOCK_T)
-        m = (t < n_tiles)[:, None] & (g < G)[None, :]
-        at = part_ptr + ((b * n_tiles + t[:, None]) * G_P + g[None, :]) * 2
-        n_t = tl.where(t < n_tiles, tl.minimum(HW - t * BLOCK_HW, BLOCK_HW) * CPG, 0).to(tl.float32)
-        acc += n_t[:, None] * tl.load(at, mask=m, other=0.0, cache_modifier=".cg")
-    mean = tl.sum(acc, axis=0) / total  # (G_P,)
-    acc = tl.zeros((BLOCK_T, G_P), dtype=tl.float32)
-    for start in range(0, n_tiles, BLOCK_T):
-        t = start + tl.arange(0, BLOCK_T)
-        m = (t < n_tiles)[:, None] & (g < G)[None, :]
-        at = part_ptr + ((b * n_tiles + t[:, None]) * G_P + g[None, :]) * 2
-        n_t = tl.where(t < n_tiles, tl.minimum(HW - t * BLOCK_HW, BLOCK_HW) * CPG, 0).to(tl.float32)
-        d = tl.load(at, mask=m, other=0.0, cache_modifier=".cg") - mean[None, :]
-        acc += tl.load(at + 1, mask=m, other=0.0, cache_modifier=".cg") + n_t[:, None] * d * d
-    var = tl.sum(acc, axis=0) / total
-    tl.store(stat_ptr + (b * G + g) * 2, mean, mask=g < G)
-    tl.store(stat_ptr + (b * G + g) * 2 + 1, tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps)), mask=g < G)
 
 
 @triton.jit

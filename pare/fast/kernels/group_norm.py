@@ -13,15 +13,12 @@ copy in and out, and the SiLU (and the time-embedding add) are more passes over 
 x is read twice and y written once, coalesced over channels, whatever the layout of the convs
 around it wants (channels last: cuDNN's fastest convs on Hopper).
 
-Two launches:
+Three launches:
     1. stats:    one program per BLOCK_HW pixels of one image, a (pixels, channels) tile: each channel's
                  (mean, M2) over the tile's pixels, gathered into (groups, channels of a group) and
-                 merged by the same update, with no loop -> (mean, M2) of each group there. The last
-                 program of an image to finish (an atomic count per image) merges the tiles -> (mean,
-                 1/sqrt(var + eps)).
-    2. apply:    y = (x + add - mean) * rstd * weight + bias, then SiLU, in one pass.
-The merge was a launch of its own (`finalize`, one program per (image, group)): 61 launches of about 1.6 us
-on SD1.5's UNet. It still is where the counts cannot be kept (MERGE = 0, or a first call inside a capture).
+                 merged by the same update, with no loop -> (mean, M2) of each group there.
+    2. finalize: one program per (image, group): merge the tiles -> (mean, 1/sqrt(var + eps)).
+    3. apply:    y = (x + add - mean) * rstd * weight + bias, then SiLU, in one pass.
 `add` is the time embedding's projection (B, C) and a conv's bias (C,), read as they are, in any dtype,
 and summed in float32 in the kernel: no pass (or launch) of their own to widen and sum them.
 All arithmetic is float32; the input and output keep their dtype.
@@ -43,20 +40,6 @@ if TRITON:  # at import, not in the call: torch.compile cannot trace an import
 TILE = 4096  # values per program in the apply and bias-residual passes: a few per thread at 4 warps
 STATS_TILE = 32768  # values per program in the stats pass: larger tiles measured faster (benchmarks/NOTES.md)
 STATS_WARPS = 4  # 4 measured faster than 8 or 16 (benchmarks/NOTES.md)
-MERGE = 1  # 1: the last stats program of an image merges its tiles; 0: a finalize launch does (ab_fast.py --set)
-MERGE_VALUES = 4096  # (tiles, groups) values the merging program holds at a time
-COUNTS: dict = {}  # device -> int32 counts of finished stats programs, one per image, 0 between calls
-
-
-def counts(device: torch.device, images: int) -> torch.Tensor | None:
-    """The per-image counts `stats` merges by, zeroed once and left at zero by every call; None inside a CUDA graph
-    capture when there are not enough yet (made there, they would belong to the graph's memory pool)."""
-    held = COUNTS.get(device)
-    if held is None or held.numel() < images:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        held = COUNTS[device] = torch.zeros(max(images, 64), device=device, dtype=torch.int32)
-    return held
 
 
 def reference(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
@@ -95,15 +78,11 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     stat = torch.empty(b, num_groups, 2, device=x.device, dtype=torch.float32)  # (mean, rstd) per group
     y = torch.empty_like(x, memory_format=torch.channels_last)
     warps = lambda values: 4 if values <= 4096 else 8  # noqa: E731
-    count = counts(x.device, b) if MERGE else None
-    stats[(n_tiles, b)](x, add_, cadd, partial, stat, count if count is not None else stat, hw, c, cpg, n_tiles,
-                        add_stride, eps, G=num_groups, G_P=g_p, C_P=c_p, CPG_P=cpg_p, BLOCK_HW=rows_stats,
-                        HAS_ADD=add is not None, HAS_CADD=channel_add is not None, MERGE=count is not None,
-                        BLOCK_T=min(triton.next_power_of_2(n_tiles), max(1, MERGE_VALUES // g_p)),
+    stats[(n_tiles, b)](x, add_, cadd, partial, hw, c, cpg, n_tiles, add_stride, G=num_groups, G_P=g_p, C_P=c_p,
+                        CPG_P=cpg_p, BLOCK_HW=rows_stats, HAS_ADD=add is not None, HAS_CADD=channel_add is not None,
                         num_warps=STATS_WARPS if rows_stats * c_p > 4096 else 4)
-    if count is None:
-        finalize[(b, num_groups)](partial, stat, hw, cpg, n_tiles, eps, G=num_groups, G_P=g_p, BLOCK_HW=rows_stats,
-                                  BLOCK_T=min(1024, triton.next_power_of_2(n_tiles)), num_warps=4)
+    finalize[(b, num_groups)](partial, stat, hw, cpg, n_tiles, eps, G=num_groups, G_P=g_p, BLOCK_HW=rows_stats,
+                              BLOCK_T=min(1024, triton.next_power_of_2(n_tiles)), num_warps=4)
     apply[(triton.cdiv(hw, rows_apply), b)](x, add_, cadd, stat, weight, bias, y, hw, c, cpg, add_stride,
                                             G=num_groups, C_P=c_p, BLOCK_HW=rows_apply, HAS_ADD=add is not None,
                                             HAS_CADD=channel_add is not None, SILU=silu,
