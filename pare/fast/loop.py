@@ -19,11 +19,13 @@ Copied in at each replay: the starting latents, the prompt embeddings and SDXL's
 
 Where the loop runs step by step instead (the UNet still replays its own graph at each step):
 - with a `callback_on_step_end`: it must see, and may replace, each step's tensors;
-- a loop that draws random numbers (ancestral and SDE samplers, DDIM with eta > 0). The first run of each key
-  is the capture's warm-up, and it records the ops it runs (a dispatch mode) to find out. It leaves the random
-  generators as it found them, so the step-by-step run that follows draws what it would have drawn;
-- a scheduler whose step cannot be captured (it reads a value back from the GPU, say): the capture fails, with
-  a warning once per key, and that key runs step by step from then on;
+- a loop that draws random numbers (ancestral and SDE samplers, DDIM with eta > 0). A key's first call warms
+  up for its capture, and the warm-up records the ops it runs (a dispatch mode) to find out. It leaves the
+  random generators as it found them, so the step-by-step run that follows draws what it would have drawn;
+- a scheduler whose step a capture does not allow (it reads a value back from the GPU, or copies a tensor from
+  the host): the warm-up sees that too, a warning says so once per key, and that key runs step by step.
+  A capture that fails all the same raises, naming `loop_graph=False`: after a failed capture the CUDA state
+  is not to be trusted, so there is no quiet fallback from there;
 - forward hooks on the UNet or inside it: they must fire at every step.
 
 The scheduler's Python state after a replay is what the captured run left (its step index, its history of
@@ -49,21 +51,33 @@ RANDOM_OPS = ("randn", "rand", "randint", "randperm", "normal", "uniform", "bern
               "exponential", "geometric", "cauchy", "log_normal", "poisson")
 
 
+HOST_READS = ("_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select", "unique", "_unique2")
+
+
 class NotReplayable(Exception):
-    """A loop a graph cannot stand for (it draws random numbers): it runs step by step."""
+    """A loop a graph cannot stand for (it draws random numbers, or reads the GPU back): it runs step by step."""
 
 
-class RecordRandom(TorchDispatchMode):
-    """While active, lists the ops that drew random numbers."""
+class Recorder(TorchDispatchMode):
+    """While active, lists the ops that drew random numbers, and those that a capture does not allow: a read of a
+    CUDA tensor's values on the host (`.item()`, `bool()`, `nonzero`) and a copy between the host and the GPU."""
 
     def __init__(self):
         super().__init__()
         self.drew: list[str] = []
+        self.synced: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__.rstrip("_").removesuffix("_like") in RANDOM_OPS:
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name.rstrip("_").removesuffix("_like") in RANDOM_OPS:
             self.drew.append(str(func))
-        return func(*args, **(kwargs or {}))
+        tensors = [a for a in args if torch.is_tensor(a)]
+        devices = {t.device.type for t in tensors} | ({torch.device(kwargs["device"]).type}
+                                                       if kwargs.get("device") is not None else set())
+        if (name in HOST_READS and "cuda" in devices) or (name in ("_to_copy", "copy_") and len(devices) > 1):
+            self.synced.append(str(func))
+        return func(*args, **kwargs)
 
 
 class RandomStates:
@@ -148,7 +162,7 @@ class LoopGraphs(GraphCache):
 
     def __init__(self, pipe):
         self.pipe, self.start = pipe, None  # start: the scheduler's state a capture's runs each begin from
-        super().__init__(self.run, pipe.unet, warmup=1)
+        super().__init__(self.run, pipe.unet, warmup=1)  # once per `warm_up` run: see there
         self.what, self.eagerly = f"{type(pipe).__name__}'s denoising loop", "it runs step by step"
 
     def walk(self) -> None:
@@ -162,12 +176,23 @@ class LoopGraphs(GraphCache):
                                        loop.guidance_rescale, loop.step_kwargs, added_cond_kwargs)
 
     def warm_up(self, kwargs: dict, device: torch.device) -> None:
+        """Two runs, each op recorded. The first may capture the UNet's per-step graphs and check its inputs, which
+        read the GPU; the second replays them, as a capture of the loop will not: it is the one judged for reads."""
         rng = RandomStates(kwargs["loop"].step_kwargs, device)
-        with RecordRandom() as record:
-            super().warm_up(kwargs, device)
-        rng.restore()
-        if record.drew:
-            raise NotReplayable(f"it draws random numbers ({record.drew[0]})")
+        try:
+            with Recorder() as first:
+                super().warm_up(kwargs, device)
+            with Recorder() as second:
+                super().warm_up(kwargs, device)
+        finally:
+            rng.restore()
+        if first.drew or second.drew:
+            raise NotReplayable(f"it draws random numbers ({(first.drew or second.drew)[0]})")
+        if second.synced:
+            logger.warning("pare.fast: %s with %s runs step by step: a step reads the GPU back to the host or copies "
+                           "between them (%s), which a CUDA graph cannot hold", self.what,
+                           type(self.pipe.scheduler).__name__, second.synced[0])
+            raise NotReplayable(f"it reads the GPU ({second.synced[0]})")
 
     def capture(self, leaves, spec):
         scheduler = self.pipe.scheduler
@@ -179,12 +204,12 @@ class LoopGraphs(GraphCache):
         except NotReplayable as e:
             logger.debug("pare.fast: %s runs step by step: %s", self.what, e)
             entry = None
-        except RuntimeError as e:  # an op a capture does not allow, such as a read back to the host
-            logger.warning("pare.fast: %s with %s could not be captured as one CUDA graph, so it runs step by step "
-                           "(%s)", self.what, type(scheduler).__name__, str(e).splitlines()[0])
-            entry = None
-        set_state(scheduler, self.start)  # as set_timesteps left it: the step-by-step run may follow
-        self.start = None
+        except RuntimeError as e:  # not caught by the warm-up: the CUDA state after a failed capture is not to be trusted
+            raise RuntimeError(f"pare.fast: capturing {self.what} with {type(scheduler).__name__} as one CUDA graph "
+                               f"failed ({str(e).splitlines()[0]}); run it with enable_fast(loop_graph=False)") from e
+        finally:
+            set_state(scheduler, self.start)  # as set_timesteps left it: the step-by-step run may follow
+            self.start = None
         return entry
 
     def replay(self, entry, leaves):

@@ -1,0 +1,78 @@
+"""A/B of the denoising loop on the fast path, in one run: the whole loop from one CUDA graph (pare/fast/loop.py)
+against the same pipeline stepping (the UNet from its per-step graph, guidance and scheduler launched eagerly).
+The two are timed in alternating rounds, so the ratio is fair (same machine, same clocks, same weights).
+
+    python benchmarks/ab_loop.py --models sd15 --steps 50 --out DIR
+
+The figures feed benchmarks/NOTES.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    from pare.bench import environment, workloads
+    from pare.parity.reference import import_reference
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="sd15")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    ref, device = import_reference(None), torch.device("cuda")
+    header = {**environment(device, ref.__version__), "dtype": "float16", "command": " ".join(["python"] + sys.argv)}
+    print(header, flush=True)
+    results = {**header, "cases": {}}
+    for family in args.models.split(","):
+        w = workloads.build(ref, family, "pipeline", device, torch.float16, steps=args.steps)
+        pipe = w.ours
+        pipe.enable_fast()
+        graphed = vars(pipe)["denoise"]
+
+        def variant(name):  # "loop graph": the instance's loop; "step by step": the class's
+            if name == "loop graph":
+                vars(pipe)["denoise"] = graphed
+            else:
+                vars(pipe).pop("denoise", None)
+
+        times = {"loop graph": [], "step by step": []}
+        with torch.no_grad():
+            for name in times:  # warm-up: captures, Triton compiles
+                variant(name)
+                for _ in range(2):
+                    w.call_ours(pipe)
+            for _ in range(args.rounds):
+                for name in times:
+                    variant(name)
+                    for _ in range(args.iters):
+                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        start.record()
+                        w.call_ours(pipe)
+                        end.record()
+                        torch.cuda.synchronize()
+                        times[name].append(start.elapsed_time(end))
+        replayed = [e is not None for e in pipe._pare_loop.graphs.values()]
+        base = statistics.median(times["step by step"])
+        case = {name: {"ms": statistics.median(t), "x_step_by_step": statistics.median(t) / base}
+                for name, t in times.items()}
+        case["loop replayed"] = replayed
+        results["cases"][w.name] = case
+        print(w.name, "  ".join(f"{n} {c['ms']:.2f} ms ({c['x_step_by_step']:.3f}x)" for n, c in case.items()
+                                if isinstance(c, dict)), "replayed:", replayed, flush=True)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "ab_loop.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
