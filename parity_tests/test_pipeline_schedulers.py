@@ -488,3 +488,37 @@ def test_lcm_folder_embeds_the_guidance_scale_and_matches_diffusers(tmp_path):
     # The embedding matters: another w gives other latents.
     other, _ = assert_same_run(ours, theirs, "LCM folder w=2", **{**kwargs, "guidance_scale": 2.0})
     assert (steps[-1] - other[-1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_a_loop_over_the_schedule_never_reads_the_schedule_tensor(name):
+    """A pipeline's loop hands each scheduler elements of its own `timesteps`, on the GPU where the pipeline runs.
+    Reading their values back (`.item()`, `nonzero`) would make the host wait at every step, and a CUDA graph of the
+    loop (pare/fast/loop.py) could not hold it: the schedulers read them from a host copy made once. Emulated on
+    the CPU: no host read of the schedule's storage after that copy."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pare.schedulers.scheduling_utils import host_schedule
+
+    scheduler = SCHEDULERS[name]()
+    scheduler.set_timesteps(6)
+    host_schedule(scheduler)  # the one read, made before the loop (loop.py primes it so before a capture)
+    storage = scheduler.timesteps.untyped_storage().data_ptr()
+    reads = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in ("_local_scalar_dense", "nonzero", "equal") and any(
+                    torch.is_tensor(a) and a.untyped_storage().data_ptr() == storage for a in args):
+                reads.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    takes = inspect.signature(scheduler.step).parameters
+    kwargs = {"generator": torch.Generator().manual_seed(0)} if "generator" in takes else {}
+    with Record():
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(x, t)
+            x = scheduler.step(model_input * 0.1, t, x, **kwargs).prev_sample
+    assert reads == []

@@ -12,7 +12,7 @@ the whole loop, and the kernels between the UNet calls run back to back.
 What a capture bakes in, so what its key holds (graph.py's GraphCache adds the rest: the UNet's weights, LoRA
 state and hooks, the inputs' shapes):
 - the schedule. Each step's timestep and sigma enter the scheduler's arithmetic as host numbers (pare's
-  schedulers read the schedule on the host: `SchedulerMixin._host_int`), so the key holds the scheduler's class
+  schedulers read the schedule on the host: `scheduling_utils.schedule_value`), so the key holds the scheduler's class
   and its state after `set_timesteps`, tensors by value;
 - guidance_scale, guidance_rescale and the step's keyword arguments (eta): Python numbers.
 Copied in at each replay: the starting latents, the prompt embeddings and SDXL's added conditions.
@@ -42,6 +42,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ..schedulers.scheduling_utils import host_schedule
 from .graph import GraphCache, check_finite_once, replayable
 
 logger = logging.getLogger(__name__)
@@ -137,10 +138,11 @@ def schedule_key(scheduler, step_kwargs: dict | None) -> tuple:
 
 
 def prime(scheduler) -> None:
-    """Read the schedule to the host before a capture, which cannot: `_host_int` keeps the copy it reads."""
+    """Read the schedule to the host before a capture, which cannot: the scheduler keeps the copy
+    (`pare/schedulers/scheduling_utils.py host_schedule`) and reads its timesteps there."""
     ts = getattr(scheduler, "timesteps", None)
-    if hasattr(scheduler, "_host_int") and torch.is_tensor(ts) and ts.ndim == 1 and len(ts):
-        scheduler._host_int(ts[0])
+    if torch.is_tensor(ts) and ts.ndim == 1 and not ts.is_inference():
+        host_schedule(scheduler)
 
 
 class Loop:

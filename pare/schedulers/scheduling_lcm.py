@@ -23,6 +23,7 @@ from .scheduling_utils import (
     DiscreteScheduler,
     Generator,
     clip_or_threshold,
+    host_schedule,
     pred_original_and_epsilon,
     randn_tensor,
 )
@@ -232,7 +233,7 @@ class LCMScheduler(DiscreteScheduler, SigmaSchedulerMixin):
 
         # 1. the next timestep t' (the last step stays at t)
         prev_step_index = self.step_index + 1
-        prev_t = int(self.timesteps[prev_step_index]) if prev_step_index < len(self.timesteps) else t
+        prev_t = int(host_schedule(self)[prev_step_index]) if prev_step_index < len(self.timesteps) else t  # no GPU read
 
         # 2. alphas and betas (0-dim float32 tensors)
         alpha_prod_t = self.alphas_cumprod[t]

@@ -123,6 +123,30 @@ def randn_tensor(shape, generator: Generator, device: torch.device, dtype: torch
     return torch.cat([torch.randn(per_item, generator=g, device=draw_device, dtype=dtype) for g in generators]).to(device)
 
 
+def schedule_value(scheduler, timestep):
+    """The value of `timestep` when it is an element of `scheduler.timesteps`, as a pipeline's loop passes it, read
+    from a host copy of the schedule (`host_schedule`); None for anything else.
+
+    Reading a CUDA tensor's value makes the CPU wait until the GPU has run everything queued: once a
+    step, that keeps the CPU from queueing the next step while the GPU runs this one, and a CUDA graph
+    of the whole loop (pare/fast/loop.py) cannot hold it at all.
+    """
+    ts = scheduler.timesteps
+    if not (torch.is_tensor(timestep) and timestep.ndim == 0 and timestep._base is ts and ts.ndim == 1
+            and not ts.is_inference()):  # an inference tensor keeps no version counter
+        return None
+    return host_schedule(scheduler)[(timestep.storage_offset() - ts.storage_offset()) // ts.stride(0)]
+
+
+def host_schedule(scheduler) -> list:
+    """`scheduler.timesteps` as a list, read to the host once (again if it is replaced or changed in place)."""
+    ts = scheduler.timesteps
+    host = getattr(scheduler, "_host_timesteps", None)
+    if host is None or host[0] is not ts or host[1] != ts._version:
+        host = scheduler._host_timesteps = (ts, ts._version, ts.tolist())
+    return host[2]
+
+
 class DiscreteScheduler(ConfigMixin):
     """Base of pare's DDPM-family schedulers: a beta schedule over `num_train_timesteps` integer timesteps.
 
@@ -192,20 +216,9 @@ class DiscreteScheduler(ConfigMixin):
         return t
 
     def _host_int(self, timestep) -> int:
-        """int(timestep), without reading the GPU when it is an element of `self.timesteps`, as a pipeline's loop passes it.
-
-        Reading a CUDA tensor's value makes the CPU wait until the GPU has run everything queued: once a
-        step, that keeps the CPU from queueing the next step while the GPU runs this one. The schedule
-        is read to the host once instead (again if it is replaced or changed in place).
-        """
-        ts = self.timesteps
-        if not (torch.is_tensor(timestep) and timestep.ndim == 0 and timestep._base is ts and ts.ndim == 1
-                and not ts.is_inference()):  # an inference tensor keeps no version counter
-            return int(timestep)
-        host = getattr(self, "_host_timesteps", None)
-        if host is None or host[0] is not ts or host[1] != ts._version:
-            host = self._host_timesteps = (ts, ts._version, ts.tolist())
-        return int(host[2][(timestep.storage_offset() - ts.storage_offset()) // ts.stride(0)])
+        """int(timestep), without reading the GPU when it is an element of `self.timesteps` (`schedule_value`)."""
+        value = schedule_value(self, timestep)
+        return int(timestep) if value is None else int(value)
 
     def _alpha_bar_at(self, timesteps, like: torch.Tensor) -> torch.Tensor:
         """alpha_bar at `timesteps` (int or (B,) tensor), in like's dtype and device, shaped to broadcast: (B, 1, ..., 1)."""

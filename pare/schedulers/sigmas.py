@@ -34,7 +34,7 @@ from .schedule import (
     rescale_zero_terminal_snr,
     spaced_timesteps,
 )
-from .scheduling_utils import check_choice
+from .scheduling_utils import check_choice, host_schedule, schedule_value
 
 SIGMA_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 
@@ -250,6 +250,10 @@ class SigmaSchedulerMixin:
         schedule that starts part-way), the *second* match: starting at the first would skip a
         sigma when img2img starts mid-schedule (diffusers' rule, kept for parity).
         """
+        value = schedule_value(self, timestep) if schedule_timesteps is None else None
+        if value is not None:  # an element of the schedule: matched in its host copy, without reading the GPU
+            matches = [i for i, v in enumerate(host_schedule(self)) if v == value]
+            return matches[1 if len(matches) > 1 else 0]
         if schedule_timesteps is None:
             schedule_timesteps = self.timesteps
         indices = (schedule_timesteps == timestep).nonzero()
@@ -274,9 +278,11 @@ class SigmaSchedulerMixin:
         if self.begin_index is not None:
             self._step_index = self._begin_index
             return
-        if isinstance(timestep, torch.Tensor):
+        value = schedule_value(self, timestep)  # an element of the schedule (the loop's): compared on the host
+        if value is None and isinstance(timestep, torch.Tensor):
             timestep = timestep.to(self.timesteps.device)
-        if self.start_at_first_timestep and len(self.timesteps) and bool(self.timesteps[0] == timestep):
+        if self.start_at_first_timestep and (host_schedule(self)[0] == value if value is not None else
+                                            len(self.timesteps) and bool(self.timesteps[0] == timestep)):
             self._step_index = 0
         else:
             self._step_index = self.index_for_timestep(timestep)
