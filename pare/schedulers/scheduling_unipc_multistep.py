@@ -41,7 +41,7 @@ from .scheduling_dpmsolver_multistep import (
     log_snr,
     vp_alpha_sigma,
 )
-from .scheduling_utils import DiscreteScheduler, SchedulerOutput, check_choice, threshold_sample
+from .scheduling_utils import DiscreteScheduler, SchedulerOutput, check_choice, coefficients_on, threshold_sample
 from .sigmas import SigmaSchedulerMixin, convert_sigmas, timesteps_for_sigmas, train_sigmas
 
 logger = logging.getLogger("pare")
@@ -298,7 +298,7 @@ class UniPCMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
             if order == 2:
                 rhos_p = torch.ones(1, dtype=x.dtype, device=x.device) * 0.5
             else:
-                rhos_p = torch.linalg.solve(R[:-1, :-1], b[:-1]).to(x.device).to(x.dtype)
+                rhos_p = coefficients_on(torch.linalg.solve(R[:-1, :-1], b[:-1]), x)
         x_t = self._update(x, m0, D1s, rhos_p, None, None, alpha_t, sigma_t, alpha_s0, sigma_s0, h_phi_1, B_h)
         return x_t.to(x.dtype)
 
@@ -323,7 +323,7 @@ class UniPCMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
         if order == 1:
             rhos_c = torch.ones(1, dtype=x.dtype, device=x.device) * 0.5
         else:
-            rhos_c = torch.linalg.solve(R, b).to(x.device).to(x.dtype)
+            rhos_c = coefficients_on(torch.linalg.solve(R, b), x)
         D1_t = this_model_output - m0
         x_t = self._update(x, m0, D1s, rhos_c[:-1] if D1s is not None else None, D1_t, rhos_c[-1],
                            alpha_t, sigma_t, alpha_s0, sigma_s0, h_phi_1, B_h)

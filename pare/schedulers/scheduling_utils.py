@@ -147,6 +147,17 @@ def host_schedule(scheduler) -> list:
     return host[2]
 
 
+def coefficients_on(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A few coefficients solved on the host (a (K,) CPU tensor), in like's dtype and on like's device, made there by
+    fills of their values rather than copied from the host: a CUDA graph of the loop (pare/fast/loop.py) can hold a
+    fill, whose value is a kernel argument, but not a copy from pageable host memory. The cast is on the host,
+    float32 -> like's dtype, rounded as on the device."""
+    values = values.to(like.dtype)
+    if like.device.type == "cpu":
+        return values
+    return torch.stack([torch.full((), v, dtype=like.dtype, device=like.device) for v in values.tolist()])
+
+
 class DiscreteScheduler(ConfigMixin):
     """Base of pare's DDPM-family schedulers: a beta schedule over `num_train_timesteps` integer timesteps.
 
