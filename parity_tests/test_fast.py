@@ -322,7 +322,7 @@ def test_the_loop_graph_keys_every_scheduler_by_value_and_spots_random_draws():
     """loop.py's key: what a captured loop bakes in. Every pare scheduler's state is keyable; equal schedules give
     equal keys whatever the generator object; another step count or eta gives another. The recorder that keeps
     stochastic loops step by step sees the draws of DDIM with eta > 0 and of Euler ancestral, and none at eta = 0."""
-    from pare.fast.loop import Recorder, schedule_key
+    from pare.fast.loop import Recorder, loop_key, schedule_key
     from pare.schedulers import SCHEDULERS, DDIMScheduler, EulerAncestralDiscreteScheduler
 
     def key(cls, steps, **step_kwargs):
@@ -338,6 +338,9 @@ def test_the_loop_graph_keys_every_scheduler_by_value_and_spots_random_draws():
     s.set_timesteps(10)
     s.timesteps[0] += 1  # the key reads values, not identities
     assert schedule_key(s, None) != key(DDIMScheduler, 10)
+    s.set_timesteps(10)  # img2img: the same schedule, walked from another step (its strength)
+    tail = lambda start, w=7.5: loop_key(s, s.timesteps[start:], None, w, 0.0)  # noqa: E731
+    assert tail(4) == tail(4) != tail(5) and tail(4) != tail(4, 5.0)
 
     x = torch.randn(1, 4, 8, 8)
     for cls, kwargs, draws in ((DDIMScheduler, {"eta": 0.0}, False), (DDIMScheduler, {"eta": 1.0}, True),

@@ -12,8 +12,9 @@ the whole loop, and the kernels between the UNet calls run back to back.
 What a capture bakes in, so what its key holds (graph.py's GraphCache adds the rest: the UNet's weights, LoRA
 state and hooks, the inputs' shapes):
 - the schedule. Each step's timestep and sigma enter the scheduler's arithmetic as host numbers (pare's
-  schedulers read the schedule on the host: `scheduling_utils.schedule_value`), so the key holds the scheduler's class
-  and its state after `set_timesteps`, tensors by value;
+  schedulers read the schedule on the host: `scheduling_utils.schedule_value`), so the key holds the
+  scheduler's class and its state after `set_timesteps`, tensors by value, and the timesteps the loop walks
+  (img2img walks the schedule's tail);
 - guidance_scale, guidance_rescale and the step's keyword arguments (eta): Python numbers.
 Copied in at each replay: the starting latents, the prompt embeddings and SDXL's added conditions.
 
@@ -50,8 +51,7 @@ logger = logging.getLogger(__name__)
 # aten ops that draw random numbers, by name without the in-place "_" and the "_like" of their variants
 RANDOM_OPS = ("randn", "rand", "randint", "randperm", "normal", "uniform", "bernoulli", "multinomial",
               "exponential", "geometric", "cauchy", "log_normal", "poisson")
-
-
+# aten ops that read a CUDA tensor's values back to the host (a capture cannot hold them)
 HOST_READS = ("_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select", "unique", "_unique2")
 
 
@@ -127,6 +127,14 @@ def set_state(scheduler, saved: dict) -> None:
 
 def copied(attributes: dict) -> dict:
     return {k: (list(v) if isinstance(v, list) else v) for k, v in attributes.items()}
+
+
+def loop_key(scheduler, timesteps: torch.Tensor, step_kwargs: dict | None, guidance_scale: float,
+             guidance_rescale: float) -> tuple:
+    """Everything a captured loop bakes in but the UNet's weights and the inputs' shapes (GraphCache keys those): the
+    scheduler (`schedule_key`), the timesteps the loop walks (img2img walks the tail of the schedule: its strength
+    picks how much), and the guidance numbers."""
+    return schedule_key(scheduler, step_kwargs), value_key(timesteps), float(guidance_scale), float(guidance_rescale)
 
 
 def schedule_key(scheduler, step_kwargs: dict | None) -> tuple:
@@ -234,7 +242,7 @@ def graph_denoise(pipe) -> bool:
         if callback is not None or not replayable(latents) or not torch.is_tensor(timesteps):
             return loop(pipe, *args, callback=callback, callback_inputs=callback_inputs)
         try:
-            key = schedule_key(pipe.scheduler, step_kwargs), float(guidance_scale), float(guidance_rescale)
+            key = loop_key(pipe.scheduler, timesteps, step_kwargs, guidance_scale, guidance_rescale)
         except TypeError:
             return loop(pipe, *args)
         cache = pipe.__dict__.get("_pare_loop")
