@@ -5,7 +5,8 @@
 #   STEPS="tests profile parity" bash scripts/gpu_fast.sh
 #   STEPS="bench" bash scripts/gpu_fast.sh            # SDXL, SD1.5 with compile-graph, the SDXL pipeline (about 7 min)
 # suite: the whole parity suite's GPU tier on the fast path (SUITE_ARGS, say "-k sd15", to split it over calls).
-# Diagnostics: ab (benchmarks/ab_fast.py: the fast path's options, A/B in one run), syncs (benchmarks/sync_points.py:
+# Diagnostics: ab (benchmarks/ab_fast.py: the fast path's options, A/B in one run), ab-loop (benchmarks/ab_loop.py:
+# the loop graph against the stepping loop), syncs (benchmarks/sync_points.py:
 # the host syncs of a fast pipeline call), sd15-pipeline and sdxl-pipeline (a text-to-image call on the fast path
 # alone, with its stages).
 source scripts/gpu_prelude.sh
@@ -22,6 +23,7 @@ for step in ${STEPS:-tests profile parity}; do
       timeout ${T_PARITY:-150} python3 -m pare.cli parity --fast --config sd15 --device cuda --dtype fp16 --components unet,vae,pipeline --steps 50 --out "$OUT/parity-fast-sd15" 2>&1 | tail -4
       timeout ${T_PARITY:-150} python3 -m pare.cli parity --fast --config sdxl --device cuda --dtype fp16 --components unet,vae --out "$OUT/parity-fast-sdxl" 2>&1 | tail -4 ;;
     ab) timeout ${T_AB:-200} python3 benchmarks/ab_fast.py --models ${AB_MODELS:-sd15,sdxl} --out "$OUT" 2>&1 | quiet | tail -4 ;;
+    ab-loop) timeout ${T_AB:-200} python3 benchmarks/ab_loop.py --models ${AB_MODELS:-sd15} --out "$OUT" 2>&1 | quiet | tail -3 ;;
     syncs) timeout ${T_SYNCS:-120} python3 benchmarks/sync_points.py --model sd15 --steps 5 2>&1 | quiet | tail -25 ;;
     suite) { cat "$OUT/device.txt"; git log -1 --format="commit %H" 2>/dev/null; timeout ${T_SUITE:-540} python3 -m pytest parity_tests --device cuda --dtype fp16 --fast -q -p no:cacheprovider -rfE ${SUITE_ARGS:-} 2>&1; } | tee "$OUT/suite_fast.log" | tail -15 ;;
     sd15-pipeline) timeout ${T_SD15:-150} python3 -m pare.cli bench --models sd15 --cases pipeline --modes fast --out "$OUT" --stem sd15-pipeline-fast 2>&1 | quiet | tail -8 ;;
