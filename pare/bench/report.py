@@ -68,7 +68,8 @@ def stage_table(run: Run) -> list[str]:
         return []
     names = [k for k in staged[0].stages_ms if k != "total"]
     lines = ["", "Full text-to-image, time per stage (one more eager run, each stage bracketed by CUDA events or the host clock; "
-             "\"other\" is what no stage covers: scheduler steps, CFG arithmetic, casts, launch gaps):", "",
+             "\"other\" is what no stage covers: scheduler steps, CFG arithmetic, casts, launch gaps; the hooks on the "
+             "UNet make pare's fast path step its loop here, not replay it from one graph as in the timed runs):", "",
              "| case | library | total ms | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
     for r in staged:
         total = r.stages_ms["total"]
