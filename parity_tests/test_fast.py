@@ -353,6 +353,56 @@ def test_the_loop_graph_keys_every_scheduler_by_value_and_spots_random_draws():
         assert record.synced == []  # host numbers and CPU tensors are no reads of the GPU
 
 
+@torch.no_grad()
+def test_the_loop_graph_captures_replays_and_falls_back_as_designed_with_graphs_stood_in_for(monkeypatch):
+    """loop.py's logic on the CPU, where a "capture" runs the loop eagerly and a "replay" hands back what it computed
+    (so every call here has the same inputs). A deterministic loop is captured once, replays, and leaves the
+    scheduler as a loop does; DDIM with eta = 1 draws noise, so it steps, and draws what it would have drawn (the
+    warm-up restored the generator); the GPU tier checks real graphs (test_the_loop_graph_replays_...)."""
+    import contextlib
+
+    import pare.fast.graph
+    import pare.fast.loop
+    from parity_tests.tiny_components import build_diffusers_pipeline
+    from pare.parity.checkpoint import pare_twin
+
+    ours = pare_twin(build_diffusers_pipeline("tiny-sd"))  # before the stand-ins: diffusers' import reads torch.cuda
+    ours.set_progress_bar_config(disable=True)
+    replays = []
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: type("Graph", (), {"replay": lambda self: replays.append(1)})())
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None: contextlib.nullcontext())
+    monkeypatch.setattr(pare.fast.graph, "share_pool", lambda modules: None)
+    monkeypatch.setattr(pare.fast.graph.GraphCache, "warm_up",
+                        lambda self, kwargs, device: [self.fn(**kwargs) for _ in range(self.warmup)])
+    monkeypatch.setattr(pare.fast.loop, "replayable", lambda x: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: torch.empty(0))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: None)
+    ours.enable_fast(cuda_graph=True)  # on CPU tensors the UNet itself runs eagerly
+    graphed = vars(ours)["denoise"]
+    latents = torch.randn(ours.latent_shape(1, 32, 32), generator=torch.Generator().manual_seed(0))
+
+    def run(**kwargs):
+        return ours(prompt="a cat", num_inference_steps=3, height=32, width=32, output_type="latent", latents=latents,
+                    generator=torch.Generator().manual_seed(1), **kwargs).images
+
+    from pare.schedulers import DDIMScheduler, EulerDiscreteScheduler
+
+    config = ours.scheduler.config
+    for cls, kwargs, replayed in ((EulerDiscreteScheduler, {}, True), (DDIMScheduler, {"eta": 1.0}, False)):
+        ours.scheduler = cls.from_config(config)
+        vars(ours)["denoise"] = graphed
+        got = [run(**kwargs) for _ in range(2)]
+        entries = list(ours._pare_loop.graphs.values())
+        after = plain_state(ours.scheduler)  # Euler's step index: as the captured run left it
+        del vars(ours)["denoise"]
+        expected = run(**kwargs)
+        assert (entries[-1] is not None) == replayed
+        assert len(replays) == 2  # Euler's two calls replay; DDIM's with eta = 1 never do
+        assert all(torch.equal(g, expected) for g in got), cls.__name__
+        assert after == plain_state(ours.scheduler)
+    assert len(ours._pare_loop.graphs) == 3  # Euler: a fresh scheduler's key, then the key after a loop; DDIM: one
+
+
 def test_only_loops_that_read_only_their_arguments_get_a_loop_graph():
     """ControlNet's and inpainting's loops read tensors that are not their arguments (the condition image, the
     mask), which a graph would bake in: they keep their own loop."""

@@ -119,7 +119,7 @@ class GraphCache:
     def capture(self, leaves, spec):
         static = [l.clone() if torch.is_tensor(l) else l for l in leaves]
         kwargs = tree_unflatten(static, spec)
-        self.warm_up(kwargs, next(l for l in leaves if torch.is_tensor(l) and l.is_cuda).device)
+        self.warm_up(kwargs, next(l for l in leaves if torch.is_tensor(l)).device)
         if self.pool is None:
             self.pool = self.model.__dict__.get("_pare_pool")
             self.pool = share_pool([self.model]) if self.pool is None else self.pool

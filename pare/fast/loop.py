@@ -171,7 +171,7 @@ class LoopGraphs(GraphCache):
     """A pipeline's denoising loop captured as one CUDA graph per key; other keys run step by step."""
 
     def __init__(self, pipe):
-        self.pipe, self.start = pipe, None  # start: the scheduler's state a capture's runs each begin from
+        self.pipe, self.start, self.warmed = pipe, None, False  # start: the state a capture's runs each begin from
         super().__init__(self.run, pipe.unet, warmup=1)  # once per `warm_up` run: see there
         self.what, self.eagerly = f"{type(pipe).__name__}'s denoising loop", "it runs step by step"
 
@@ -203,18 +203,22 @@ class LoopGraphs(GraphCache):
                            "between them (%s), which a CUDA graph cannot hold", self.what,
                            type(self.pipe.scheduler).__name__, second.synced[0])
             raise NotReplayable(f"it reads the GPU ({second.synced[0]})")
+        self.warmed = True
 
     def capture(self, leaves, spec):
         scheduler = self.pipe.scheduler
         prime(scheduler)
-        self.start = state(scheduler)
+        self.start, self.warmed = state(scheduler), False
         try:
             graph, static, out = super().capture(leaves, spec)
             entry = (graph, static, out, state(scheduler))  # and the state the captured run left
         except NotReplayable as e:
             logger.debug("pare.fast: %s runs step by step: %s", self.what, e)
             entry = None
-        except RuntimeError as e:  # not caught by the warm-up: the CUDA state after a failed capture is not to be trusted
+        except RuntimeError as e:
+            if not self.warmed:  # the loop itself failed, as it would have stepping: its own error
+                raise
+            # the capture failed on what the warm-up did not see: the CUDA state after it is not to be trusted
             raise RuntimeError(f"pare.fast: capturing {self.what} with {type(scheduler).__name__} as one CUDA graph "
                                f"failed ({str(e).splitlines()[0]}); run it with enable_fast(loop_graph=False)") from e
         finally:
