@@ -6,7 +6,8 @@ hooks, weights replaced after optimize. The Triton kernels are the kernel tier: 
 its reference on fresh random inputs, judged like the parity suite (no further from float64 than
 PyTorch's own op), on the GPU (`--device cuda`) or on the CPU under Triton's interpreter
 (`TRITON_INTERPRET=1 pytest -m kernel`). The CUDA graphs are the GPU tier: the graphed UNet, text
-encoders and VAE against eager.
+encoders and VAE against eager, and the whole loop from one graph against the stepping loop (its logic also
+on the CPU, with the graphs stood in for).
 """
 
 from __future__ import annotations
