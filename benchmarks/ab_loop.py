@@ -20,6 +20,7 @@ import torch
 
 def main() -> None:
     from pare.bench import environment, workloads
+    from pare.bench.timing import time_ms
     from pare.parity.reference import import_reference
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,13 +55,7 @@ def main() -> None:
             for _ in range(args.rounds):
                 for name in times:
                     variant(name)
-                    for _ in range(args.iters):
-                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        start.record()
-                        w.call_ours(pipe)
-                        end.record()
-                        torch.cuda.synchronize()
-                        times[name].append(start.elapsed_time(end))
+                    times[name] += time_ms(lambda: w.call_ours(pipe), device, warmup=0, iters=args.iters)
         replayed = [e is not None for e in pipe._pare_loop.graphs.values()]
         base = statistics.median(times["step by step"])
         case = {name: {"ms": statistics.median(t), "x_step_by_step": statistics.median(t) / base}
