@@ -17,6 +17,7 @@ kernels' tile sizes change):
     sdpa=BACKEND      as fast, captured with that SDPA backend first (flash, efficient, cudnn; then the rest)
     cudnn-benchmark   as fast, captured with torch.backends.cudnn.benchmark on (cuDNN times its algorithms)
     MODULE.NAME=V     as fast, with a constant of pare/fast/kernels/MODULE.py set to V (`--set`, repeatable)
+`--only` keeps the named variants (and fast), so one option can be A/B'd without the rest.
 The figures feed benchmarks/NOTES.md.
 """
 
@@ -80,6 +81,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=V1,V2")
+    parser.add_argument("--only", default=None, metavar="V1,V2",
+                        help="run only these variants (and fast): names as printed, e.g. no-block-fusion,geglu.FUSED_GEMM=0")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     ref, device = import_reference(None), torch.device("cuda")
@@ -156,6 +159,9 @@ def main() -> None:
                 module, name = target.split(".")
                 for v in values.split(","):
                     variants[f"{target}={v}"] = lambda m=module, n=name, v=v: constant(m, n, v)
+            if args.only:
+                keep = {"fast", *args.only.split(",")}
+                variants = {k: v for k, v in variants.items() if k in keep}
             graphs = {}
             with torch.no_grad():
                 for name, context in variants.items():

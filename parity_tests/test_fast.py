@@ -16,6 +16,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import pare.fast
 from pare.configs import TINY_SD_UNET, TINY_SDXL_UNET, TINY_VAE
@@ -678,6 +679,42 @@ def test_geglu_kernel_is_as_accurate_as_torch(shape, dtype):
     ours = geglu_kernel.geglu(x)
     assert ours.shape == exact.shape and torch.isfinite(ours).all()
     assert rel(ours, exact) <= BUDGET * rel(geglu_kernel.reference(x), exact) + FLOOR[dtype]
+
+
+@pytest.mark.kernel
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,k,d,bias", [gpu_size(8192, 320, 1280, True), gpu_size(2048, 640, 2560, True),
+                                        gpu_size(128, 1280, 5120, True), gpu_size(8192, 640, 2560, True),
+                                        (256, 320, 128, True),  # SD1.5's K; whole tiles
+                                        (130, 80, 96, False)])  # partial row, column and K tiles; no bias
+def test_geglu_linear_kernel_is_as_accurate_as_torch(m, k, d, bias, dtype):
+    """The up-projection and the gate in one GEMM, against PyTorch's linear layer and then the gate."""
+    if INTERPRET and dtype == torch.bfloat16:
+        pytest.skip("Triton 3.6's interpreter multiplies bfloat16 tiles wrongly in tl.dot (off by 1e10 on a 16x16 "
+                    "product whose loads are exact); bfloat16 runs on the GPU")
+    g = torch.Generator(KDEV).manual_seed(m + k + d)
+    x = torch.randn(2, m // 2, k, generator=g, device=KDEV).to(dtype)
+    weight = (torch.randn(2 * d, k, generator=g, device=KDEV) / k**0.5).to(dtype)
+    b = torch.randn(2 * d, generator=g, device=KDEV).to(dtype) if bias else None
+    exact = geglu_kernel.reference(F.linear(x.double(), weight.double(), None if b is None else b.double()))
+    ours = geglu_kernel.geglu_linear(x, weight, b)
+    torchs = geglu_kernel.reference(F.linear(x, weight, b))  # the reference module's roundings
+    assert ours.shape == exact.shape and ours.dtype == dtype and torch.isfinite(ours).all()
+    assert rel(ours, exact) <= BUDGET * rel(torchs, exact) + FLOOR[dtype], (rel(ours, exact), rel(torchs, exact))
+
+
+@pytest.mark.kernel
+@needs_triton
+def test_geglu_linear_runs_the_two_steps_where_the_gemm_does_not_apply(monkeypatch):
+    """float32 (a Triton GEMM would run in TF32) and FUSED_GEMM = 0 (the A/B's switch) take PyTorch's GEMM and the
+    gate kernel: the same result as those two, to the bit."""
+    g = torch.Generator(KDEV).manual_seed(1)
+    for dtype, fused in ((torch.float32, 1), (torch.float16, 0)):
+        monkeypatch.setattr(geglu_kernel, "FUSED_GEMM", fused)
+        x = torch.randn(2, 24, 64, generator=g, device=KDEV).to(dtype)
+        weight, b = torch.randn(128, 64, generator=g, device=KDEV).to(dtype), torch.randn(128, generator=g, device=KDEV).to(dtype)
+        assert torch.equal(geglu_kernel.geglu_linear(x, weight, b), geglu_kernel.geglu(F.linear(x, weight, b)))
 
 
 @pytest.mark.kernel

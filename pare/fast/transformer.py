@@ -1,4 +1,5 @@
-"""The UNet's transformer on the fast path: channels last in and out, no layout copies; a fused GEGLU;
+"""The UNet's transformer on the fast path: channels last in and out, no layout copies; the GEGLU gate in
+its up-projection's GEMM;
 the blocks' residual adds fused into the LayerNorms that follow them.
 
 Replaces: `pare/models/transformer.py Transformer2DModel.forward`, `BasicTransformerBlock.forward`
@@ -44,7 +45,7 @@ from ..models.lora_scale import lora_call
 from ..models.transformer import GEGLU, BasicTransformerBlock, Transformer2DModel
 from .attention import FastAttention, fuse_linears
 from .graph import version
-from .kernels.geglu import geglu
+from .kernels.geglu import geglu, geglu_linear
 from .kernels.group_norm import add_bias_residual, group_norm
 from .kernels.layer_norm import layer_norm
 from .resnet import plain
@@ -52,6 +53,8 @@ from .resnet import plain
 
 class FastGEGLU(GEGLU):
     def forward(self, hidden_states: torch.Tensor, lora_scale: float = 1.0) -> torch.Tensor:
+        if plain(self.proj):  # the projection and the gate in one GEMM: (B, N, dim) -> (B, N, inner)
+            return geglu_linear(hidden_states, self.proj.weight, self.proj.bias)
         return geglu(lora_call(self.proj, hidden_states, lora_scale))  # (B, N, 2*inner) -> (B, N, inner)
 
 

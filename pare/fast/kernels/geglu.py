@@ -1,12 +1,23 @@
-"""The GEGLU gate, a * gelu(b) for [a, b] = the halves of the up-projection, in one pass.
+"""The GEGLU gate, a * gelu(b) for [a, b] = the halves of the up-projection: in one pass after the
+projection (`geglu`), or in the projection's GEMM itself (`geglu_linear`).
 
-Replaces: the `chunk` -> `F.gelu` -> `*` of `pare/models/transformer.py GEGLU.forward`.
+Replaces: the `chunk` -> `F.gelu` -> `*` of `pare/models/transformer.py GEGLU.forward` (`geglu`), and
+that and the `proj` linear layer before it (`geglu_linear`).
 Source: Shazeer, "GLU Variants Improve Transformer" (arXiv 2002.05202, eq. 6), with the exact (erf)
 GELU of Hendrycks & Gimpel (arXiv 1606.08415): gelu(b) = b * (1 + erf(b / sqrt(2))) / 2.
 
 Why a kernel: PyTorch writes gelu(b) out and reads it back for the product: 5 passes over a
 (tokens, inner) tensor where 3 do (read a and b, write the product); the gate is the widest
 activation of SD's UNet (4x the channels). Arithmetic in float32, one rounding to the output dtype.
+
+`geglu_linear` goes further: a Triton GEMM whose programs each make a tile of the value half and the
+same tile of the gate half (two float32 accumulators over the same rows of x), and apply the gate
+before anything is written. The (tokens, 2D) projection is never stored or read back: on SD1.5's
+64x64 level, per block, 42 MB written and read again, and 21 MB of gate output written, become the
+21 MB of output alone. Each half is rounded to the output dtype before the gate, as the reference's
+linear layer stores it; the GEMM's float32 sums run in another order than cuBLAS's, which is why it
+is held to the error budget, not to the bit. It takes float16 and bfloat16 only: a float32 GEMM in
+Triton would run in TF32 or slowly, so float32 keeps PyTorch's GEMM and `geglu`.
 """
 
 from __future__ import annotations
@@ -19,9 +30,12 @@ from . import TRITON, triton_ready
 if TRITON:  # at import, not in the call: torch.compile cannot trace an import
     import triton
 
-    from ._geglu_triton import geglu_kernel
+    from ._geglu_triton import geglu_kernel, geglu_linear_kernel
 
 BLOCK_ROWS, BLOCK_COLS = 8, 256
+FUSED_GEMM = 1  # 0: `geglu_linear` runs PyTorch's GEMM, then `geglu` (read at call time: ab_fast.py --set)
+# The fused GEMM's tile: rows of x, columns of each half, the K step; warps and pipeline stages (benchmarks/NOTES.md)
+GEMM_BLOCK_M, GEMM_BLOCK_N, GEMM_BLOCK_K, GEMM_WARPS, GEMM_STAGES, GEMM_GROUP_M = 128, 64, 64, 8, 4, 8
 
 
 def reference(x: torch.Tensor) -> torch.Tensor:
@@ -38,4 +52,24 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
     y = torch.empty(*x.shape[:-1], d, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(d, BLOCK_COLS))
     geglu_kernel[grid](x, y, rows, d, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=BLOCK_COLS, num_warps=4)
+    return y
+
+
+def geglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """geglu(F.linear(x, weight, bias)): (..., K) -> (..., D), weight (2D, K). On CUDA with Triton, in float16 or
+    bfloat16, one kernel; elsewhere the two steps."""
+    two_d, k = weight.shape
+    fused = (FUSED_GEMM and triton_ready(x) and x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype
+             and (bias is None or bias.dtype == x.dtype) and x.shape[-1] == k and two_d % 2 == 0)
+    if not fused:
+        return geglu(F.linear(x, weight, bias))
+    x2 = x.reshape(-1, k).contiguous()  # (M, K); a view on the fast path, whose tokens are contiguous
+    weight = weight.contiguous()
+    m, d = x2.shape[0], two_d // 2
+    y = torch.empty(*x.shape[:-1], d, device=x.device, dtype=x.dtype)
+    bm, bn, bk = GEMM_BLOCK_M, GEMM_BLOCK_N, GEMM_BLOCK_K
+    grid = (triton.cdiv(m, bm) * triton.cdiv(d, bn),)
+    geglu_linear_kernel[grid](x2, weight, bias if bias is not None else weight, y, m, d, k, HAS_BIAS=bias is not None,
+                              EVEN_K=k % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GEMM_GROUP_M,
+                              num_warps=GEMM_WARPS, num_stages=GEMM_STAGES)
     return y
