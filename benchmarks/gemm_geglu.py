@@ -26,20 +26,25 @@ from pare.fast.kernels import geglu as gk
 # (model, tokens of a batch-2 call, K = dim, D = inner, blocks of that shape per UNet call)
 SHAPES = [("sd15", 8192, 320, 1280, 5), ("sd15", 2048, 640, 2560, 5), ("sd15", 512, 1280, 5120, 5),
           ("sd15", 128, 1280, 5120, 1), ("sdxl", 8192, 640, 2560, 10), ("sdxl", 2048, 1280, 5120, 60)]
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
-CONFIGS = [(128, 64, 64, 8, 4), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4),
-           (128, 32, 64, 4, 4), (64, 128, 64, 4, 3), (128, 64, 32, 8, 5), (256, 64, 64, 8, 3), (128, 128, 32, 8, 4)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, row tiles a group). Session 7's first run also tried pointer
+# loads (slower than the two steps everywhere) and (128, 64, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4),
+# (128, 64, 64, 4, 4), (128, 64, 32, 8, 5), (256, 64, 64, 8, 3), (64, 64, 64, 4, 4) with TMA: all slower than the first.
+CONFIGS = [(128, 64, 64, 8, 3, 8), (128, 64, 64, 8, 2, 8), (128, 64, 128, 8, 2, 8), (128, 64, 64, 8, 3, 4),
+           (128, 64, 64, 8, 3, 16), (128, 64, 32, 8, 3, 8), (64, 64, 64, 4, 3, 8), (128, 32, 64, 4, 3, 8)]
+NAMES = ("GEMM_BLOCK_M", "GEMM_BLOCK_N", "GEMM_BLOCK_K", "GEMM_WARPS", "GEMM_STAGES", "GEMM_GROUP_M")
 REPEAT = 20
 
 
 def fused(config):
     def call(x, w, b):
-        old = (gk.GEMM_BLOCK_M, gk.GEMM_BLOCK_N, gk.GEMM_BLOCK_K, gk.GEMM_WARPS, gk.GEMM_STAGES)
-        gk.GEMM_BLOCK_M, gk.GEMM_BLOCK_N, gk.GEMM_BLOCK_K, gk.GEMM_WARPS, gk.GEMM_STAGES = config
+        old = [getattr(gk, n) for n in NAMES + ("GEMM_MIN_ROWS",)]
+        for n, v in zip(NAMES + ("GEMM_MIN_ROWS",), config + (1,)):  # the kernel at every size, to time it
+            setattr(gk, n, v)
         try:
             return gk.geglu_linear(x, w, b)
         finally:
-            gk.GEMM_BLOCK_M, gk.GEMM_BLOCK_N, gk.GEMM_BLOCK_K, gk.GEMM_WARPS, gk.GEMM_STAGES = old
+            for n, v in zip(NAMES + ("GEMM_MIN_ROWS",), old):
+                setattr(gk, n, v)
     return call
 
 
