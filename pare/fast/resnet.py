@@ -8,9 +8,7 @@ Per block that saves, on a (B, C, H, W) map, the SiLU passes (2 reads and 2 writ
 the time-embedding add (1 read, 1 write), on channels-last maps the layout copies around
 PyTorch's NCHW GroupNorm (see `kernels/group_norm.py`), and the two conv-bias passes that
 PyTorch runs after cuDNN's convolution (`output.add_(bias)`, 1 read and 1 write each): conv1's
-bias joins norm2's per-channel add, conv2's the residual add. That residual add (`add_bias_residual`) also
-takes the statistics of the block's output for the GroupNorm that reads it next (the next ResNet's norm1, a
-transformer's norm, the VAE attention's, conv_norm_out), which then skips its statistics pass (`kernels/group_norm.py`).
+bias joins norm2's per-channel add, conv2's the residual add.
 """
 
 from __future__ import annotations
@@ -62,9 +60,7 @@ class FastResnetBlock2D(ResnetBlock2D):
             if self.conv_shortcut is not None:
                 shortcut = self.conv_shortcut._conv_forward(input_tensor, self.conv_shortcut.weight, None)
                 shortcut_bias = self.conv_shortcut.bias
-            # one pass; it leaves the map's statistics for the next GroupNorm, which in SD's UNets and VAEs has
-            # norm1's group count (another count just takes its own)
-            return add_bias_residual(hidden_states, shortcut, self.conv2.bias, shortcut_bias, groups=n1.num_groups)
+            return add_bias_residual(hidden_states, shortcut, self.conv2.bias, shortcut_bias)  # one pass
         hidden_states = lora_call(self.conv2, hidden_states, lora_scale)
         if self.conv_shortcut is not None:
             input_tensor = lora_call(self.conv_shortcut, input_tensor, lora_scale)

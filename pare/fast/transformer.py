@@ -232,5 +232,4 @@ class FastTransformer2DModel(Transformer2DModel):
             hidden_states = hidden_states.reshape(b, h, w, self.inner_dim).permute(0, 3, 1, 2)
             hidden_states = (out._conv_forward(hidden_states, out.weight, None) if direct
                              else lora_call(out, hidden_states, lora_scale))  # (B, C_out, H, W)
-        return (add_bias_residual(hidden_states, residual, out.bias, groups=self.norm.num_groups) if direct
-                else hidden_states + residual)  # groups: statistics for the next GroupNorm (kernels/group_norm.py)
+        return add_bias_residual(hidden_states, residual, out.bias) if direct else hidden_states + residual

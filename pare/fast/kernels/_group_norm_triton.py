@@ -7,25 +7,10 @@ in a loop by Chan's update, with fewer programs: coalesced, but 1.5x slower than
 groups, channels of a group) tiles that `stats` used then, on SD1.5's UNet, its in-loop reductions
 serialising it. `stats` now merges once per program, with no loop: each tile's channels into groups.
 It gathers the channels' statistics into (groups, channels of a group) to do so: a one-hot (channels,
-groups) matrix, tried first, is C_P x G_P values a program, and spilled registers from C = 1280 on (ptxas).
-
-`store_group_moments` is that per-tile step on its own, so that `add_bias_residual` can take the same statistics
-of the map it writes (change 25), and the next GroupNorm skip `stats`."""
+groups) matrix, tried first, is C_P x G_P values a program, and spilled registers from C = 1280 on (ptxas)."""
 
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def tile_offsets(b, tile, HW, C, C_P: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """Where the (pixels, channels) tile `tile` of image b lies: offsets (BLOCK_HW, C_P), their mask, the channels
-    (C_P,) and their mask. Tile t covers pixels [t*BLOCK_HW, (t+1)*BLOCK_HW) of its image, the last one partial."""
-    rows = tile * BLOCK_HW + tl.arange(0, BLOCK_HW)  # (R,)
-    c = tl.arange(0, C_P)
-    cm = c < C
-    mask = (rows[:, None] < HW) & cm[None, :]  # (R, C_P)
-    offs = b * HW * C + rows[:, None].to(tl.int64) * C + c[None, :]
-    return offs, mask, c, cm
 
 
 @triton.jit
@@ -35,7 +20,11 @@ def load_tile(x_ptr, add_ptr, cadd_ptr, b, tile, HW, C, add_stride,
     each channel before the norm: add[b, c] (image b's row, any dtype, rows add_stride apart: a slice of the
     stacked time projections) + cadd[c] (a conv's bias). Returns the tile, its offsets, its mask, the channels
     (C_P,) and their mask; masked values are undefined."""
-    offs, mask, c, cm = tile_offsets(b, tile, HW, C, C_P, BLOCK_HW)
+    rows = tile * BLOCK_HW + tl.arange(0, BLOCK_HW)  # (R,)
+    c = tl.arange(0, C_P)
+    cm = c < C
+    mask = (rows[:, None] < HW) & cm[None, :]  # (R, C_P)
+    offs = b * HW * C + rows[:, None].to(tl.int64) * C + c[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_ADD or HAS_CADD:
         a = tl.zeros_like(c).to(tl.float32)  # (C_P,): summed first, then added to the tile once
@@ -48,12 +37,18 @@ def load_tile(x_ptr, add_ptr, cadd_ptr, b, tile, HW, C, add_stride,
 
 
 @triton.jit
-def store_group_moments(part_ptr, x, mask, b, tile, HW, CPG, n_tiles,
-                        G: tl.constexpr, G_P: tl.constexpr, CPG_P: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """(mean, M2) of every group over one (pixels, channels) tile x of image b (float32, masked values 0), stored
-    at partial[b, tile, g] of a (B, n_tiles, G_P, 2) buffer: each channel's (mean, M2) over the tile's pixels,
-    gathered into (groups, channels of a group) and merged along the group's channels exactly (Chan et al.).
-    `stats` calls it on the map it reads; `add_bias_residual` on the map it writes."""
+def stats(x_ptr, add_ptr, cadd_ptr, part_ptr, HW, C, CPG, n_tiles, add_stride,
+          G: tl.constexpr, G_P: tl.constexpr, C_P: tl.constexpr, CPG_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+          HAS_ADD: tl.constexpr, HAS_CADD: tl.constexpr):
+    """Pass 1: (mean, M2) of every group over BLOCK_HW pixels. The tile is (pixels, channels), as in `apply`:
+    each channel's (mean, M2) over the tile's pixels, gathered into (groups, channels of a group) and merged
+    along the group's channels exactly (Chan et al.)."""
+    tile = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    x, offs, mask, c, cm = load_tile(x_ptr, add_ptr, cadd_ptr, b, tile, HW, C, add_stride, C_P, BLOCK_HW,
+                                     HAS_ADD, HAS_CADD)
+    if HAS_ADD or HAS_CADD:
+        x = tl.where(mask, x, 0.0)  # the sums below count only the tile's values
     n = tl.minimum(HW - tile * BLOCK_HW, BLOCK_HW).to(tl.float32)  # pixels in this tile: values of one channel
     mean_c = tl.sum(x, axis=0) / n  # (C_P,)
     d = tl.where(mask, x - mean_c[None, :], 0.0)
@@ -72,20 +67,6 @@ def store_group_moments(part_ptr, x, mask, b, tile, HW, CPG, n_tiles,
     out = part_ptr + ((b * n_tiles + tile) * G_P + g) * 2
     tl.store(out, mean, mask=g < G)
     tl.store(out + 1, m2, mask=g < G)
-
-
-@triton.jit
-def stats(x_ptr, add_ptr, cadd_ptr, part_ptr, HW, C, CPG, n_tiles, add_stride,
-          G: tl.constexpr, G_P: tl.constexpr, C_P: tl.constexpr, CPG_P: tl.constexpr, BLOCK_HW: tl.constexpr,
-          HAS_ADD: tl.constexpr, HAS_CADD: tl.constexpr):
-    """Pass 1: (mean, M2) of every group over BLOCK_HW pixels. The tile is (pixels, channels), as in `apply`."""
-    tile = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    x, offs, mask, c, cm = load_tile(x_ptr, add_ptr, cadd_ptr, b, tile, HW, C, add_stride, C_P, BLOCK_HW,
-                                     HAS_ADD, HAS_CADD)
-    if HAS_ADD or HAS_CADD:
-        x = tl.where(mask, x, 0.0)  # the sums count only the tile's values
-    store_group_moments(part_ptr, x, mask, b, tile, HW, CPG, n_tiles, G, G_P, CPG_P, BLOCK_HW)
 
 
 @triton.jit
@@ -137,23 +118,18 @@ def apply(x_ptr, add_ptr, cadd_ptr, stat_ptr, w_ptr, bias_ptr, y_ptr, HW, C, CPG
 
 
 @triton.jit
-def add_bias_residual(x_ptr, r_ptr, bias_ptr, bias2_ptr, part_ptr, HW, C, CPG, n_tiles,
-                      G: tl.constexpr, G_P: tl.constexpr, C_P: tl.constexpr, CPG_P: tl.constexpr,
-                      BLOCK_HW: tl.constexpr, HAS_BIAS2: tl.constexpr, STATS: tl.constexpr):
-    """x <- x + r + bias[c] (+ bias2[c]), in place, over (pixels, channels) tiles of one image: the convs' biases
-    and the residual add in one pass. With STATS, also each group's (mean, M2) over the tile, as `stats` would
-    compute them from the map just written: from the values as stored (rounded to x's dtype), so that the next
-    GroupNorm, which reads those, can skip its `stats` pass."""
-    tile = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs, mask, c, cm = tile_offsets(b, tile, HW, C, C_P, BLOCK_HW)
+def add_bias_residual(x_ptr, r_ptr, bias_ptr, bias2_ptr, rows, C, C_P: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                      HAS_BIAS2: tl.constexpr):
+    """x <- x + r + bias[c] (+ bias2[c]), in place, over (rows, channels): the convs' biases and the residual add
+    in one pass."""
+    r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    c = tl.arange(0, C_P)
+    cm = c < C
+    mask = (r[:, None] < rows) & cm[None, :]
+    offs = r[:, None].to(tl.int64) * C + c[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     res = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + c, mask=cm, other=0.0).to(tl.float32)
     if HAS_BIAS2:
         bias += tl.load(bias2_ptr + c, mask=cm, other=0.0).to(tl.float32)
-    y = (x + res + bias[None, :]).to(x_ptr.dtype.element_ty)  # (R, C_P), rounded as stored
-    tl.store(x_ptr + offs, y, mask=mask)
-    if STATS:
-        y = tl.where(mask, y.to(tl.float32), 0.0)  # the bias reached the rows past the image's end: drop them
-        store_group_moments(part_ptr, y, mask, b, tile, HW, CPG, n_tiles, G, G_P, CPG_P, BLOCK_HW)
+    tl.store(x_ptr + offs, (x + res + bias[None, :]).to(x_ptr.dtype.element_ty), mask=mask)

@@ -13,25 +13,18 @@ copy in and out, and the SiLU (and the time-embedding add) are more passes over 
 x is read twice and y written once, coalesced over channels, whatever the layout of the convs
 around it wants (channels last: cuDNN's fastest convs on Hopper).
 
-Three launches, or two:
+Three launches:
     1. stats:    one program per BLOCK_HW pixels of one image, a (pixels, channels) tile: each channel's
                  (mean, M2) over the tile's pixels, gathered into (groups, channels of a group) and
                  merged by the same update, with no loop -> (mean, M2) of each group there.
     2. finalize: one program per (image, group): merge the tiles -> (mean, 1/sqrt(var + eps)).
     3. apply:    y = (x + add - mean) * rstd * weight + bias, then SiLU, in one pass.
-`stats` is skipped (change 25) where x was written by `add_bias_residual(..., groups=G)`, the end of every
-ResNet and transformer of the fast path: that kernel takes the same per-tile statistics of the values it
-stores (rounded to x's dtype, as this norm reads them), from registers, and leaves them on x (`GroupStats`);
-a norm of G groups with no add, on x unchanged since, uses them (`carried_stats` lists the checks). On SD1.5's
-UNet that is 23 of its 61 GroupNorms, on the SD VAE's decoder 11 of 30. CARRY_STATS = 0 turns it off.
 `add` is the time embedding's projection (B, C) and a conv's bias (C,), read as they are, in any dtype,
 and summed in float32 in the kernel: no pass (or launch) of their own to widen and sum them.
 All arithmetic is float32; the input and output keep their dtype.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,41 +40,6 @@ if TRITON:  # at import, not in the call: torch.compile cannot trace an import
 TILE = 4096  # values per program in the apply and bias-residual passes: a few per thread at 4 warps
 STATS_TILE = 32768  # values per program in the stats pass: larger tiles measured faster (benchmarks/NOTES.md)
 STATS_WARPS = 4  # 4 measured faster than 8 or 16 (benchmarks/NOTES.md)
-CARRY_STATS = 1  # 0: add_bias_residual leaves no statistics for the next GroupNorm (an int: ab_fast.py's --set)
-# Values per program of add_bias_residual when it also takes the statistics. Twice TILE at 8 warps: the same 32
-# values a thread per operand as the plain pass, and half its partials for finalize to read. stats' 32K tiles
-# would hold 4x the registers a thread through the moments. Not measured yet: A/B 4096, 8192, 16384 on the GPU.
-CARRY_TILE = 8192
-
-
-@dataclass(eq=False)
-class GroupStats:
-    """Per (tile, group) statistics of a map, left on it (`map._pare_group_stats`) by the kernel that wrote it, for
-    the GroupNorm that reads it next: what its `stats` pass would compute, so it skips that pass."""
-    partial: torch.Tensor  # (B, n_tiles, G_P, 2) float32: (mean, M2) of each tile of BLOCK_HW pixels and group
-    groups: int
-    block_hw: int  # pixels a tile: tile t covers pixels [t*block_hw, (t+1)*block_hw) of its image
-    written: tuple  # `stamp` of the map right after the write
-
-
-def stamp(x: torch.Tensor) -> tuple:
-    """What must be unchanged for statistics taken of x to still be x's: its storage, shape and strides (`.data =`
-    replaces them without an in-place op) and its in-place change counter (any in-place op on x or a view of it)."""
-    return x.data_ptr(), tuple(x.shape), x.stride(), x._version
-
-
-def carried_stats(x: torch.Tensor, num_groups: int, has_add: bool) -> GroupStats | None:
-    """The statistics left on x by the kernel that wrote it, where they are exactly those this GroupNorm needs;
-    else None, and the norm takes its own. Each check stands for a way they could be wrong:
-      - they sit on the tensor object itself: a copy or a view (another object) has none;
-      - no add: the norm's statistics are those of x + add, not of x;
-      - the same number of groups;
-      - x unchanged since (`stamp`); an inference-mode tensor keeps no version counter, so it never carries them;
-      - not under torch.compile, which does not trace Python attributes on tensors."""
-    if has_add or x.is_inference() or torch.compiler.is_compiling():
-        return None
-    s = getattr(x, "_pare_group_stats", None)
-    return s if s is not None and s.groups == num_groups and s.written == stamp(x) else None
 
 
 def reference(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
@@ -108,26 +66,21 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     x = x.contiguous(memory_format=torch.channels_last)  # a no-op on the fast path, where maps are channels last
     hw, cpg = h * w, c // num_groups
     g_p, cpg_p, c_p = triton.next_power_of_2(num_groups), triton.next_power_of_2(cpg), triton.next_power_of_2(c)
+    rows_stats = max(1, STATS_TILE // c_p)
     rows_apply = max(1, TILE // c_p)
+    n_tiles = triton.cdiv(hw, rows_stats)
     if add is not None and add.stride(1) != 1:
         add = add.contiguous()
     add_ = add if add is not None else x  # a dummy pointer when there is no add
     cadd = channel_add.contiguous() if channel_add is not None else x
     add_stride = add.stride(0) if add is not None else 0
-    carried = carried_stats(x, num_groups, add is not None or channel_add is not None)
-    if carried is not None:  # the kernel that wrote x took them: no stats pass
-        partial, rows_stats = carried.partial, carried.block_hw  # (B, n_tiles, G_P, 2)
-        n_tiles = partial.shape[1]
-    else:
-        rows_stats = max(1, STATS_TILE // c_p)
-        n_tiles = triton.cdiv(hw, rows_stats)
-        partial = torch.empty(b, n_tiles, g_p, 2, device=x.device, dtype=torch.float32)  # (mean, M2) per tile, group
-        stats[(n_tiles, b)](x, add_, cadd, partial, hw, c, cpg, n_tiles, add_stride, G=num_groups, G_P=g_p, C_P=c_p,
-                            CPG_P=cpg_p, BLOCK_HW=rows_stats, HAS_ADD=add is not None, HAS_CADD=channel_add is not None,
-                            num_warps=STATS_WARPS if rows_stats * c_p > 4096 else 4)
+    partial = torch.empty(b, n_tiles, g_p, 2, device=x.device, dtype=torch.float32)  # (mean, M2) per tile and group
     stat = torch.empty(b, num_groups, 2, device=x.device, dtype=torch.float32)  # (mean, rstd) per group
     y = torch.empty_like(x, memory_format=torch.channels_last)
     warps = lambda values: 4 if values <= 4096 else 8  # noqa: E731
+    stats[(n_tiles, b)](x, add_, cadd, partial, hw, c, cpg, n_tiles, add_stride, G=num_groups, G_P=g_p, C_P=c_p,
+                        CPG_P=cpg_p, BLOCK_HW=rows_stats, HAS_ADD=add is not None, HAS_CADD=channel_add is not None,
+                        num_warps=STATS_WARPS if rows_stats * c_p > 4096 else 4)
     finalize[(b, num_groups)](partial, stat, hw, cpg, n_tiles, eps, G=num_groups, G_P=g_p, BLOCK_HW=rows_stats,
                               BLOCK_T=min(1024, triton.next_power_of_2(n_tiles)), num_warps=4)
     apply[(triton.cdiv(hw, rows_apply), b)](x, add_, cadd, stat, weight, bias, y, hw, c, cpg, add_stride,
@@ -138,12 +91,9 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
 
 
 def add_bias_residual(x: torch.Tensor, residual: torch.Tensor, bias: torch.Tensor | None,
-                      bias2: torch.Tensor | None = None, groups: int | None = None) -> torch.Tensor:
+                      bias2: torch.Tensor | None = None) -> torch.Tensor:
     """x + residual + bias[c] (+ bias2[c]) on (B, C, H, W) maps, in one pass, written into x (a conv's output,
-    unbiased). bias2: a second conv's bias (the shortcut's), added in float32 with the first.
-    groups: the group count of the GroupNorm that reads the result next, if one does: the kernel then also takes
-    the map's per (tile, group) statistics and leaves them on it (`GroupStats`), so that norm skips its `stats`
-    pass (`carried_stats` says when it may). Off with CARRY_STATS = 0."""
+    unbiased). bias2: a second conv's bias (the shortcut's), added in float32 with the first."""
     if bias is None:
         bias, bias2 = bias2, None
     if not (triton_ready(x) and bias is not None and x.is_contiguous(memory_format=torch.channels_last)):
@@ -155,20 +105,9 @@ def add_bias_residual(x: torch.Tensor, residual: torch.Tensor, bias: torch.Tenso
         return (out + both[:, None, None]).to(x.dtype)
     residual = residual.contiguous(memory_format=torch.channels_last)
     b, c, h, w = x.shape
-    hw, c_p = h * w, triton.next_power_of_2(c)
-    compiling = torch.compiler.is_compiling()  # compile does not trace Python attributes on tensors
-    carry = bool(CARRY_STATS) and groups is not None and c % groups == 0 and not x.is_inference() and not compiling
-    rows = max(1, (CARRY_TILE if carry else TILE) // c_p)
-    n_tiles = triton.cdiv(hw, rows)
-    g = groups if carry else 1  # the kernel's group constants, unused without STATS
-    g_p, cpg_p = triton.next_power_of_2(g), triton.next_power_of_2(c // g)
-    partial = torch.empty(b, n_tiles, g_p, 2, device=x.device, dtype=torch.float32) if carry else x  # x: a dummy
-    add_bias_residual_kernel[(n_tiles, b)](x, residual, bias, bias if bias2 is None else bias2, partial, hw, c,
-                                           c // g, n_tiles, G=g, G_P=g_p, C_P=c_p, CPG_P=cpg_p, BLOCK_HW=rows,
-                                           HAS_BIAS2=bias2 is not None, STATS=carry,
-                                           num_warps=4 if rows * c_p <= 4096 else 8)
-    if not compiling:
-        # The kernel wrote x without an in-place op, so its version counter did not move: statistics left on it by
-        # an earlier write would still look valid. Replace them, always.
-        x._pare_group_stats = GroupStats(partial, groups, rows, stamp(x)) if carry else None
+    c_p = triton.next_power_of_2(c)
+    rows = max(1, TILE // c_p)
+    grid = (triton.cdiv(b * h * w, rows),)
+    add_bias_residual_kernel[grid](x, residual, bias, bias if bias2 is None else bias2, b * h * w, c, C_P=c_p,
+                                   BLOCK_ROWS=rows, HAS_BIAS2=bias2 is not None, num_warps=4 if rows * c_p <= 4096 else 8)
     return x
