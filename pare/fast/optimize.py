@@ -5,7 +5,7 @@ Each reference class is swapped for its fast subclass (`module.__class__`), so n
 
     ResnetBlock2D       -> FastResnetBlock2D        (resnet.py: GroupNorm+SiLU kernels)
     Attention           -> FastAttention            (attention.py: one QKV / KV GEMM)
-    GEGLU               -> FastGEGLU                (transformer.py: the gate kernel)
+    GEGLU               -> FastGEGLU                (transformer.py: the gate in its projection's GEMM)
     Transformer2DModel  -> FastTransformer2DModel   (transformer.py: channels last, no copies; its blocks'
                                                      cross-attention K, V in one GEMM, or the whole
                                                      model's in one where small: `share_context`)
