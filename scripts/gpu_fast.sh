@@ -8,7 +8,7 @@
 # suite: the whole parity suite's GPU tier on the fast path (SUITE_ARGS, say "-k sd15", to split it over calls).
 # Diagnostics: ab (benchmarks/ab_fast.py: the fast path's options, A/B in one run), ab-loop (benchmarks/ab_loop.py:
 # the loop graph against the stepping loop), gemm (benchmarks/gemm_geglu.py: the fused GEGLU GEMM's tiles, per
-# shape, against cuBLAS and the gate kernel), syncs (benchmarks/sync_points.py:
+# shape, against cuBLAS and the gate kernel; GEMM_ARGS="--cold" with the operands out of L2), syncs (benchmarks/sync_points.py:
 # the host syncs of a fast pipeline call), sd15-pipeline and sdxl-pipeline (a text-to-image call on the fast path
 # alone, with its stages).
 source scripts/gpu_prelude.sh
@@ -25,7 +25,7 @@ for step in ${STEPS:-tests profile parity}; do
       timeout ${T_PARITY:-150} python3 -m pare.cli parity --fast --config sd15 --device cuda --dtype fp16 --components unet,vae,pipeline --steps 50 --out "$OUT/parity-fast-sd15" 2>&1 | tail -4
       timeout ${T_PARITY:-150} python3 -m pare.cli parity --fast --config sdxl --device cuda --dtype fp16 --components unet,vae --out "$OUT/parity-fast-sdxl" 2>&1 | tail -4 ;;
     ab) timeout ${T_AB:-200} python3 benchmarks/ab_fast.py --models ${AB_MODELS:-sd15,sdxl} ${AB_ARGS:-} --out "$OUT" 2>&1 | quiet | tail -4 ;;
-    gemm) timeout ${T_GEMM:-200} python3 benchmarks/gemm_geglu.py --out "$OUT" 2>&1 | grep -v Warn | tail -16 ;;
+    gemm) timeout ${T_GEMM:-200} python3 benchmarks/gemm_geglu.py ${GEMM_ARGS:-} --out "$OUT" 2>&1 | grep -v Warn | tail -16 ;;
     ab-loop) timeout ${T_AB:-200} python3 benchmarks/ab_loop.py --models ${AB_MODELS:-sd15} --out "$OUT" 2>&1 | quiet | tail -3 ;;
     syncs) timeout ${T_SYNCS:-120} python3 benchmarks/sync_points.py --model sd15 --steps 5 2>&1 | quiet | tail -25 ;;
     suite) { cat "$OUT/device.txt"; git log -1 --format="commit %H" 2>/dev/null; timeout ${T_SUITE:-540} python3 -m pytest parity_tests --device cuda --dtype fp16 --fast -q -p no:cacheprovider -rfE ${SUITE_ARGS:-} 2>&1; } | tee "$OUT/suite_fast.log" | tail -15 ;;

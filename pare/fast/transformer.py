@@ -1,6 +1,5 @@
-"""The UNet's transformer on the fast path: channels last in and out, no layout copies; the GEGLU gate in
-its up-projection's GEMM;
-the blocks' residual adds fused into the LayerNorms that follow them.
+"""The UNet's transformer on the fast path: channels last in and out, no layout copies; the GEGLU gate
+in its up-projection's GEMM; the blocks' residual adds fused into the LayerNorms that follow them.
 
 Replaces: `pare/models/transformer.py Transformer2DModel.forward`, `BasicTransformerBlock.forward`
 and `GEGLU.forward`.

@@ -12,14 +12,17 @@ activation of SD's UNet (4x the channels). Arithmetic in float32, one rounding t
 
 `geglu_linear` goes further: a Triton GEMM whose programs each make a tile of the value half and the
 same tile of the gate half (two float32 accumulators over the same rows of x, loaded by TMA), and
-apply the gate before anything is written. The (tokens, 2D) projection is never stored or read back: on SD1.5's
-64x64 level, per block, 42 MB written and read again, and 21 MB of gate output written, become the
-21 MB of output alone. Each half is rounded to the output dtype before the gate, as the reference's
+apply the gate before anything is written. The (tokens, 2D) projection is never stored or read
+back: on SD1.5's 64x64 level, per block, 42 MB written and read again, and 21 MB of gate output
+written, become the 21 MB of output alone. Each half is rounded to the output dtype before the gate, as the reference's
 linear layer stores it; the GEMM's float32 sums run in another order than cuBLAS's, which is why it
 is held to the error budget, not to the bit. It takes float16 and bfloat16 only: a float32 GEMM in
-Triton would run in TF32 or slowly, so float32 keeps PyTorch's GEMM and `geglu`. Measured on an
-H200 (benchmarks/gemm_geglu.py): 0.86-0.96x the two steps' time at 2048 tokens and more, but slower
-below, where the two steps stay (GEMM_MIN_ROWS).
+Triton would run in TF32 or slowly, so float32 keeps PyTorch's GEMM and `geglu`.
+
+Measured on H200s (benchmarks/NOTES.md, change 24; benchmarks/gemm_geglu.py): at 2048 tokens and
+more, 0.83-1.00x the two steps' time with its operands in L2 and 0.88-1.02x with them cold; slower
+below 2048 tokens, where the two steps stay (GEMM_MIN_ROWS). In the UNet: SD1.5 1.008x faster,
+SDXL unchanged.
 """
 
 from __future__ import annotations
@@ -85,7 +88,9 @@ def geglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     y = torch.empty(*x.shape[:-1], d, device=x.device, dtype=x.dtype)
     bm, bn, bk = GEMM_BLOCK_M, GEMM_BLOCK_N, GEMM_BLOCK_K
     grid = (triton.cdiv(m, bm) * triton.cdiv(d, bn),)
-    geglu_linear_kernel[grid](TensorDescriptor.from_tensor(x2, [bm, bk]), TensorDescriptor.from_tensor(weight, [bn, bk]),
-                              bias if bias is not None else weight, y, m, d, k, HAS_BIAS=bias is not None, BLOCK_M=bm,
-                              BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GEMM_GROUP_M, STAGES=GEMM_STAGES, num_warps=GEMM_WARPS)
+    x_desc = TensorDescriptor.from_tensor(x2, [bm, bk])  # (BLOCK_M, BLOCK_K) boxes of x
+    w_desc = TensorDescriptor.from_tensor(weight, [bn, bk])  # (BLOCK_N, BLOCK_K) boxes of either half of w
+    b_ptr = bias if bias is not None else weight  # a dummy pointer when there is no bias
+    geglu_linear_kernel[grid](x_desc, w_desc, b_ptr, y, m, d, k, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn,
+                              BLOCK_K=bk, GROUP_M=GEMM_GROUP_M, STAGES=GEMM_STAGES, num_warps=GEMM_WARPS)
     return y
