@@ -42,7 +42,7 @@ if TRITON:  # at import, not in the call: torch.compile cannot trace an import
 BLOCK_ROWS, BLOCK_COLS = 8, 256
 FUSED_GEMM = 1  # 0: `geglu_linear` runs PyTorch's GEMM, then `geglu` (read at call time: ab_fast.py --set)
 # The fused GEMM's tile: rows of x, columns of each half, the K step; warps, pipeline stages, row tiles a group.
-# Chosen among 17 on an H200 (benchmarks/gemm_geglu.py; benchmarks/NOTES.md, change 24).
+# Chosen among 15 with TMA loads on H200s (benchmarks/gemm_geglu.py; benchmarks/NOTES.md, change 24).
 GEMM_BLOCK_M, GEMM_BLOCK_N, GEMM_BLOCK_K, GEMM_WARPS, GEMM_STAGES, GEMM_GROUP_M = 128, 64, 64, 8, 3, 4
 GEMM_MIN_ROWS = 2048  # fewer tokens than this: cuBLAS's GEMM and the gate kernel measured faster (SD1.5's 16x16, 8x8)
 
