@@ -8,8 +8,7 @@ ratios are fair and launch gaps count as in a UNet's graph. By default the REPEA
 and weights, which then sit in L2 (50 MB on an H200), unlike a UNet's blocks, whose weights arrive cold:
 `--cold` makes the calls cycle over enough copies of x, weight and bias (over 128 MB) that each call's
 operands have left L2 since their last use (colder than a UNet, where x has just been written by the
-LayerNorm before it). Each shape's count per UNet call (batch 2)
-weighs it into a per-UNet total. Every fused variant's error against float64 is printed beside the
+LayerNorm before it). Each shape's count per UNet call (batch 2) weighs it into a per-UNet total. Every fused variant's error against float64 is printed beside the
 two-step path's. The figures feed benchmarks/NOTES.md (change 24).
 """
 
@@ -19,6 +18,7 @@ import argparse
 import json
 import statistics
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -40,15 +40,10 @@ REPEAT = 20
 
 
 def fused(config):
+    """geglu_linear with the tile `config`, at every size (GEMM_MIN_ROWS lowered), to time it."""
     def call(x, w, b):
-        old = [getattr(gk, n) for n in NAMES + ("GEMM_MIN_ROWS",)]
-        for n, v in zip(NAMES + ("GEMM_MIN_ROWS",), config + (1,)):  # the kernel at every size, to time it
-            setattr(gk, n, v)
-        try:
+        with mock.patch.multiple(gk, **dict(zip(NAMES, config)), GEMM_MIN_ROWS=1):
             return gk.geglu_linear(x, w, b)
-        finally:
-            for n, v in zip(NAMES + ("GEMM_MIN_ROWS",), old):
-                setattr(gk, n, v)
     return call
 
 

@@ -644,16 +644,6 @@ def test_add_bias_residual_kernel_is_as_accurate_as_torch(dtype, biases):
     assert rel(ours, exact) <= BUDGET * rel(torchs, exact) + FLOOR[dtype], (rel(ours, exact), rel(torchs, exact))
 
 
-class CountedLaunches:
-    """A Triton kernel object that counts its launches (`kernel[grid](...)`)."""
-    def __init__(self, kernel):
-        self.kernel, self.calls = kernel, 0
-
-    def __getitem__(self, grid):
-        self.calls += 1
-        return self.kernel[grid]
-
-
 @pytest.mark.kernel
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -689,6 +679,16 @@ def test_geglu_kernel_is_as_accurate_as_torch(shape, dtype):
     ours = geglu_kernel.geglu(x)
     assert ours.shape == exact.shape and torch.isfinite(ours).all()
     assert rel(ours, exact) <= BUDGET * rel(geglu_kernel.reference(x), exact) + FLOOR[dtype]
+
+
+class CountedLaunches:
+    """A Triton kernel object that counts its launches (`kernel[grid](...)`)."""
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, 0
+
+    def __getitem__(self, grid):
+        self.calls += 1
+        return self.kernel[grid]
 
 
 @pytest.mark.kernel

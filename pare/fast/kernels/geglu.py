@@ -14,9 +14,9 @@ activation of SD's UNet (4x the channels). Arithmetic in float32, one rounding t
 same tile of the gate half (two float32 accumulators over the same rows of x, loaded by TMA), and
 apply the gate before anything is written. The (tokens, 2D) projection is never stored or read
 back: on SD1.5's 64x64 level, per block, 42 MB written and read again, and 21 MB of gate output
-written, become the 21 MB of output alone. Each half is rounded to the output dtype before the gate, as the reference's
-linear layer stores it; the GEMM's float32 sums run in another order than cuBLAS's, which is why it
-is held to the error budget, not to the bit. It takes float16 and bfloat16 only: a float32 GEMM in
+written, become the 21 MB of output alone. Each half is rounded to the output dtype before the gate,
+as the reference's linear layer stores it; the GEMM's float32 sums run in another order than
+cuBLAS's, which is why it is held to the error budget, not to the bit. It takes float16 and bfloat16 only: a float32 GEMM in
 Triton would run in TF32 or slowly, so float32 keeps PyTorch's GEMM and `geglu`.
 
 Measured on H200s (benchmarks/NOTES.md, change 24; benchmarks/gemm_geglu.py): at 2048 tokens and
@@ -80,9 +80,11 @@ def geglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     m = x.numel() // k if x.shape[-1] == k else 0
     fused = (FUSED_GEMM and m >= GEMM_MIN_ROWS and triton_ready(x) and x.dtype in (torch.float16, torch.bfloat16)
              and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype) and two_d % 2 == 0)
-    x2 = x.reshape(-1, k).contiguous() if fused else x  # (M, K); a view on the fast path, whose tokens are contiguous
-    weight = weight.contiguous() if fused else weight
-    if not (fused and tma_ready(x2, weight)):
+    if not fused:
+        return geglu(F.linear(x, weight, bias))
+    x2 = x.reshape(-1, k).contiguous()  # (M, K); a view on the fast path, whose tokens are contiguous
+    weight = weight.contiguous()
+    if not tma_ready(x2, weight):
         return geglu(F.linear(x, weight, bias))
     d = two_d // 2
     y = torch.empty(*x.shape[:-1], d, device=x.device, dtype=x.dtype)
