@@ -16,7 +16,8 @@ kernels' tile sizes change):
     proj-in-bias-pass the conv proj_in adds its own bias (a pass), not the first norm1 kernel
     sdpa=BACKEND      as fast, captured with that SDPA backend first (flash, efficient, cudnn; then the rest)
     cudnn-benchmark   as fast, captured with torch.backends.cudnn.benchmark on (cuDNN times its algorithms)
-    MODULE.NAME=V     as fast, with a constant of pare/fast/kernels/MODULE.py set to V (`--set`, repeatable)
+    MODULE.NAME=V     as fast, with a constant of pare/fast/kernels/MODULE.py (or pare/fast/MODULE.py) set to V
+                      (`--set`, repeatable)
 `--only` keeps the named variants (and fast), so one option can be A/B'd without the rest.
 The figures feed benchmarks/NOTES.md.
 """
@@ -36,7 +37,10 @@ import torch
 
 @contextlib.contextmanager
 def constant(module: str, name: str, value):
-    mod = importlib.import_module(f"pare.fast.kernels.{module}")
+    try:  # a kernel's constant (kernels/MODULE.py), or a fast module's (pare/fast/MODULE.py)
+        mod = importlib.import_module(f"pare.fast.kernels.{module}")
+    except ModuleNotFoundError:
+        mod = importlib.import_module(f"pare.fast.{module}")
     old = getattr(mod, name)  # an unknown name fails here, before anything is measured
     setattr(mod, name, type(old)(value))
     try:

@@ -23,9 +23,12 @@ from pare.configs import TINY_SD_UNET, TINY_SDXL_UNET, TINY_VAE
 from pare.fast.kernels import geglu as geglu_kernel
 from pare.fast.kernels import group_norm as gn_kernel
 from pare.fast.kernels import layer_norm as ln_kernel
+from pare.fast.kernels import pixel_shuffle as shuffle_kernel
 from pare.fast.kernels import INTERPRET, triton_available
 from pare.models.attention import Attention
+from pare.fast import resampling as fast_resampling
 from pare.models.autoencoder_kl import AutoencoderKL
+from pare.models.resampling import Upsample2D
 from pare.models.unet_2d_condition import UNet2DConditionModel
 from pare.parity import assert_parity
 from pare.parity.blocks import compare_blocks
@@ -45,7 +48,8 @@ def unet_pair(config: dict, device="cpu", dtype=torch.float32):
 
 @torch.no_grad()
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_fast_unet_matches_diffusers_block_by_block_fp32(name):
+def test_fast_unet_matches_diffusers_block_by_block_fp32(name, monkeypatch):
+    monkeypatch.setattr(fast_resampling, "PHASE_MIN_PIXELS", 0)  # the tiny maps' upsamplers too: sub-pixel convs
     ours, theirs = unet_pair(CONFIGS[name])
     pare.fast.optimize(ours)
     args, kwargs = unet_inputs(CONFIGS[name], 2, 8, 8)
@@ -265,7 +269,8 @@ def test_a_small_model_projects_the_text_for_all_its_transformers_in_one_gemm(mo
 
 
 @torch.no_grad()
-def test_fast_vae_matches_diffusers_fp32():
+def test_fast_vae_matches_diffusers_fp32(monkeypatch):
+    monkeypatch.setattr(fast_resampling, "PHASE_MIN_PIXELS", 0)  # the tiny maps' upsamplers too: sub-pixel convs
     theirs = build_diffusers_model("vae", TINY_VAE).eval()
     ours = AutoencoderKL.from_config(TINY_VAE).eval()
     ours.load_state_dict(theirs.state_dict(), strict=True)
@@ -274,6 +279,52 @@ def test_fast_vae_matches_diffusers_fp32():
     x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     assert_parity("fast VAE decode", ours.decode(z), theirs.decode(z).sample, scope="end_to_end")
     assert_parity("fast VAE encode", ours.encode(x).mean, theirs.encode(x).latent_dist.mean, scope="end_to_end")
+
+
+@torch.no_grad()
+def test_the_sub_pixel_upsampler_is_the_reference_upsampler(monkeypatch):
+    """Nearest 2x upsampling and a 3x3 conv as one conv of the four phases' 2x2 kernels (resampling.py): the
+    same function, to float64's rounding, at odd and square sizes, with and without the conv's bias. It follows
+    the conv's weight when that changes, and leaves the call to the reference where it does not apply."""
+    monkeypatch.setattr(fast_resampling, "PHASE_MIN_PIXELS", 0)
+    g = torch.Generator().manual_seed(0)
+    for c_in, c_out, h, w, bias in [(8, 8, 5, 7, True), (4, 6, 1, 1, False), (16, 16, 8, 8, True)]:
+        reference = Upsample2D(c_in, use_conv=True, out_channels=c_out, bias=bias).double()
+        fast = copy.deepcopy(reference).to(memory_format=torch.channels_last)
+        fast.__class__ = fast_resampling.FastUpsample2D
+        x = torch.randn(2, c_in, h, w, generator=g, dtype=torch.float64)
+        expected = reference(x)
+        assert fast.sub_pixel(x, None)
+        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+            out = fast(inp)
+            assert out.shape == expected.shape and out.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(fast(x, (2 * h, 2 * w)), expected, rtol=1e-12, atol=1e-12)
+    # the weight changed in place (load_state_dict, a fused LoRA): the phase kernels are made again
+    kernels = fast._phases[1]
+    fast.conv.weight.mul_(-0.5)
+    reference.conv.weight.mul_(-0.5)
+    torch.testing.assert_close(fast(x), reference(x), rtol=1e-12, atol=1e-12)
+    assert fast._phases[1] is not kernels
+    # where it does not apply: another output size, a hooked (LoRA) conv, a map below the threshold
+    assert not fast.sub_pixel(x, (2 * h + 1, 2 * w))
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)  # noqa: E731
+    close(fast(x, (2 * h + 1, 2 * w)), reference(x, (2 * h + 1, 2 * w)))
+    handle = fast.conv.register_forward_hook(lambda m, args, out: out * 2)
+    assert not fast.sub_pixel(x, None)
+    close(fast(x), 2 * reference(x))
+    handle.remove()
+    monkeypatch.setattr(fast_resampling, "PHASE_MIN_PIXELS", 4 * h * w + 1)
+    assert not fast.sub_pixel(x, None)
+    # optimize swaps it in, restore swaps it out and drops the phase kernels
+    monkeypatch.setattr(fast_resampling, "PHASE_MIN_PIXELS", 0)
+    model = torch.nn.Sequential(copy.deepcopy(reference))
+    pare.fast.optimize(model)
+    assert type(model[0]) is fast_resampling.FastUpsample2D
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-12, atol=1e-12)
+    assert "_phases" in vars(model[0])
+    pare.fast.restore(model)
+    assert type(model[0]) is Upsample2D and "_phases" not in vars(model[0])
 
 
 def test_enable_fast_on_a_pipeline_matches_the_reference_pipeline():
@@ -737,6 +788,27 @@ def test_geglu_linear_runs_the_two_steps_where_the_gemm_does_not_apply(monkeypat
 
 @pytest.mark.kernel
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape,bias", [((2, 8, 3, 5), True), ((1, 40, 4, 4), False), ((2, 3, 2, 3), True),
+                                        gpu_size((2, 640, 32, 32), True)])
+def test_interleave_phases_kernel_is_the_pytorch_twin(shape, bias, dtype):
+    """The sub-pixel conv's interleave (and bias add): a copy and one rounded add, so the kernel is its twin to
+    the bit, channels last out."""
+    if INTERPRET and dtype == torch.bfloat16 and bias:
+        pytest.skip("Triton's interpreter converts to bfloat16 without rounding to nearest as the GPU does "
+                    "(sums one ulp apart)")
+    b, c, h, w = shape
+    g = torch.Generator(KDEV).manual_seed(0)
+    p = torch.randn(b, 4 * c, h + 1, w + 1, generator=g, device=KDEV).to(dtype)
+    p = p.contiguous(memory_format=torch.channels_last)
+    conv_bias = torch.randn(c, generator=g, device=KDEV).to(dtype) if bias else None
+    ours = shuffle_kernel.interleave_phases(p, conv_bias)
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(ours, shuffle_kernel.reference(p, conv_bias))
+
+
+@pytest.mark.kernel
+@needs_triton
 def test_float64_runs_the_pytorch_twins_not_the_float32_kernels():
     """The kernels compute in float32: a float64 tensor must not lose its precision to them."""
     g = torch.Generator(KDEV).manual_seed(0)
@@ -750,6 +822,24 @@ def test_float64_runs_the_pytorch_twins_not_the_float32_kernels():
 
 
 # --- GPU tier: CUDA graphs ---------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels,side", [(640, 32), (1280, 16), (256, 256)])
+def test_the_sub_pixel_upsampler_is_as_accurate_as_the_reference(channels, side, dtype):
+    """Its phase kernels round summed taps once more than the reference's weights: at the SD UNets' and VAEs'
+    upsampler shapes it stays within the fast path's budget against float64."""
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        reference = Upsample2D(channels, use_conv=True).to(dtype).to(memory_format=torch.channels_last)
+        x = torch.randn(2, channels, side, side).to(dtype).contiguous(memory_format=torch.channels_last)
+    fast = copy.deepcopy(reference)
+    fast.__class__ = fast_resampling.FastUpsample2D
+    assert fast.sub_pixel(x, None)
+    exact = copy.deepcopy(reference).double()(x.double())
+    assert rel(fast(x), exact) <= BUDGET * rel(reference(x), exact) + FLOOR[dtype]
+
 
 @pytest.mark.cuda
 @torch.no_grad()

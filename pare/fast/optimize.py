@@ -11,6 +11,8 @@ Each reference class is swapped for its fast subclass (`module.__class__`), so n
                                                      model's in one where small: `share_context`)
     BasicTransformerBlock -> FastBasicTransformerBlock (transformer.py: residual add + LayerNorm kernels)
     nn.GroupNorm        -> FastGroupNorm            (norm.py)
+    Upsample2D          -> FastUpsample2D           (resampling.py: upsampling and its conv as one
+                                                     sub-pixel conv, 16 taps for 36)
     UNet2DConditionModel -> GraphedUNet2DConditionModel (graph.py; CUDA, in pipelines, `cuda_graph=True`)
     pipeline.denoise     -> one CUDA graph for the whole loop (loop.py; CUDA, in pipelines, `loop_graph=True`)
 
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from ..models.attention import Attention
+from ..models.resampling import Upsample2D
 from ..models.resnet import ResnetBlock2D
 from ..models.transformer import GEGLU, BasicTransformerBlock, Transformer2DModel
 from ..models.unet_2d_condition import UNet2DConditionModel
@@ -36,6 +39,7 @@ from .attention import FastAttention
 from .graph import GraphedUNet2DConditionModel, eager_forward, graph_forward, share_pool
 from .loop import graph_denoise, step_denoise
 from .norm import FastGroupNorm
+from .resampling import FastUpsample2D
 from .resnet import FastResnetBlock2D
 from .transformer import MODEL_STACK_MAX, FastBasicTransformerBlock, FastGEGLU, FastTransformer2DModel, stack_context
 
@@ -46,6 +50,7 @@ SWAPS = {
     Transformer2DModel: FastTransformer2DModel,
     BasicTransformerBlock: FastBasicTransformerBlock,
     nn.GroupNorm: FastGroupNorm,
+    Upsample2D: FastUpsample2D,
 }
 MODEL_NAMES = ("unet", "vae", "controlnet")  # the pipeline components that get the fast path
 ENCODER_NAMES = ("text_encoder", "text_encoder_2")  # replayed from graphs in a pipeline; their kernels stay
@@ -93,6 +98,7 @@ def restore_model(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if type(module) in back:
             module.__class__ = back[type(module)]
+        module.__dict__.pop("_phases", None)  # FastUpsample2D's phase kernels: memory the reference does not use
     model.__dict__.pop("_pare_graphs", None)
     model.__dict__.pop("_pare_pool", None)
     time_projections.detach(model)
