@@ -13,6 +13,8 @@ Each reference class is swapped for its fast subclass (`module.__class__`), so n
     nn.GroupNorm        -> FastGroupNorm            (norm.py)
     Upsample2D          -> FastUpsample2D           (resampling.py: upsampling and its conv as one
                                                      sub-pixel conv, 16 taps for 36)
+    UpBlock2D, CrossAttnUpBlock2D -> FastUpBlock2D, FastCrossAttnUpBlock2D (unet_blocks.py: the skip
+                                                     concatenations by a copy kernel)
     UNet2DConditionModel -> GraphedUNet2DConditionModel (graph.py; CUDA, in pipelines, `cuda_graph=True`)
     pipeline.denoise     -> one CUDA graph for the whole loop (loop.py; CUDA, in pipelines, `loop_graph=True`)
 
@@ -33,6 +35,7 @@ from ..models.attention import Attention
 from ..models.resampling import Upsample2D
 from ..models.resnet import ResnetBlock2D
 from ..models.transformer import GEGLU, BasicTransformerBlock, Transformer2DModel
+from ..models.unet_2d_blocks import CrossAttnUpBlock2D, UpBlock2D
 from ..models.unet_2d_condition import UNet2DConditionModel
 from . import time_projections
 from .attention import FastAttention
@@ -42,6 +45,7 @@ from .norm import FastGroupNorm
 from .resampling import FastUpsample2D
 from .resnet import FastResnetBlock2D
 from .transformer import MODEL_STACK_MAX, FastBasicTransformerBlock, FastGEGLU, FastTransformer2DModel, stack_context
+from .unet_blocks import FastCrossAttnUpBlock2D, FastUpBlock2D
 
 SWAPS = {
     ResnetBlock2D: FastResnetBlock2D,
@@ -51,6 +55,8 @@ SWAPS = {
     BasicTransformerBlock: FastBasicTransformerBlock,
     nn.GroupNorm: FastGroupNorm,
     Upsample2D: FastUpsample2D,
+    UpBlock2D: FastUpBlock2D,
+    CrossAttnUpBlock2D: FastCrossAttnUpBlock2D,
 }
 MODEL_NAMES = ("unet", "vae", "controlnet")  # the pipeline components that get the fast path
 ENCODER_NAMES = ("text_encoder", "text_encoder_2")  # replayed from graphs in a pipeline; their kernels stay
@@ -98,7 +104,6 @@ def restore_model(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if type(module) in back:
             module.__class__ = back[type(module)]
-        module.__dict__.pop("_phases", None)  # FastUpsample2D's phase kernels: memory the reference does not use
     model.__dict__.pop("_pare_graphs", None)
     model.__dict__.pop("_pare_pool", None)
     time_projections.detach(model)

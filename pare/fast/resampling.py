@@ -19,9 +19,12 @@ al., arXiv 1609.05158 and 1609.07009, which show the two are the same).
 Error: exact in exact arithmetic. The summed taps are summed in float32 and rounded once to the weight's dtype,
 a rounding the reference's weights do not have; the budget of the fast path covers it (`pare parity --fast`).
 
-Cost: the phase weights hold 16 taps where the conv holds 9, kept beside the conv's own (which the state dict,
-LoRA and `restore` keep using). So the path runs where its output has at least PHASE_MIN_PIXELS pixels: there
-the saved work is largest for the weight bytes it costs (the ratio is the output's area, whatever the channels).
+Cost: the phase kernels hold 16 taps where the conv holds 9. Held beside the conv's weight they would cost memory
+the reference does not use (52 MB for SDXL's 1280-channel upsampler, more than the fast path's margin under
+diffusers' peak), so one pass (`kernels/pixel_shuffle.py phase_weight`) makes them at each call from the weight as
+it is, which also keeps them right after load_state_dict or a fused LoRA. That pass reads 9 and writes 16 taps
+per channel pair, while the conv saves 20 multiply-adds per channel pair and output pixel; so the path runs where
+the output has at least PHASE_MIN_PIXELS pixels (the ratio of the two is the output's area, whatever the channels).
 """
 
 from __future__ import annotations
@@ -30,26 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from ..models.resampling import Upsample2D
-from .kernels.pixel_shuffle import interleave_phases
+from .kernels.pixel_shuffle import interleave_phases, phase_weight
 from .resnet import plain
 
 PHASE_MIN_PIXELS = 64 * 64  # output pixels (2H x 2W) from which the sub-pixel conv runs; below it, the reference
-
-
-def phase_taps(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A 3-tap axis `dim` of a kernel -> the two 2-tap kernels of the output's even and odd phases along it."""
-    w0, w1, w2 = w.unbind(dim)
-    return torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)
-
-
-def phase_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(C_out, C_in, 3, 3) -> (4 C_out, C_in, 2, 2): the kernels of phases (a, e) = (0, 0), (0, 1), (1, 0), (1, 1),
-    in that order (k = 2a + e), the taps summed in float32 (or wider) and rounded once."""
-    wide = weight.to(torch.promote_types(weight.dtype, torch.float32))
-    phases = [p for rows in phase_taps(wide, 2) for p in phase_taps(rows, 3)]  # 4 x (C_out, C_in, 2, 2)
-    out = torch.cat(phases).to(weight.dtype)  # (4 C_out, C_in, 2, 2)
-    channels_last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
-    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
 class FastUpsample2D(Upsample2D):
@@ -64,25 +51,9 @@ class FastUpsample2D(Upsample2D):
                 and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
                 and 4 * h * w >= PHASE_MIN_PIXELS)
 
-    def phases(self) -> torch.Tensor | None:
-        """The phase kernels of the conv's weight as it is now: made again when the weight changed (its storage or
-        version), except inside a CUDA graph capture, where None sends the call to the reference."""
-        weight = self.conv.weight
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
-        cached = self.__dict__.get("_phases")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        if weight.is_cuda and torch.cuda.is_current_stream_capturing():
-            return None
-        with torch.no_grad():
-            self.__dict__["_phases"] = (key, phase_weight(weight))
-        return self.__dict__["_phases"][1]
-
     def forward(self, hidden_states: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
         if not self.sub_pixel(hidden_states, output_size):
             return super().forward(hidden_states, output_size)
-        weight = self.phases()
-        if weight is None:
-            return super().forward(hidden_states, output_size)
+        weight = phase_weight(self.conv.weight)  # (4 C_out, C_in, 2, 2), made at each call: see above
         p = F.conv2d(hidden_states, weight, None, padding=1)  # (B, C, H, W) -> (B, 4 C_out, H + 1, W + 1)
         return interleave_phases(p, self.conv.bias)  # -> (B, C_out, 2H, 2W)

@@ -1,4 +1,5 @@
-"""Interleave the four phase maps of a sub-pixel convolution into the 2x map, adding the conv's bias.
+"""The sub-pixel convolution's two passes: its phase kernels from a 3x3 kernel, and the interleave of its four
+phase maps into the 2x map, adding the conv's bias.
 
 Used by: `pare/fast/resampling.py FastUpsample2D`, whose one convolution computes the four phases of the
 upsampled output (output pixels of each row and column parity) as four channel blocks of a map one pixel
@@ -22,8 +23,35 @@ if TRITON:  # at import, not in the call: torch.compile cannot trace an import
     import triton
 
     from ._pixel_shuffle_triton import interleave as interleave_kernel
+    from ._pixel_shuffle_triton import phase_weights as phase_weights_kernel
 
 TILE = 4096  # values per program, as the other elementwise passes
+
+
+def phase_taps(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 3-tap axis `dim` of a kernel -> the two 2-tap kernels of the output's even and odd phases along it."""
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)
+
+
+def phase_weight_reference(weight: torch.Tensor) -> torch.Tensor:
+    """(C_out, C_in, 3, 3) -> (4 C_out, C_in, 2, 2): the kernels of phases (a, e) = (0, 0), (0, 1), (1, 0), (1, 1),
+    in that order (k = 2a + e), the taps summed in float32 (or wider) and rounded once. Channels last out."""
+    wide = weight.to(torch.promote_types(weight.dtype, torch.float32))
+    phases = [p for rows in phase_taps(wide, 2) for p in phase_taps(rows, 3)]  # 4 x (C_out, C_in, 2, 2)
+    return torch.cat(phases).to(weight.dtype).contiguous(memory_format=torch.channels_last)  # (4 C_out, C_in, 2, 2)
+
+
+def phase_weight(weight: torch.Tensor) -> torch.Tensor:
+    """`phase_weight_reference` in one pass: on CUDA with Triton the kernel runs (reading the 9 taps, writing the
+    16), so the phase kernels can be made at each call instead of held beside the conv's weight."""
+    if not (triton_ready(weight) and weight.shape[2:] == (3, 3)):
+        return phase_weight_reference(weight)
+    o, i = weight.shape[:2]
+    weight = weight.contiguous(memory_format=torch.channels_last)  # a no-op on the fast path
+    out = torch.empty((4 * o, i, 2, 2), dtype=weight.dtype, device=weight.device, memory_format=torch.channels_last)
+    phase_weights_kernel[(triton.cdiv(o * i, TILE),)](weight, out, o, i, BLOCK=TILE, num_warps=8)
+    return out
 
 
 def reference(p: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
