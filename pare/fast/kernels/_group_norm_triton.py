@@ -133,3 +133,50 @@ def add_bias_residual(x_ptr, r_ptr, bias_ptr, bias2_ptr, rows, C, C_P: tl.conste
     if HAS_BIAS2:
         bias += tl.load(bias2_ptr + c, mask=cm, other=0.0).to(tl.float32)
     tl.store(x_ptr + offs, (x + res + bias[None, :]).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def one_pass(x_ptr, add_ptr, cadd_ptr, w_ptr, bias_ptr, y_ptr, HW, C, CPG, add_stride, eps,
+             CPG_P: tl.constexpr, BLOCK_HW: tl.constexpr, HAS_ADD: tl.constexpr, HAS_CADD: tl.constexpr,
+             SILU: tl.constexpr):
+    """All three passes for one (image, group) in one program, for small maps: the group's (pixels, channels of the
+    group) values are read in BLOCK_HW-pixel tiles, each tile's (mean, M2) merged into the running one (Chan et al.),
+    then read again (from L2) to normalise and write. One launch where `stats`, `finalize` and `apply` are three."""
+    g = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    j = tl.arange(0, CPG_P)
+    cm = j < CPG
+    c = g * CPG + j  # (CPG_P,): the group's channels
+    a = tl.zeros((CPG_P,), dtype=tl.float32)  # what is added to each channel before the norm, as in `load_tile`
+    if HAS_ADD:
+        a += tl.load(add_ptr + b * add_stride + c, mask=cm, other=0.0).to(tl.float32)
+    if HAS_CADD:
+        a += tl.load(cadd_ptr + c, mask=cm, other=0.0).to(tl.float32)
+    base = x_ptr + b * HW * C
+    count, mean, m2 = 0.0, 0.0, 0.0
+    for start in range(0, HW, BLOCK_HW):
+        rows = start + tl.arange(0, BLOCK_HW)
+        mask = (rows[:, None] < HW) & cm[None, :]  # (R, CPG_P)
+        x = tl.load(base + rows[:, None].to(tl.int64) * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.where(mask, x + a[None, :], 0.0)
+        n = (tl.minimum(HW - start, BLOCK_HW) * CPG).to(tl.float32)
+        mean_t = tl.sum(tl.sum(x, axis=1), axis=0) / n
+        d = tl.where(mask, x - mean_t, 0.0)
+        m2_t = tl.sum(tl.sum(d * d, axis=1), axis=0)
+        total = count + n
+        delta = mean_t - mean
+        mean += delta * (n / total)
+        m2 += m2_t + delta * delta * (count * n / total)
+        count = total
+    rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(m2 / count + eps))
+    scale = rstd * tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
+    shift = tl.load(bias_ptr + c, mask=cm, other=0.0).to(tl.float32) + (a - mean) * scale
+    out = y_ptr + b * HW * C
+    for start in range(0, HW, BLOCK_HW):
+        rows = start + tl.arange(0, BLOCK_HW)
+        mask = (rows[:, None] < HW) & cm[None, :]
+        offs = rows[:, None].to(tl.int64) * C + c[None, :]
+        y = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32) * scale[None, :] + shift[None, :]
+        if SILU:
+            y = y * tl.sigmoid(y)
+        tl.store(out + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
