@@ -13,8 +13,7 @@ copy in and out, and the SiLU (and the time-embedding add) are more passes over 
 x is read twice and y written once, coalesced over channels, whatever the layout of the convs
 around it wants (channels last: cuDNN's fastest convs on Hopper).
 
-Three launches (one, `one_pass`, for a map of at most ONE_PASS_MAX values a group: one program per
-(image, group) runs the three passes over its group, reading it twice, the second time from L2):
+Three launches:
     1. stats:    one program per BLOCK_HW pixels of one image, a (pixels, channels) tile: each channel's
                  (mean, M2) over the tile's pixels, gathered into (groups, channels of a group) and
                  merged by the same update, with no loop -> (mean, M2) of each group there.
@@ -36,13 +35,11 @@ if TRITON:  # at import, not in the call: torch.compile cannot trace an import
     import triton
 
     from ._group_norm_triton import add_bias_residual as add_bias_residual_kernel
-    from ._group_norm_triton import apply, finalize, one_pass, stats
+    from ._group_norm_triton import apply, finalize, stats
 
 TILE = 4096  # values per program in the apply and bias-residual passes: a few per thread at 4 warps
 STATS_TILE = 32768  # values per program in the stats pass: larger tiles measured faster (benchmarks/NOTES.md)
 STATS_WARPS = 4  # 4 measured faster than 8 or 16 (benchmarks/NOTES.md)
-ONE_PASS_MAX = 32768  # values per (image, group) up to which one program per group does all three passes; 0: never
-ONE_PASS_TILE = 4096  # values per tile of that program
 
 
 def reference(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
@@ -77,14 +74,9 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     add_ = add if add is not None else x  # a dummy pointer when there is no add
     cadd = channel_add.contiguous() if channel_add is not None else x
     add_stride = add.stride(0) if add is not None else 0
-    y = torch.empty_like(x, memory_format=torch.channels_last)
-    if hw * cpg <= ONE_PASS_MAX:  # a small map: the three launches' fixed costs outweigh its work
-        one_pass[(num_groups, b)](x, add_, cadd, weight, bias, y, hw, c, cpg, add_stride, eps, CPG_P=cpg_p,
-                                  BLOCK_HW=max(1, ONE_PASS_TILE // cpg_p), HAS_ADD=add is not None,
-                                  HAS_CADD=channel_add is not None, SILU=silu, num_warps=4)
-        return y
     partial = torch.empty(b, n_tiles, g_p, 2, device=x.device, dtype=torch.float32)  # (mean, M2) per tile and group
     stat = torch.empty(b, num_groups, 2, device=x.device, dtype=torch.float32)  # (mean, rstd) per group
+    y = torch.empty_like(x, memory_format=torch.channels_last)
     warps = lambda values: 4 if values <= 4096 else 8  # noqa: E731
     stats[(n_tiles, b)](x, add_, cadd, partial, hw, c, cpg, n_tiles, add_stride, G=num_groups, G_P=g_p, C_P=c_p,
                         CPG_P=cpg_p, BLOCK_HW=rows_stats, HAS_ADD=add is not None, HAS_CADD=channel_add is not None,
