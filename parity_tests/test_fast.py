@@ -25,6 +25,7 @@ from pare.fast.kernels import geglu as geglu_kernel
 from pare.fast.kernels import group_norm as gn_kernel
 from pare.fast.kernels import layer_norm as ln_kernel
 from pare.fast.kernels import pixel_shuffle as shuffle_kernel
+from pare.fast.kernels import timestep as timestep_kernel
 from pare.fast.kernels import INTERPRET, triton_available
 from pare.models.attention import Attention
 from pare.fast import resampling as fast_resampling
@@ -68,7 +69,7 @@ def test_optimize_swaps_blocks_keeps_the_state_dict_and_restore_undoes_it():
     pare.fast.optimize(ours)
     kinds = {type(m).__name__ for m in ours.modules()}
     assert {"FastResnetBlock2D", "FastAttention", "FastGEGLU", "FastTransformer2DModel", "FastBasicTransformerBlock",
-            "FastGroupNorm", "FastUpsample2D", "FastUpBlock2D", "FastCrossAttnUpBlock2D"} <= kinds
+            "FastGroupNorm", "FastUpsample2D", "FastUpBlock2D", "FastCrossAttnUpBlock2D", "FastTimesteps"} <= kinds
     assert not kinds & {"ResnetBlock2D", "Attention", "Upsample2D", "UpBlock2D", "CrossAttnUpBlock2D"}
     assert ours.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert ours(*args, **kwargs).is_contiguous(memory_format=torch.channels_last)  # channels last end to end
@@ -842,6 +843,33 @@ def test_the_skip_concatenation_kernel_is_torch_cat(shape_a, c_b, dtype, monkeyp
     ours = concat_kernel.cat_channels(a, b)
     assert torch.equal(ours, torch.cat([a, b], dim=1)) and ours.is_contiguous(memory_format=torch.channels_last)
     assert launched.calls == (c_a % concat_kernel.BLOCK_C == 0)
+
+
+@pytest.mark.kernel
+@needs_triton
+@pytest.mark.parametrize("dim,flip,shift", [(320, True, 0), (256, True, 0), (320, False, 1), (7, False, 1)])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float32, torch.float16, torch.float64])
+def test_the_timestep_features_kernel_is_the_reference(dim, flip, shift, dtype, monkeypatch):
+    """The sinusoids in one launch: the reference's frequencies, its angles to the bit (same roundings), so only
+    sin and cos of one float32 angle may differ (by an ulp or so under the interpreter's numpy); the layout (flip,
+    an odd size's zero) exact. SD's UNets take (320, flip, shift 0); SDXL's size conditions 256."""
+    from pare.fast.embeddings import FastTimesteps
+    from pare.models.embeddings import Timesteps
+
+    launched = CountedLaunches(timestep_kernel.sinusoids_kernel)
+    monkeypatch.setattr(timestep_kernel, "sinusoids_kernel", launched)
+    t = torch.tensor([999, 500, 1, 0], device=KDEV).to(dtype)
+    if dtype.is_floating_point:
+        t = t - 0.37  # fractional, as the Karras-style samplers' timesteps
+    reference = Timesteps(dim, flip, shift)
+    fast = copy.deepcopy(reference)
+    fast.__class__ = FastTimesteps
+    expected = reference(t)
+    ours = fast(t)
+    assert launched.calls == 1 and ours.dtype == torch.float32 and ours.shape == expected.shape
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+    if dim % 2:
+        assert torch.equal(ours[:, -1], torch.zeros_like(ours[:, -1]))
 
 
 @pytest.mark.kernel

@@ -15,6 +15,7 @@ Each reference class is swapped for its fast subclass (`module.__class__`), so n
                                                      sub-pixel conv, 16 taps for 36)
     UpBlock2D, CrossAttnUpBlock2D -> FastUpBlock2D, FastCrossAttnUpBlock2D (unet_blocks.py: the skip
                                                      concatenations by a copy kernel)
+    Timesteps           -> FastTimesteps            (embeddings.py: the sinusoidal features in one kernel)
     UNet2DConditionModel -> GraphedUNet2DConditionModel (graph.py; CUDA, in pipelines, `cuda_graph=True`)
     pipeline.denoise     -> one CUDA graph for the whole loop (loop.py; CUDA, in pipelines, `loop_graph=True`)
 
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from ..models.attention import Attention
+from ..models.embeddings import Timesteps
 from ..models.resampling import Upsample2D
 from ..models.resnet import ResnetBlock2D
 from ..models.transformer import GEGLU, BasicTransformerBlock, Transformer2DModel
@@ -39,6 +41,7 @@ from ..models.unet_2d_blocks import CrossAttnUpBlock2D, UpBlock2D
 from ..models.unet_2d_condition import UNet2DConditionModel
 from . import time_projections
 from .attention import FastAttention
+from .embeddings import FastTimesteps
 from .graph import GraphedUNet2DConditionModel, eager_forward, graph_forward, share_pool
 from .loop import graph_denoise, step_denoise
 from .norm import FastGroupNorm
@@ -57,6 +60,7 @@ SWAPS = {
     Upsample2D: FastUpsample2D,
     UpBlock2D: FastUpBlock2D,
     CrossAttnUpBlock2D: FastCrossAttnUpBlock2D,
+    Timesteps: FastTimesteps,
 }
 MODEL_NAMES = ("unet", "vae", "controlnet")  # the pipeline components that get the fast path
 ENCODER_NAMES = ("text_encoder", "text_encoder_2")  # replayed from graphs in a pipeline; their kernels stay
