@@ -28,10 +28,12 @@ TRITON_CAT = 1  # 0: torch.cat everywhere (the A/B's switch)
 
 def cat_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """torch.cat([a, b], dim=1) of (B, C_a, H, W) and (B, C_b, H, W) maps; channels last out on the kernel's path
-    (CUDA with Triton, channels-last inputs of one dtype, C_a a multiple of BLOCK_C); torch.cat elsewhere."""
+    (CUDA with Triton, channels-last inputs of one dtype and device, C_a a multiple of BLOCK_C); torch.cat elsewhere
+    (which also raises torch.cat's errors)."""
     channels_last = all(t.is_contiguous(memory_format=torch.channels_last) for t in (a, b))
-    if not (TRITON_CAT and triton_ready(a) and channels_last and a.dtype == b.dtype and a.ndim == 4
-            and a.shape[0] == b.shape[0] and a.shape[2:] == b.shape[2:] and a.shape[1] % BLOCK_C == 0):
+    same = a.ndim == b.ndim == 4 and a.dtype == b.dtype and a.device == b.device and a.shape[0] == b.shape[0]
+    if not (TRITON_CAT and triton_ready(a) and channels_last and same and a.shape[2:] == b.shape[2:]
+            and a.shape[1] % BLOCK_C == 0):
         return torch.cat([a, b], dim=1)
     n, ca, h, w = a.shape
     cb = b.shape[1]
