@@ -864,12 +864,14 @@ def test_the_timestep_features_kernel_is_the_reference(dim, flip, shift, dtype, 
     reference = Timesteps(dim, flip, shift)
     fast = copy.deepcopy(reference)
     fast.__class__ = FastTimesteps
-    expected = reference(t)
-    ours = fast(t)
-    assert launched.calls == 1 and ours.dtype == torch.float32 and ours.shape == expected.shape
-    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+    for ts in (t, t[:1].expand(3)):  # one per sample; one broadcast over the batch (stride 0), as the UNet has it
+        expected = reference(ts)
+        ours = fast(ts)
+        assert ours.dtype == torch.float32 and ours.shape == expected.shape
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+    assert launched.calls == 2
     if dim % 2:
-        assert torch.equal(ours[:, -1], torch.zeros_like(ours[:, -1]))
+        assert torch.equal(ours[:, -1], torch.zeros_like(ours[:, -1]))  # an odd size's zero feature
 
 
 @pytest.mark.kernel

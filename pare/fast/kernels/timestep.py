@@ -42,7 +42,7 @@ def sinusoids(timesteps: torch.Tensor, freqs: torch.Tensor, embedding_dim: int, 
         return None
     n, half = timesteps.shape[0], freqs.shape[0]
     y = torch.empty(n, embedding_dim, dtype=torch.float32, device=timesteps.device)
-    sinusoids_kernel[(n,)](timesteps.contiguous(), freqs, y, float(scale), half, embedding_dim,
+    sinusoids_kernel[(n,)](timesteps, timesteps.stride(0), freqs, y, float(scale), half, embedding_dim,
                            BLOCK=triton.next_power_of_2(max(half, embedding_dim - 2 * half, 1)), FLIP=flip_sin_to_cos,
                            num_warps=1 if half <= 128 else 4)
     return y
