@@ -42,7 +42,7 @@ def constant(module: str, name: str, value):
     except ModuleNotFoundError:
         mod = importlib.import_module(f"pare.fast.{module}")
     old = getattr(mod, name)  # an unknown name fails here, before anything is measured
-    setattr(mod, name, type(old)(value))
+    setattr(mod, name, int(value) if isinstance(old, bool) else type(old)(value))  # bool("0") would be True
     try:
         yield
     finally:
