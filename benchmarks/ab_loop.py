@@ -1,6 +1,7 @@
 """A/B of the denoising loop on the fast path, in one run: the whole loop from one CUDA graph (pare/fast/loop.py)
-against the same pipeline stepping (the UNet from its per-step graph, guidance and scheduler launched eagerly).
-The two are timed in alternating rounds, so the ratio is fair (same machine, same clocks, same weights).
+against the same pipeline stepping (the UNet from its per-step graph, guidance and scheduler launched eagerly),
+and the loop graph without DDIM's guided step fused (pare/fast/denoise.py `FUSED_DDIM` = 0).
+The three are timed in alternating rounds, so the ratio is fair (same machine, same clocks, same weights).
 
     python benchmarks/ab_loop.py --models sd15 --steps 50 --out DIR
 
@@ -19,6 +20,7 @@ import torch
 
 
 def main() -> None:
+    import pare.fast.denoise as fast_denoise
     from pare.bench import environment, workloads
     from pare.bench.timing import time_ms
     from pare.parity.reference import import_reference
@@ -40,13 +42,21 @@ def main() -> None:
         pipe.enable_fast()
         graphed = vars(pipe)["denoise"]
 
-        def variant(name):  # "loop graph": the instance's loop; "step by step": the class's
-            if name == "loop graph":
-                vars(pipe)["denoise"] = graphed
-            else:
-                vars(pipe).pop("denoise", None)
+        caches, active = {}, [None]  # each loop-graph variant keeps its own graphs: the switch is read at capture
 
-        times = {"loop graph": [], "step by step": []}
+        def variant(name):  # "loop graph": the instance's loop; "step by step": the class's
+            if active[0] is not None and "_pare_loop" in vars(pipe):
+                caches[active[0]] = vars(pipe).pop("_pare_loop")
+            active[0] = name
+            fast_denoise.FUSED_DDIM = int(name != "loop graph, DDIM step unfused")
+            if name == "step by step":
+                vars(pipe).pop("denoise", None)
+                return
+            vars(pipe)["denoise"] = graphed
+            if name in caches:
+                vars(pipe)["_pare_loop"] = caches[name]
+
+        times = {"loop graph": [], "loop graph, DDIM step unfused": [], "step by step": []}
         with torch.no_grad():
             for name in times:  # warm-up: captures, Triton compiles
                 variant(name)
@@ -56,6 +66,8 @@ def main() -> None:
                 for name in times:
                     variant(name)
                     times[name] += time_ms(lambda: w.call_ours(pipe), device, warmup=0, iters=args.iters)
+        variant("loop graph")
+        fast_denoise.FUSED_DDIM = 1
         replayed = [e is not None for e in pipe._pare_loop.graphs.values()]
         base = statistics.median(times["step by step"])
         case = {name: {"ms": statistics.median(t), "x_step_by_step": statistics.median(t) / base}

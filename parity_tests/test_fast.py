@@ -13,12 +13,14 @@ on the CPU, with the graphs stood in for).
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import pare.fast
+import pare.fast.denoise
 from pare.configs import TINY_SD_UNET, TINY_SDXL_UNET, TINY_VAE
 from pare.fast.kernels import concat as concat_kernel
 from pare.fast.kernels import geglu as geglu_kernel
@@ -455,6 +457,60 @@ def test_the_loop_graph_captures_replays_and_falls_back_as_designed_with_graphs_
     assert len(ours._pare_loop.graphs) == 3  # Euler: a fresh scheduler's key, then the key after a loop; DDIM: one
 
 
+@torch.no_grad()
+def test_the_fused_ddim_loop_gives_the_class_loops_latents_and_leaves_every_other_loop_to_it(monkeypatch):
+    """pare/fast/denoise.py: a plain DDIM loop under guidance (eta 0, epsilon or v prediction, no clipping) runs one
+    fused step a UNet call, and its latents are the class loop's (float64 here: within the float32 rounding of the
+    reference's alpha_bar roots), a step callback's seen and its replaced latents used. Any other loop (eta > 0,
+    clipping, guidance rescale, no guidance, another scheduler) is the class's own: no fused step, the same latents
+    to the bit."""
+    import functools
+
+    import pare.fast.denoise as fast_denoise
+    from parity_tests.tiny_components import build_diffusers_pipeline
+    from pare.parity.checkpoint import pare_twin
+    from pare.schedulers import DDIMScheduler, EulerDiscreteScheduler
+
+    ours = pare_twin(build_diffusers_pipeline("tiny-sd"), torch.float64)
+    ours.set_progress_bar_config(disable=True)
+    fused_steps = []
+    step = fast_denoise.guided_step
+    monkeypatch.setattr(fast_denoise, "guided_step", lambda *a, **k: fused_steps.append(1) or step(*a, **k))
+    latents = torch.randn(ours.latent_shape(1, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def run(fused: bool, **kwargs):
+        if fused:
+            vars(ours)["denoise"] = functools.partial(fast_denoise.denoise, ours)
+        else:
+            vars(ours).pop("denoise", None)
+        return ours(prompt="a cat", num_inference_steps=3, height=32, width=32, output_type="latent", latents=latents,
+                    generator=torch.Generator().manual_seed(1), **kwargs).images
+
+    config, seen = ours.scheduler.config, []
+    halve = lambda pipe, i, t, tensors: {"latents": tensors["latents"] / 2} if i == 1 else {}  # noqa: E731
+    for cls, overrides, kwargs, fused in (
+            (DDIMScheduler, {}, {}, True), (DDIMScheduler, {"prediction_type": "v_prediction"}, {}, True),
+            (DDIMScheduler, {}, {"eta": 1.0}, False), (DDIMScheduler, {"clip_sample": True}, {}, False),
+            (DDIMScheduler, {}, {"guidance_rescale": 0.7}, False), (DDIMScheduler, {}, {"guidance_scale": 1.0}, False),
+            (DDIMScheduler, {}, {"callback_on_step_end": lambda pipe, i, t, tensors: seen.append(i) or {}}, True),
+            (DDIMScheduler, {}, {"callback_on_step_end": halve}, True),
+            (EulerDiscreteScheduler, {}, {}, False)):
+        ours.scheduler = cls.from_config(config, **overrides)
+        fused_steps.clear()
+        got = run(True, **kwargs)
+        assert len(fused_steps) == (3 if fused else 0), (cls.__name__, overrides, kwargs)
+        expected = run(False, **kwargs)
+        if fused:
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(got, expected), (cls.__name__, overrides, kwargs)
+    assert seen == [0, 1, 2] * 2
+    monkeypatch.setattr(fast_denoise, "FUSED_DDIM", 0)  # the A/B's switch
+    ours.scheduler = DDIMScheduler.from_config(config)
+    run(True)
+    assert fused_steps == []
+
+
 def test_only_loops_that_read_only_their_arguments_get_a_loop_graph():
     """ControlNet's and inpainting's loops read tensors that are not their arguments (the condition image, the
     mask), which a graph would bake in: they keep their own loop."""
@@ -874,6 +930,63 @@ def test_the_timestep_features_kernel_is_the_reference(dim, flip, shift, dtype, 
         assert torch.equal(ours[:, -1], torch.zeros_like(ours[:, -1]))  # an odd size's zero feature
 
 
+def sd_ddim(prediction_type: str = "epsilon", **overrides):
+    """SD's DDIM scheduler (scaled-linear betas, leading spacing, no clipping), 50 steps."""
+    from pare.schedulers import DDIMScheduler
+
+    s = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=False,
+                      steps_offset=1, clip_sample=False, prediction_type=prediction_type, **overrides)
+    s.set_timesteps(50)
+    return s
+
+
+@pytest.mark.kernel
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("b,side,layouts", [(1, 64, ("channels_last", "contiguous")), (2, 8, ("contiguous", "channels_last")),
+                                            (1, 5, ("contiguous", "contiguous"))])
+def test_the_guided_ddim_step_kernel_is_nearer_float64_than_the_reference_ops(b, side, layouts, prediction_type, dtype,
+                                                                                monkeypatch):
+    """Guidance, DDIM's step (eta 0) and the next UNet input in one launch: the PyTorch twin's values (within an ulp
+    of the dtype), no further from float64 than guidance and `DDIMScheduler.step` run in the dtype (the reference
+    loop's ops; bounded as the parity suite bounds a block), at every stride of the UNet's output (channels last)
+    and of the latents; the next input is the stepped latents twice. The coefficients' algebra: float64 below."""
+    from pare.fast.denoise import step_coefficients
+    from pare.fast.kernels import guided_step as step_kernel
+
+    launched = CountedLaunches(step_kernel.guided_step_kernel)
+    monkeypatch.setattr(step_kernel, "guided_step_kernel", launched)
+    s, w = sd_ddim(prediction_type), 7.5
+    g = torch.Generator().manual_seed(0)
+    eps = torch.randn(2 * b, 4, side, side, generator=g, dtype=torch.float64)
+    x = torch.randn(b, 4, side, side, generator=g, dtype=torch.float64)
+    fmt = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+    eps_d = eps.to(KDEV, dtype).contiguous(memory_format=fmt[layouts[0]])
+    x_d = x.to(KDEV, dtype).contiguous(memory_format=fmt[layouts[1]])
+    for t in (s.timesteps[0], s.timesteps[30], s.timesteps[-1]):
+        uncond, text = eps.chunk(2)
+        exact = s.step(uncond + w * (text - uncond), t, x).prev_sample  # float64
+        c_x, c_m = step_coefficients(s, t)
+        torch.testing.assert_close(c_x * x + c_m * (uncond + w * (text - uncond)), exact, rtol=1e-6, atol=1e-6)
+        ours, stacked = step_kernel.guided_step(eps_d, x_d, w, c_x, c_m)
+        assert ours.dtype == dtype and ours.stride() == x_d.stride() and stacked.is_contiguous()
+        assert torch.equal(stacked[:b], ours) and torch.equal(stacked[b:], ours)
+        u, c = eps_d.chunk(2)
+        theirs = s.step(u + w * (c - u), t, x_d).prev_sample  # the reference loop's ops, in the dtype
+        assert rel(ours, exact) <= BUDGET * rel(theirs, exact) + FLOOR[dtype], int(t)
+        monkeypatch.setattr(step_kernel, "TRITON_STEP", 0)
+        twin, none = step_kernel.guided_step(eps_d, x_d, w, c_x, c_m, next_input=False)
+        monkeypatch.setattr(step_kernel, "TRITON_STEP", 1)
+        assert none is None
+        torch.testing.assert_close(ours, twin, rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps)
+    assert launched.calls == 3
+    last, none = step_kernel.guided_step(eps_d, x_d, w, c_x, c_m, next_input=False)  # the last step: no next input
+    assert none is None and torch.equal(last, ours) and launched.calls == 4
+    with pytest.raises(ValueError, match=r"a \(2B, C, h, w\) UNet output"):
+        step_kernel.guided_step(eps_d[:b], x_d, w, c_x, c_m)
+
+
 @pytest.mark.kernel
 @needs_triton
 def test_float64_runs_the_pytorch_twins_not_the_float32_kernels():
@@ -993,8 +1106,8 @@ def plain_state(scheduler) -> dict:
 @torch.no_grad()
 @pytest.mark.parametrize("family", ["tiny-sd", "tiny-sdxl"])
 def test_the_loop_graph_replays_what_the_step_by_step_loop_computes(family):
-    """The whole loop from one graph (loop.py) against the same fast pipeline stepping (its UNet from per-step
-    graphs): the same latents to the bit, for the deterministic samplers replayed and the stochastic ones run step
+    """The whole loop from one graph (loop.py) against the same loop stepping (denoise.py's: DDIM's guided step fused;
+    its UNet from per-step graphs): the same latents to the bit, for the deterministic samplers replayed and the stochastic ones run step
     by step (their generator left as the warm-up found it); the scheduler's state after a replay is the state after
     a loop; another guidance scale is another graph, and a callback runs the loop step by step."""
     from parity_tests.tiny_components import build_diffusers_pipeline
@@ -1005,6 +1118,7 @@ def test_the_loop_graph_replays_what_the_step_by_step_loop_computes(family):
     ours.set_progress_bar_config(disable=True)
     ours.enable_fast()
     graphed = vars(ours)["denoise"]
+    stepping = functools.partial(pare.fast.denoise.denoise, ours)  # the loop the graph holds (DDIM's step fused)
     base = ours.scheduler.config
     problems = []
 
@@ -1018,7 +1132,7 @@ def test_the_loop_graph_replays_what_the_step_by_step_loop_computes(family):
         first, second = run(**call), run(**call)  # warm-up, capture and replay; then a replay
         after = plain_state(ours.scheduler)
         entries = list(ours._pare_loop.graphs.values())
-        del vars(ours)["denoise"]  # the class's loop: step by step
+        vars(ours)["denoise"] = stepping  # the same loop, step by step
         expected = run(**call)
         stepped = plain_state(ours.scheduler)
         if (entries[-1] is not None) != replayed:

@@ -1,0 +1,71 @@
+"""The denoising loop on the fast path: guidance, the DDIM step and the next UNet input in one kernel a step.
+
+Replaces: `pare/pipelines/stable_diffusion.py StableDiffusionPipeline.denoise` (diffusers: the loop of
+`pipeline_stable_diffusion.py __call__`) inside the loop graph (`loop.py`), for the loop it runs most: DDIM with
+eta = 0 under classifier-free guidance. The UNet call is the reference loop's; what follows it, guidance
+(Ho & Salimans, arXiv 2207.12598, eq. 6) and DDIM's eq. 12 (Song et al., arXiv 2010.02502) with sigma_t = 0, is
+`kernels/guided_step.py`: x_{t-1} = c_x x_t + c_m (eps_u + w (eps_c - eps_u)), c_x and c_m solved on the host in
+float64 from DDIM's own alpha_bar and its own previous timestep. Every other loop (another scheduler, eta > 0,
+clipping or thresholding, guidance rescale, no guidance) is the reference's, unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..schedulers.scheduling_ddim import DDIMScheduler
+from .kernels.guided_step import ddim_coefficients, guided_step
+
+FUSED_DDIM = 1  # 0: the class's loop for every scheduler (the A/B's switch)
+
+
+def fusable(pipe, latents, guidance_scale: float, guidance_rescale: float, step_kwargs: dict | None) -> bool:
+    """Whether this loop's steps are guidance and a deterministic DDIM step, nothing more."""
+    s, loop = pipe.scheduler, type(pipe).denoise
+    # the loop this file twins, named (pare/fast sits below pare/pipelines, and does not import it): a subclass's
+    # own loop (ControlNet's, inpainting's) is not this one
+    twin = (loop.__module__, loop.__qualname__) == ("pare.pipelines.stable_diffusion", "StableDiffusionPipeline.denoise")
+    if not FUSED_DDIM or not twin or type(s) is not DDIMScheduler or not torch.is_tensor(latents) or latents.ndim != 4:
+        return False
+    c = s.config
+    steps = dict(step_kwargs or {})
+    steps.pop("generator", None)  # with eta = 0 nothing is drawn
+    return (set(steps) <= {"eta"} and float(steps.get("eta", 0.0)) == 0.0
+            and c.prediction_type in ("epsilon", "v_prediction") and not c.clip_sample and not c.thresholding
+            and not (c.prediction_type == "epsilon" and c.rescale_betas_zero_snr)  # the reference's error, there
+            and not s.alphas_cumprod.is_cuda  # read on the host below
+            and pipe.uses_cfg(guidance_scale) and guidance_rescale == 0.0)
+
+
+def step_coefficients(scheduler: DDIMScheduler, timestep) -> tuple[float, float]:
+    """(c_x, c_m) of DDIM's step at `timestep`: steps 1 and 2 of `DDIMScheduler.step` (its checks included), then
+    `ddim_coefficients`."""
+    t = scheduler._check_timestep(timestep)
+    prev_t = scheduler.previous_timestep(t)
+    alpha_t = float(scheduler.alphas_cumprod[t])
+    alpha_prev = float(scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod)
+    return ddim_coefficients(alpha_t, alpha_prev, scheduler.config.prediction_type)
+
+
+def denoise(pipe, latents, timesteps, prompt_embeds, guidance_scale: float, guidance_rescale: float = 0.0,
+            step_kwargs: dict | None = None, added_cond_kwargs: dict | None = None, callback=None,
+            callback_inputs=("latents",)):
+    """`pipe`'s loop (its class's `denoise`), with guidance and the step fused where `fusable`."""
+    if not fusable(pipe, latents, guidance_scale, guidance_rescale, step_kwargs):
+        return type(pipe).denoise(pipe, latents, timesteps, prompt_embeds, guidance_scale, guidance_rescale,
+                                  step_kwargs, added_cond_kwargs, callback, callback_inputs)
+    model_input = torch.cat([latents] * 2)  # (B, 4, h, w) -> (2B, 4, h, w); DDIM's scale_model_input is identity
+    for i, t in enumerate(pipe.progress_bar(timesteps)):
+        noise_pred = pipe.unet(model_input, t, encoder_hidden_states=prompt_embeds,
+                               added_cond_kwargs=added_cond_kwargs)  # (2B, 4, h, w)
+        c_x, c_m = step_coefficients(pipe.scheduler, t)
+        latents, model_input = guided_step(noise_pred, latents, guidance_scale, c_x, c_m,
+                                           next_input=i + 1 < len(timesteps))
+        if callback is not None:  # diffusers' callback_on_step_end, as `pipeline_utils.step_callback` calls it
+            tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
+            replaced = callback(pipe, i, t, {k: tensors[k] for k in callback_inputs}) or {}
+            prompt_embeds = replaced.get("prompt_embeds", prompt_embeds)
+            if "latents" in replaced:  # new latents: the next input is made from them
+                latents = replaced["latents"]
+                model_input = torch.cat([latents] * 2)
+    return latents

@@ -1,0 +1,30 @@
+"""The Triton side of `guided_step.py` (imported only where Triton is installed)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def guided_step(e_ptr, x_ptr, y_ptr, z_ptr, N, B, C, H, W,
+                e0, e1, e2, e3, x0, x1, x2, x3, y0, y1, y2, y3, z0, z1, z2, z3,
+                w, cx, cm, BLOCK: tl.constexpr, STACK: tl.constexpr):
+    """N = B*C*H*W values of the (B, C, H, W) sample x, in logical order; each tensor read or written at its own
+    strides (the UNet's output is channels last, the latents need not be). eps (2B, C, H, W): unconditional rows
+    b, text rows B + b. y = cx x + cm (u + w (t - u)), in float32; with STACK, z (2B, C, H, W) gets y at rows b and
+    B + b."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < N
+    iw = i % W
+    ih = (i // W) % H
+    ic = (i // (W * H)) % C
+    ib = i // (W * H * C)
+    e = e_ptr + ic * e1 + ih * e2 + iw * e3
+    u = tl.load(e + ib * e0, mask=m, other=0.0).to(tl.float32)
+    t = tl.load(e + (ib + B) * e0, mask=m, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + ib * x0 + ic * x1 + ih * x2 + iw * x3, mask=m, other=0.0).to(tl.float32)
+    y = cx * x + cm * (u + w * (t - u))
+    tl.store(y_ptr + ib * y0 + ic * y1 + ih * y2 + iw * y3, y.to(y_ptr.dtype.element_ty), mask=m)
+    if STACK:
+        z = z_ptr + ic * z1 + ih * z2 + iw * z3
+        tl.store(z + ib * z0, y.to(z_ptr.dtype.element_ty), mask=m)
+        tl.store(z + (ib + B) * z0, y.to(z_ptr.dtype.element_ty), mask=m)

@@ -1,0 +1,75 @@
+"""Classifier-free guidance and a deterministic DDIM step in one launch, which also writes the next UNet input.
+
+Replaces, in the denoising loop (`pare/pipelines/stable_diffusion.py denoise`, through `pare/fast/denoise.py`):
+- the guidance line eps = eps_u + w (eps_c - eps_u) (Ho & Salimans, arXiv 2207.12598, eq. 6);
+- `pare/schedulers/scheduling_ddim.py DDIMScheduler.step` with eta = 0 (Song et al., arXiv 2010.02502, eq. 12);
+- the next step's `torch.cat([latents] * 2)`.
+
+Math. With the guided output m and the sample x, a DDIM step with eta = 0 is linear in (x, m):
+x_{t-1} = c_x x + c_m m, where (a = alpha_t, a' = alpha_{t-1}, DDIM's alpha_bar)
+    epsilon prediction:  x_0 = (x - sqrt(1 - a) m) / sqrt(a),  eps = m
+    v prediction:        x_0 = sqrt(a) x - sqrt(1 - a) m,       eps = sqrt(a) m + sqrt(1 - a) x
+    x_{t-1} = sqrt(a') x_0 + sqrt(1 - a') eps                   (eq. 12, sigma_t = 0)
+`ddim_coefficients` solves c_x, c_m in float64 on the host; the kernel reads each value once, in float32 registers.
+
+Why a kernel: the reference spends about ten launches a step on (B, 4, h, w) latents (guidance's subtract,
+multiply and add; the step's six multiplies, adds and divides; the next input's cat), each a few microseconds of
+a step in which the GPU mostly waits on them. One launch replaces them. The values are not the reference's to the
+bit: the reference rounds each of those ops to the latents' float16, this rounds once, so it is nearer float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import TRITON, triton_ready
+
+if TRITON:  # at import, not in the call: torch.compile cannot trace an import
+    import triton
+
+    from ._guided_step_triton import guided_step as guided_step_kernel
+
+BLOCK = 1024  # values per program: SD1.5's 512-px latents (16384 a half) in 16 programs
+TRITON_STEP = 1  # 0: the same arithmetic by PyTorch ops (the A/B's switch)
+
+
+def ddim_coefficients(alpha_t: float, alpha_prev: float, prediction_type: str) -> tuple[float, float]:
+    """(c_x, c_m) of x_{t-1} = c_x x + c_m m, a DDIM step with eta = 0 (see the module docstring), in float64."""
+    sa, sb = math.sqrt(alpha_t), math.sqrt(1.0 - alpha_t)  # sqrt(a), sqrt(1 - a)
+    sa_prev, sb_prev = math.sqrt(alpha_prev), math.sqrt(1.0 - alpha_prev)
+    if prediction_type == "epsilon":  # x_0 = x / sa - (sb / sa) m
+        return sa_prev / sa, sb_prev - sa_prev * sb / sa
+    if prediction_type == "v_prediction":  # x_0 = sa x - sb m, eps = sb x + sa m
+        return sa_prev * sa + sb_prev * sb, sb_prev * sa - sa_prev * sb
+    raise ValueError(f"ddim_coefficients: prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
+
+
+def guided_step(noise_pred: torch.Tensor, sample: torch.Tensor, guidance_scale: float, c_x: float, c_m: float,
+                next_input: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(2B, C, h, w) UNet output (unconditional half first) and (B, C, h, w) sample -> the stepped sample, in the
+    sample's dtype and layout, and (next_input) the next UNet input (2B, C, h, w): the stepped sample twice, as the
+    reference's cat makes it. One Triton launch on CUDA; PyTorch's ops elsewhere (float32 arithmetic for 16-bit
+    values, the sample's own dtype otherwise)."""
+    b = sample.shape[0]
+    if noise_pred.ndim != 4 or sample.ndim != 4 or noise_pred.shape[0] != 2 * b or noise_pred.shape[1:] != sample.shape[1:]:
+        raise ValueError(f"guided_step: a (2B, C, h, w) UNet output and a (B, C, h, w) sample, got "
+                         f"{tuple(noise_pred.shape)} and {tuple(sample.shape)}")
+    out = torch.empty_like(sample)  # the sample's layout
+    stacked = sample.new_empty((2 * b, *sample.shape[1:])) if next_input else None  # (2B, C, h, w), contiguous
+    if TRITON_STEP and triton_ready(sample) and noise_pred.dtype == sample.dtype and noise_pred.device == sample.device:
+        n = sample.numel()
+        dst = stacked if next_input else out  # unused without a next input (STACK off): only its strides are read
+        guided_step_kernel[(triton.cdiv(n, BLOCK),)](
+            noise_pred, sample, out, dst, n, b, *sample.shape[1:], *noise_pred.stride(), *sample.stride(),
+            *out.stride(), *dst.stride(), float(guidance_scale), float(c_x), float(c_m), BLOCK=BLOCK, STACK=next_input,
+            num_warps=4)
+        return out, stacked
+    compute = torch.float32 if sample.dtype in (torch.float16, torch.bfloat16) else sample.dtype
+    uncond, text = noise_pred.to(compute).chunk(2)  # (2B, ...) -> 2 x (B, ...)
+    guided = uncond + guidance_scale * (text - uncond)
+    out.copy_(c_x * sample.to(compute) + c_m * guided)
+    if next_input:
+        stacked.copy_(torch.cat([out, out]))
+    return out, stacked
