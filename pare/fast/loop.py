@@ -47,7 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ..schedulers.scheduling_utils import host_schedule
-from .denoise import denoise
+from .denoise import denoise as fused_denoise
 from .graph import GraphCache, check_finite_once, replayable
 
 logger = logging.getLogger(__name__)
@@ -186,8 +186,8 @@ class LoopGraphs(GraphCache):
     def run(self, latents, prompt_embeds, added_cond_kwargs, loop: Loop):
         if self.start is not None:  # in a capture: its warm-up and the capture start where set_timesteps left it
             set_state(self.pipe.scheduler, self.start)
-        return denoise(self.pipe, latents, loop.timesteps, prompt_embeds, loop.guidance_scale, loop.guidance_rescale,
-                       loop.step_kwargs, added_cond_kwargs)  # the class's loop, its DDIM steps fused (denoise.py)
+        return fused_denoise(self.pipe, latents, loop.timesteps, prompt_embeds, loop.guidance_scale,
+                             loop.guidance_rescale, loop.step_kwargs, added_cond_kwargs)  # DDIM's steps fused
 
     def warm_up(self, kwargs: dict, device: torch.device) -> None:
         """Two runs, each op recorded. The first may capture the UNet's per-step graphs and check its inputs, which
@@ -248,7 +248,7 @@ def graph_denoise(pipe) -> bool:
                 callback_inputs=("latents",)):
         args = (latents, timesteps, prompt_embeds, guidance_scale, guidance_rescale, step_kwargs, added_cond_kwargs)
         if callback is not None or not replayable(latents) or not torch.is_tensor(timesteps):
-            return denoise(pipe, *args, callback=callback, callback_inputs=callback_inputs)  # step by step
+            return fused_denoise(pipe, *args, callback=callback, callback_inputs=callback_inputs)  # step by step
         try:
             key = loop_key(pipe.scheduler, timesteps, step_kwargs, guidance_scale, guidance_rescale)
         except TypeError:
