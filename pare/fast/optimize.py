@@ -18,6 +18,7 @@ Each reference class is swapped for its fast subclass (`module.__class__`), so n
     Timesteps           -> FastTimesteps            (embeddings.py: the sinusoidal features in one kernel)
     UNet2DConditionModel -> GraphedUNet2DConditionModel (graph.py; CUDA, in pipelines, `cuda_graph=True`)
     pipeline.denoise     -> one CUDA graph for the whole loop (loop.py; CUDA, in pipelines, `loop_graph=True`)
+                            its DDIM steps' guidance and update one kernel a step (denoise.py)
 
 plus every ResNet's time-embedding projection of a model in one GEMM (time_projections.py),
 and the weights of every model go channels last (cuDNN's fast convolution layout on recent GPUs).
