@@ -991,8 +991,8 @@ def test_the_guided_ddim_step_kernel_is_nearer_float64_than_the_reference_ops(b,
         assert none is None
         # float32 arithmetic on terms up to `scale` (an FMA here, not there), then one rounding to the dtype
         scale = float((c_x * x.abs() + abs(c_m) * (uncond.abs() + w * (text - uncond).abs())).max())
-        eps32, eps = torch.finfo(torch.float32).eps, torch.finfo(dtype).eps
-        torch.testing.assert_close(ours, twin, rtol=eps, atol=eps + 4 * eps32 * scale)
+        ulp32, ulp = torch.finfo(torch.float32).eps, torch.finfo(dtype).eps
+        torch.testing.assert_close(ours, twin, rtol=ulp, atol=ulp + 4 * ulp32 * scale)
     assert launched.calls == 3
     last, none = step_kernel.guided_step(eps_d, x_d, w, c_x, c_m, next_input=False)  # the last step: no next input
     assert none is None and torch.equal(last, ours) and launched.calls == 4
