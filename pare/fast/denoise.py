@@ -1,12 +1,13 @@
 """The denoising loop on the fast path: guidance, the DDIM step and the next UNet input in one kernel a step.
 
 Replaces: `pare/pipelines/stable_diffusion.py StableDiffusionPipeline.denoise` (diffusers: the loop of
-`pipeline_stable_diffusion.py __call__`) inside the loop graph (`loop.py`), for the loop it runs most: DDIM with
-eta = 0 under classifier-free guidance. The UNet call is the reference loop's; what follows it, guidance
-(Ho & Salimans, arXiv 2207.12598, eq. 6) and DDIM's eq. 12 (Song et al., arXiv 2010.02502) with sigma_t = 0, is
-`kernels/guided_step.py`: x_{t-1} = c_x x_t + c_m (eps_u + w (eps_c - eps_u)), c_x and c_m solved on the host in
-float64 from DDIM's own alpha_bar and its own previous timestep. Every other loop (another scheduler, eta > 0,
-clipping or thresholding, guidance rescale, no guidance) is the reference's, unchanged.
+`pipeline_stable_diffusion.py __call__`) inside the loop graph (`loop.py`, and its step-by-step entry, taken with a
+step callback), for the loop it runs most: DDIM with eta = 0 under classifier-free guidance. The UNet call is the
+reference loop's; what follows it, guidance (Ho & Salimans, arXiv 2207.12598, eq. 6) and DDIM's eq. 12 (Song et
+al., arXiv 2010.02502) with sigma_t = 0, is `kernels/guided_step.py`:
+x_{t-1} = c_x x_t + c_m (eps_u + w (eps_c - eps_u)), c_x and c_m solved on the host in float64 from DDIM's own
+alpha_bar and its own previous timestep. Every other loop (another scheduler, eta > 0, clipping or thresholding,
+guidance rescale, no guidance) is the reference's, unchanged.
 """
 
 from __future__ import annotations
