@@ -940,16 +940,6 @@ def test_the_timestep_features_kernel_is_the_reference(dim, flip, shift, dtype, 
         assert torch.equal(ours[:, -1], torch.zeros_like(ours[:, -1]))  # an odd size's zero feature
 
 
-def sd_ddim(prediction_type: str = "epsilon", **overrides):
-    """SD's DDIM scheduler (scaled-linear betas, leading spacing, no clipping), 50 steps."""
-    from pare.schedulers import DDIMScheduler
-
-    s = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=False,
-                      steps_offset=1, clip_sample=False, prediction_type=prediction_type, **overrides)
-    s.set_timesteps(50)
-    return s
-
-
 @pytest.mark.kernel
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -962,12 +952,15 @@ def test_the_guided_ddim_step_kernel_is_nearer_float64_than_the_reference_ops(b,
     of the dtype and float32's rounding of the terms), no further from float64 than guidance and `DDIMScheduler.step` run in the dtype (the reference
     loop's ops; bounded as the parity suite bounds a block), at every stride of the UNet's output (channels last)
     and of the latents; the next input is the stepped latents twice. The coefficients' algebra: float64 below."""
+    from parity_tests.tiny_components import SD_SCHEDULER
     from pare.fast.denoise import step_coefficients
     from pare.fast.kernels import guided_step as step_kernel
+    from pare.schedulers import DDIMScheduler
 
     launched = CountedLaunches(step_kernel.guided_step_kernel)
     monkeypatch.setattr(step_kernel, "guided_step_kernel", launched)
-    s, w = sd_ddim(prediction_type), 7.5
+    s, w = DDIMScheduler.from_config(SD_SCHEDULER, prediction_type=prediction_type), 7.5  # SD's, no clipping
+    s.set_timesteps(50)
     g = torch.Generator().manual_seed(0)
     eps = torch.randn(2 * b, 4, side, side, generator=g, dtype=torch.float64).to(KDEV)
     x = torch.randn(b, 4, side, side, generator=g, dtype=torch.float64).to(KDEV)

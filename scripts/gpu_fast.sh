@@ -5,7 +5,7 @@
 #   STEPS="tests profile parity" bash scripts/gpu_fast.sh
 #   STEPS="bench" bash scripts/gpu_fast.sh            # SDXL, SD1.5 with compile-graph, the SDXL pipeline (about 7 min)
 # tests: test_fast.py's GPU tier (TESTS_K, a -k expression, say "loop or guided", to pick; TESTS_ARGS for more pytest
-# options, split on spaces); its log starts with the device, commit and date.
+# options, split on spaces); its log starts with the device, the code's hash (scripts/tree_id.sh) and the date.
 # suite: the whole parity suite's GPU tier on the fast path (SUITE_ARGS, say "-k sd15", to split it over calls).
 # Diagnostics: ab (benchmarks/ab_fast.py: the fast path's options, A/B in one run), ab-loop (benchmarks/ab_loop.py:
 # the loop graph against the stepping loop), gemm (benchmarks/gemm_geglu.py: the fused GEGLU GEMM's tiles, per
@@ -20,7 +20,7 @@ quiet() { grep -v "pare bench:\|kept in float32\|_warn_once\|deprecate"; }
 for step in ${STEPS:-tests profile parity}; do
   echo "=== $step ($(date -u +%T)) ==="
   case $step in
-    tests) { cat "$OUT/device.txt"; git log -1 --format="commit %H" 2>/dev/null; date -u +%F; timeout ${T_TESTS:-150} python3 -m pytest parity_tests/test_fast.py --device cuda --dtype fp16 -q -p no:cacheprovider -rfE ${TESTS_K:+-k "$TESTS_K"} ${TESTS_ARGS:-} 2>&1; } | tee "$OUT/test_fast.log" | tail -12 ;;
+    tests) { cat "$OUT/device.txt"; echo "tree $(bash scripts/tree_id.sh)"; date -u +%F; timeout ${T_TESTS:-150} python3 -m pytest parity_tests/test_fast.py --device cuda --dtype fp16 -q -p no:cacheprovider -rfE ${TESTS_K:+-k "$TESTS_K"} ${TESTS_ARGS:-} 2>&1; } | tee "$OUT/test_fast.log" | tail -12 ;;
     profile) timeout ${T_PROFILE:-120} python3 benchmarks/profile_kernels.py --models ${PROFILE_MODELS:-sd15,sdxl} --cases unet,vae-decode --modes ${PROFILE_MODES:-graph,fast} --top ${PROFILE_TOP:-25} --out "$OUT" 2>&1 | quiet ;;
     parity)
       timeout ${T_PARITY:-150} python3 -m pare.cli parity --fast --config sd15 --device cuda --dtype fp16 --components unet,vae,pipeline --steps 50 --out "$OUT/parity-fast-sd15" 2>&1 | tail -4
@@ -29,7 +29,7 @@ for step in ${STEPS:-tests profile parity}; do
     gemm) timeout ${T_GEMM:-200} python3 benchmarks/gemm_geglu.py ${GEMM_ARGS:-} --out "$OUT" 2>&1 | grep -v Warn | tail -16 ;;
     ab-loop) timeout ${T_AB:-200} python3 benchmarks/ab_loop.py --models ${AB_MODELS:-sd15} --out "$OUT" 2>&1 | quiet | tail -3 ;;
     syncs) timeout ${T_SYNCS:-120} python3 benchmarks/sync_points.py --model sd15 --steps 5 2>&1 | quiet | tail -25 ;;
-    suite) { cat "$OUT/device.txt"; git log -1 --format="commit %H" 2>/dev/null; timeout ${T_SUITE:-540} python3 -m pytest parity_tests --device cuda --dtype fp16 --fast -q -p no:cacheprovider -rfE ${SUITE_ARGS:-} 2>&1; } | tee "$OUT/suite_fast.log" | tail -15 ;;
+    suite) { cat "$OUT/device.txt"; echo "tree $(bash scripts/tree_id.sh)"; timeout ${T_SUITE:-540} python3 -m pytest parity_tests --device cuda --dtype fp16 --fast -q -p no:cacheprovider -rfE ${SUITE_ARGS:-} 2>&1; } | tee "$OUT/suite_fast.log" | tail -15 ;;
     sd15-pipeline) timeout ${T_SD15:-150} python3 -m pare.cli bench --models sd15 --cases pipeline --modes fast --out "$OUT" --stem sd15-pipeline-fast 2>&1 | quiet | tail -8 ;;
     sdxl-pipeline) timeout ${T_SDXL:-240} python3 -m pare.cli bench --models sdxl --cases pipeline --modes fast --steps 30 --out "$OUT" --stem sdxl-pipeline-fast 2>&1 | quiet | tail -8 ;;
     bench)  # the README's benchmark table: three commands, about 430 s in all

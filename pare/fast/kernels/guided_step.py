@@ -57,8 +57,8 @@ def guided_step(noise_pred: torch.Tensor, sample: torch.Tensor, guidance_scale: 
         raise ValueError(f"guided_step: a (2B, C, h, w) UNet output and a (B, C, h, w) sample, got "
                          f"{tuple(noise_pred.shape)} and {tuple(sample.shape)}")
     out = torch.empty_like(sample)  # the sample's layout
-    stacked = sample.new_empty((2 * b, *sample.shape[1:])) if next_input else None  # (2B, C, h, w), contiguous
     if TRITON_STEP and triton_ready(sample) and noise_pred.dtype == sample.dtype and noise_pred.device == sample.device:
+        stacked = sample.new_empty((2 * b, *sample.shape[1:])) if next_input else None  # (2B, C, h, w), contiguous
         n = sample.numel()
         dst = stacked if next_input else out  # unused without a next input (STACK off): only its strides are read
         guided_step_kernel[(triton.cdiv(n, BLOCK),)](
@@ -70,6 +70,4 @@ def guided_step(noise_pred: torch.Tensor, sample: torch.Tensor, guidance_scale: 
     uncond, text = noise_pred.to(compute).chunk(2)  # (2B, ...) -> 2 x (B, ...)
     guided = uncond + guidance_scale * (text - uncond)
     out.copy_(c_x * sample.to(compute) + c_m * guided)
-    if next_input:
-        stacked.copy_(torch.cat([out, out]))
-    return out, stacked
+    return out, torch.cat([out, out]) if next_input else None
