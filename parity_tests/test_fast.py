@@ -464,8 +464,6 @@ def test_the_fused_ddim_loop_gives_the_class_loops_latents_and_leaves_every_othe
     reference's alpha_bar roots), a step callback's seen and its replaced latents used. Any other loop (eta > 0,
     clipping, guidance rescale, no guidance, another scheduler) is the class's own: no fused step, the same latents
     to the bit."""
-    import functools
-
     import pare.fast.denoise as fast_denoise
     from parity_tests.tiny_components import build_diffusers_pipeline
     from pare.parity.checkpoint import pare_twin
@@ -949,9 +947,10 @@ def test_the_timestep_features_kernel_is_the_reference(dim, flip, shift, dtype, 
 def test_the_guided_ddim_step_kernel_is_nearer_float64_than_the_reference_ops(b, side, layouts, prediction_type, dtype,
                                                                                 monkeypatch):
     """Guidance, DDIM's step (eta 0) and the next UNet input in one launch: the PyTorch twin's values (within an ulp
-    of the dtype and float32's rounding of the terms), no further from float64 than guidance and `DDIMScheduler.step` run in the dtype (the reference
-    loop's ops; bounded as the parity suite bounds a block), at every stride of the UNet's output (channels last)
-    and of the latents; the next input is the stepped latents twice. The coefficients' algebra: float64 below."""
+    of the dtype and float32's rounding of the terms), no further from float64 than guidance and
+    `DDIMScheduler.step` run in the dtype (the reference loop's ops; bounded as the parity suite bounds a block), at
+    every stride of the UNet's output (channels last) and of the latents; the next input is the stepped latents
+    twice. The coefficients' algebra: float64 below."""
     from parity_tests.tiny_components import SD_SCHEDULER
     from pare.fast.denoise import step_coefficients
     from pare.fast.kernels import guided_step as step_kernel
@@ -1112,10 +1111,11 @@ def plain_state(scheduler) -> dict:
 @torch.no_grad()
 @pytest.mark.parametrize("family", ["tiny-sd", "tiny-sdxl"])
 def test_the_loop_graph_replays_what_the_step_by_step_loop_computes(family):
-    """The whole loop from one graph (loop.py) against the same loop stepping (denoise.py's: DDIM's guided step fused;
-    its UNet from per-step graphs): the same latents to the bit, for the deterministic samplers replayed and the stochastic ones run step
-    by step (their generator left as the warm-up found it); the scheduler's state after a replay is the state after
-    a loop; another guidance scale is another graph, and a callback runs the loop step by step."""
+    """The whole loop from one graph (loop.py) against the same loop stepping (denoise.py's: DDIM's guided step
+    fused; its UNet from per-step graphs): the same latents to the bit, for the deterministic samplers replayed and
+    the stochastic ones run step by step (their generator left as the warm-up found it); the scheduler's state after
+    a replay is the state after a loop; another guidance scale is another graph, and a callback runs the loop step
+    by step."""
     from parity_tests.tiny_components import build_diffusers_pipeline
     from pare.parity.checkpoint import pare_twin
     from pare.schedulers import SCHEDULERS
