@@ -1,7 +1,8 @@
 """A/B of the denoising loop on the fast path, in one run: the whole loop from one CUDA graph (pare/fast/loop.py)
 against the same pipeline stepping (the UNet from its per-step graph, guidance and scheduler launched eagerly),
-and the loop graph without DDIM's guided step fused (pare/fast/denoise.py `FUSED_DDIM` = 0).
-The three are timed in alternating rounds, so the ratio is fair (same machine, same clocks, same weights).
+the loop graph without DDIM's guided step fused (pare/fast/denoise.py `FUSED_DDIM` = 0), and the loop graph
+without the CFG batch's text-free prefix shared (pare/fast/unet.py `SHARED_PREFIX` = 0).
+The four are timed in alternating rounds, so the ratio is fair (same machine, same clocks, same weights).
 
     python benchmarks/ab_loop.py --models sd15 --steps 50 --out DIR
 
@@ -21,6 +22,7 @@ import torch
 
 def main() -> None:
     import pare.fast.denoise as fast_denoise
+    import pare.fast.unet as fast_unet
     from pare.bench import environment, workloads
     from pare.bench.timing import time_ms
     from pare.parity.reference import import_reference
@@ -49,6 +51,7 @@ def main() -> None:
                 caches[active[0]] = vars(pipe).pop("_pare_loop")
             active[0] = name
             fast_denoise.FUSED_DDIM = int(name != "loop graph, DDIM step unfused")
+            fast_unet.SHARED_PREFIX = int(name != "loop graph, prefix unshared")
             if name == "step by step":
                 vars(pipe).pop("denoise", None)
                 return
@@ -56,7 +59,8 @@ def main() -> None:
             if name in caches:
                 vars(pipe)["_pare_loop"] = caches[name]
 
-        times = {"loop graph": [], "loop graph, DDIM step unfused": [], "step by step": []}
+        times = {"loop graph": [], "loop graph, DDIM step unfused": [], "loop graph, prefix unshared": [],
+                 "step by step": []}
         with torch.no_grad():
             for name in times:  # warm-up: captures, Triton compiles
                 variant(name)
@@ -67,7 +71,7 @@ def main() -> None:
                     variant(name)
                     times[name] += time_ms(lambda: w.call_ours(pipe), device, warmup=0, iters=args.iters)
         variant("loop graph")
-        fast_denoise.FUSED_DDIM = 1
+        fast_denoise.FUSED_DDIM = fast_unet.SHARED_PREFIX = 1
         replayed = [e is not None for e in pipe._pare_loop.graphs.values()]
         base = statistics.median(times["step by step"])
         case = {name: {"ms": statistics.median(t), "x_step_by_step": statistics.median(t) / base}

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import pare.fast
 import pare.fast.denoise
+import pare.fast.unet
 from pare.configs import TINY_SD_UNET, TINY_SDXL_UNET, TINY_VAE
 from pare.fast.kernels import concat as concat_kernel
 from pare.fast.kernels import geglu as geglu_kernel
@@ -339,7 +340,7 @@ def test_enable_fast_on_a_pipeline_matches_the_reference_pipeline():
                   generator=torch.Generator().manual_seed(0))
     expected = ours(**kwargs).images
     ours.enable_fast()
-    assert type(ours.unet).__name__ == "UNet2DConditionModel"  # no CUDA graph on the CPU
+    assert type(ours.unet).__name__ == "FastUNet2DConditionModel"  # no CUDA graph on the CPU
     assert "forward" not in vars(ours.text_encoder) and "forward" not in vars(ours.vae.decoder)
     kwargs["generator"] = torch.Generator().manual_seed(0)
     assert_parity("tiny-sd pipeline, fast", ours(**kwargs).images, expected, scope="end_to_end")
@@ -506,17 +507,73 @@ def test_the_fused_ddim_loop_gives_the_class_loops_latents_and_leaves_every_othe
     ours.scheduler = DDIMScheduler.from_config(config)
     expected = [run(False, **kwargs) for kwargs in ({}, {"callback_on_step_end": halve})]
     pare.fast.optimize(ours, cuda_graph=True)  # the loop graph's entry; CPU latents: it runs step by step, fused
+    halves = pare.fast.unet.FastUNet2DConditionModel.forward_halves  # the fast UNet, told the halves are equal
+    monkeypatch.setattr(pare.fast.unet.FastUNet2DConditionModel, "forward_halves",
+                        lambda *a, **k: fused_steps.append("halves") or halves(*a, **k))
     for kwargs, want in zip(({}, {"callback_on_step_end": halve}), expected):
         fused_steps.clear()
         got = ours(prompt="a cat", num_inference_steps=3, height=32, width=32, output_type="latent", latents=latents,
                    generator=torch.Generator().manual_seed(1), **kwargs).images
-        assert len(fused_steps) == 3
+        assert fused_steps == ["halves", 1] * 3
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     pare.fast.restore(ours)
     monkeypatch.setattr(fast_denoise, "FUSED_DDIM", 0)  # the A/B's switch
     fused_steps.clear()
     run(True)
     assert fused_steps == []
+
+
+@torch.no_grad()
+def test_the_unet_runs_a_cfg_batchs_text_free_prefix_on_one_half_where_it_may(monkeypatch):
+    """pare/fast/unet.py: with same_halves, a CFG batch's conv_in, first ResNet and first self-attention run on one
+    half (a hook on the ResNet sees B rows, not 2B), and the output is the whole batch's; where the prefix is not
+    text-free (SDXL's text_time embedding, a timestep per sample, a mask) or the batch is odd, the whole batch runs,
+    the same result to the bit. The fused DDIM loop says same_halves, but not while a hook sits inside the UNet."""
+    import pare.fast.denoise as fast_denoise
+    import pare.fast.unet as fast_unet
+
+    def batches_seen(model):
+        seen = []
+        handle = model.down_blocks[0].resnets[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+        return seen, handle
+
+    for name, b in (("tiny-sd", 1), ("tiny-sd", 2)):
+        ours, _ = unet_pair(CONFIGS[name], dtype=torch.float64)
+        pare.fast.optimize(ours)
+        (x, t, text), _ = unet_inputs(CONFIGS[name], 2 * b, 8, 8)
+        x, text = torch.cat([x[:b]] * 2).double(), text.double()  # a CFG batch: the latents twice, two texts
+        seen, handle = batches_seen(ours)
+        expected, got = ours(x, t, text), ours(x, t, text, same_halves=True)
+        assert seen == [2 * b, b]
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        assert fast_denoise.shares_prefix(ours) is False  # the hook is inside the UNet
+        handle.remove()
+        assert fast_denoise.shares_prefix(ours) is True
+        for args, kwargs in (((x, torch.tensor([t] * 2 * b), text), {}),  # a timestep per sample
+                             ((torch.cat([x, x[:1]]), t, torch.cat([text, text[:1]])), {}),  # an odd batch
+                             ((x, t, text), {"encoder_attention_mask": torch.ones(2 * b, text.shape[1])})):
+            seen, handle = batches_seen(ours)
+            assert torch.equal(ours(*args, same_halves=True, **kwargs), ours(*args, **kwargs))
+            assert seen == [args[0].shape[0]] * 2
+            handle.remove()
+        monkeypatch.setattr(fast_unet, "SHARED_PREFIX", 0)  # the A/B's switch
+        seen, handle = batches_seen(ours)
+        ours(x, t, text, same_halves=True)
+        assert seen == [2 * b]
+        handle.remove()
+        monkeypatch.setattr(fast_unet, "SHARED_PREFIX", 1)
+        with pytest.raises(ValueError, match="halves=True"):
+            ours.down_blocks[0].attentions[0](x[:b].new_zeros(b, 8, 8, 8), text, attention_mask=text.new_ones(b, 1, 64),
+                                              halves=True)
+
+    ours, _ = unet_pair(TINY_SDXL_UNET, dtype=torch.float64)
+    pare.fast.optimize(ours)
+    (x, t, text), kwargs = unet_inputs(TINY_SDXL_UNET, 2, 8, 8)
+    x, text = torch.cat([x[:1]] * 2).double(), text.double()
+    kwargs = {"added_cond_kwargs": {k: v.double() for k, v in kwargs["added_cond_kwargs"].items()}}
+    seen, handle = batches_seen(ours)
+    assert torch.equal(ours(x, t, text, same_halves=True, **kwargs), ours(x, t, text, **kwargs))
+    assert seen == [2, 2]  # SDXL's pooled text enters the time embedding: its first ResNet differs by half
 
 
 def test_only_loops_that_read_only_their_arguments_get_a_loop_graph():
@@ -1030,7 +1087,7 @@ def test_the_sub_pixel_upsampler_is_as_accurate_as_the_reference(channels, side,
 @pytest.mark.cuda
 @torch.no_grad()
 def test_graphed_unet_replays_what_eager_computes_and_recaptures_on_change():
-    from pare.fast.graph import GraphedUNet2DConditionModel
+    from pare.fast.unet import GraphedUNet2DConditionModel
 
     ours, _ = unet_pair(TINY_SDXL_UNET, device="cuda", dtype=torch.float16)
     pare.fast.optimize_model(ours, cuda_graph=True)
@@ -1049,6 +1106,32 @@ def test_graphed_unet_replays_what_eager_computes_and_recaptures_on_change():
     assert len(ours._pare_graphs.graphs) == 2  # a new batch size is a new graph
     with pytest.raises(ValueError, match="NaN or inf"):
         ours(args[0], args[1], torch.full_like(args[2], float("nan")), **kwargs)
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_cfg_batchs_shared_prefix_is_as_accurate_as_the_whole_batch_and_its_graph_replays_it(dtype):
+    """pare/fast/unet.py on the GPU: same_halves (the prefix on one half, where cuDNN and cuBLAS may pick other
+    kernels) is no further from float64 than the whole batch run by the fast UNet is (the budget of the kernel
+    tests); its CUDA graph replays the eager call to the bit, and is a graph of its own."""
+    from pare.fast.unet import FastUNet2DConditionModel
+
+    ours, _ = unet_pair(TINY_SD_UNET, device="cuda")
+    exact = copy.deepcopy(ours).double()
+    pare.fast.optimize_model(ours.to(dtype), cuda_graph=True)
+    (x, t, text), _ = unet_inputs(TINY_SD_UNET, 4, 32, 32, device="cuda")
+    x, text = torch.cat([x[:2]] * 2), text  # B = 2: the latents twice, four texts
+    want = exact(x.double(), t, text.double())
+    x, text = x.to(dtype), text.to(dtype)
+    whole = FastUNet2DConditionModel.forward(ours, x, t, text)
+    halves = FastUNet2DConditionModel.forward(ours, x, t, text, same_halves=True)
+    assert rel(halves, want) <= BUDGET * rel(whole, want) + FLOOR[dtype], (rel(halves, want), rel(whole, want))
+    for _ in range(3):  # eager twice (weights seen twice), then capture and replay
+        replayed = ours(x, t, text, same_halves=True)
+    assert torch.equal(replayed, halves)
+    assert torch.equal(ours(x, t, text), whole)
+    assert len(ours._pare_graphs.graphs) == 2
 
 
 @pytest.mark.cuda

@@ -8,6 +8,9 @@ al., arXiv 2010.02502) with sigma_t = 0, is `kernels/guided_step.py`:
 x_{t-1} = c_x x_t + c_m (eps_u + w (eps_c - eps_u)), c_x and c_m solved on the host in float64 from DDIM's own
 alpha_bar and its own previous timestep. Every other loop (another scheduler, eta > 0, clipping or thresholding,
 guidance rescale, no guidance) is the reference's, unchanged.
+
+Since the kernel writes both halves of the next UNet input from one value, they are equal by construction, and the
+fast UNet is told so (`same_halves`, `unet.py`): it runs the text-free prefix of its first block on one half.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 
 from ..schedulers.scheduling_ddim import DDIMScheduler
 from .kernels.guided_step import ddim_coefficients, guided_step
+from .unet import FastUNet2DConditionModel
 
 FUSED_DDIM = 1  # 0: the class's loop for every scheduler (the A/B's switch)
 
@@ -38,6 +42,14 @@ def fusable(pipe, latents, guidance_scale: float, guidance_rescale: float, step_
             and pipe.uses_cfg(guidance_scale) and guidance_rescale == 0.0)
 
 
+def shares_prefix(unet) -> bool:
+    """Whether the loop may tell the UNet that its input's halves are equal: a fast UNet with no hooks inside, since
+    a hook on a block of the prefix would see one half where it expects the batch (the UNet's own hooks see the
+    call as it is)."""
+    return isinstance(unet, FastUNet2DConditionModel) and not any(
+        m._forward_hooks or m._forward_pre_hooks for m in list(unet.modules())[1:])
+
+
 def step_coefficients(scheduler: DDIMScheduler, timestep) -> tuple[float, float]:
     """(c_x, c_m) of DDIM's step at `timestep`: steps 1 and 2 of `DDIMScheduler.step` (its checks included), then
     `ddim_coefficients`."""
@@ -56,9 +68,10 @@ def denoise(pipe, latents, timesteps, prompt_embeds, guidance_scale: float, guid
         return type(pipe).denoise(pipe, latents, timesteps, prompt_embeds, guidance_scale, guidance_rescale,
                                   step_kwargs, added_cond_kwargs, callback, callback_inputs)
     model_input = torch.cat([latents] * 2)  # (B, 4, h, w) -> (2B, 4, h, w); DDIM's scale_model_input is identity
+    halves = {"same_halves": True} if shares_prefix(pipe.unet) else {}
     for i, t in enumerate(pipe.progress_bar(timesteps)):
         noise_pred = pipe.unet(model_input, t, encoder_hidden_states=prompt_embeds,
-                               added_cond_kwargs=added_cond_kwargs)  # (2B, 4, h, w)
+                               added_cond_kwargs=added_cond_kwargs, **halves)  # (2B, 4, h, w)
         c_x, c_m = step_coefficients(pipe.scheduler, t)
         latents, model_input = guided_step(noise_pred, latents, guidance_scale, c_x, c_m,
                                            next_input=i + 1 < len(timesteps))

@@ -1,8 +1,9 @@
 """The UNet call as a replayed CUDA graph: one launch per denoising step instead of about a thousand.
 
 Replaces: the eager `pare/models/unet_2d_condition.py UNet2DConditionModel.forward` inside a
-pipeline's loop, on CUDA. In eager mode SD's UNet is bound by the CPU launching its kernels
-(see the README's benchmarks); a graph, captured once per input signature, replays all of them.
+pipeline's loop, on CUDA (`unet.py GraphedUNet2DConditionModel` is that UNet; this file holds the caches). In
+eager mode SD's UNet is bound by the CPU launching its kernels (see the README's benchmarks); a graph, captured once
+per input signature, replays all of them.
 
 The cache key holds everything the captured kernels depend on but their input values and weights:
 every input's shape, dtype, device and strides; the non-tensor arguments; and the state of LoRA
@@ -41,7 +42,6 @@ import weakref
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from ..models.unet_2d_condition import UNet2DConditionModel
 from ..validation import check_finite_inputs
 
 logger = logging.getLogger(__name__)
@@ -184,24 +184,6 @@ def check_finite_once(model: torch.nn.Module, **inputs) -> None:
 def version(t: torch.Tensor) -> int | None:
     """The in-place change counter of a tensor; None for an inference-mode tensor, which has none."""
     return None if t.is_inference() else t._version
-
-
-class GraphedUNet2DConditionModel(UNet2DConditionModel):
-    """The UNet, replayed from CUDA graphs where it can be (CUDA, no autograd); eager elsewhere."""
-
-    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, **kwargs):
-        eager = functools.partial(UNet2DConditionModel.forward, self)
-        if not replayable(sample):
-            return eager(sample, timestep, encoder_hidden_states, **kwargs)
-        check_finite_once(self, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
-                          timestep_cond=kwargs.get("timestep_cond"), **(kwargs.get("added_cond_kwargs") or {}))
-        if not torch.is_tensor(timestep):  # a Python number would be baked into the graph: make it an input
-            timestep = torch.tensor(timestep)
-        timestep = timestep.to(sample.device)
-        if "_pare_graphs" not in self.__dict__:
-            self.__dict__["_pare_graphs"] = GraphCache(eager, self)
-        return self.__dict__["_pare_graphs"](sample=sample, timestep=timestep,
-                                             encoder_hidden_states=encoder_hidden_states, **kwargs)
 
 
 def replayable(x) -> bool:

@@ -16,7 +16,9 @@ Each reference class is swapped for its fast subclass (`module.__class__`), so n
     UpBlock2D, CrossAttnUpBlock2D -> FastUpBlock2D, FastCrossAttnUpBlock2D (unet_blocks.py: the skip
                                                      concatenations by a copy kernel)
     Timesteps           -> FastTimesteps            (embeddings.py: the sinusoidal features in one kernel)
-    UNet2DConditionModel -> GraphedUNet2DConditionModel (graph.py; CUDA, in pipelines, `cuda_graph=True`)
+    UNet2DConditionModel -> FastUNet2DConditionModel (unet.py: a CFG batch's text-free prefix on one half, where
+                                                     the caller says the halves are equal: `same_halves=True`)
+                         -> GraphedUNet2DConditionModel (unet.py, graph.py; CUDA, in pipelines, `cuda_graph=True`)
     pipeline.denoise     -> one CUDA graph for the whole loop (loop.py; CUDA, in pipelines, `loop_graph=True`)
                             its DDIM steps' guidance and update one kernel a step (denoise.py)
 
@@ -43,12 +45,13 @@ from ..models.unet_2d_condition import UNet2DConditionModel
 from . import time_projections
 from .attention import FastAttention
 from .embeddings import FastTimesteps
-from .graph import GraphedUNet2DConditionModel, eager_forward, graph_forward, share_pool
+from .graph import eager_forward, graph_forward, share_pool
 from .loop import graph_denoise, step_denoise
 from .norm import FastGroupNorm
 from .resampling import FastUpsample2D
 from .resnet import FastResnetBlock2D
 from .transformer import MODEL_STACK_MAX, FastBasicTransformerBlock, FastGEGLU, FastTransformer2DModel, stack_context
+from .unet import FastUNet2DConditionModel, GraphedUNet2DConditionModel
 from .unet_blocks import FastCrossAttnUpBlock2D, FastUpBlock2D
 
 SWAPS = {
@@ -62,6 +65,7 @@ SWAPS = {
     UpBlock2D: FastUpBlock2D,
     CrossAttnUpBlock2D: FastCrossAttnUpBlock2D,
     Timesteps: FastTimesteps,
+    UNet2DConditionModel: FastUNet2DConditionModel,
 }
 MODEL_NAMES = ("unet", "vae", "controlnet")  # the pipeline components that get the fast path
 ENCODER_NAMES = ("text_encoder", "text_encoder_2")  # replayed from graphs in a pipeline; their kernels stay
@@ -79,7 +83,7 @@ def optimize_model(model: nn.Module, *, channels_last: bool = True, cuda_graph: 
                 module.fuse()
     time_projections.attach(model, [m for m in model.modules() if isinstance(m, FastResnetBlock2D)])
     share_context(model)  # after the attentions: their K, V become views of the stacks
-    if cuda_graph and type(model) in (UNet2DConditionModel, GraphedUNet2DConditionModel):
+    if cuda_graph and type(model) in (FastUNet2DConditionModel, GraphedUNet2DConditionModel):
         model.__class__ = GraphedUNet2DConditionModel
         model.__dict__.pop("_pare_graphs", None)  # a new cache: the graphs of an earlier optimize may be stale
     return model

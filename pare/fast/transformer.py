@@ -80,10 +80,13 @@ class FastBasicTransformerBlock(BasicTransformerBlock):
     def fused(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
               encoder_attention_mask: torch.Tensor | None, attention_mask: torch.Tensor | None, lora_scale: float,
               residual: torch.Tensor | None = None,
-              kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+              halves: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The block with each residual add done by the kernel of the norm that follows it; for a `_fusable` block.
         Returns (ff_out, h), the feed-forward's output and the residual stream, whose sum is the block's output:
-        the next block's norm1 adds them (`residual`), one pass fewer. kv: attn2's K and V of the text."""
+        the next block's norm1 adds them (`residual`), one pass fewer. kv: attn2's K and V of the text.
+        halves: hidden_states is one half of a CFG batch (B of 2B), equal to the other: the self-attention runs on
+        it, and its output and the stream are copied to both halves before the text comes in (`unet.py`)."""
         def project(attn, y, context, mask, kv=None):  # the output projection, as a module: LoRA hooks on it fire
             return attn.to_out[1](lora_call(attn.to_out[0], attn.attend(y, context, mask, lora_scale, kv), lora_scale))
 
@@ -93,6 +96,8 @@ class FastBasicTransformerBlock(BasicTransformerBlock):
         n = self.norm1
         h, y = layer_norm(hidden_states, n.weight, n.bias, n.eps, residual=residual)
         out = project(self.attn1, y, context, attention_mask)
+        if halves:  # (B, N, dim) -> (2B, N, dim): the halves part at the text
+            out, h = torch.cat([out, out]), torch.cat([h, h])
         # 2. cross-attention: image tokens query the text tokens; h = out + h and its norm in one kernel
         if self.attn2 is not None:
             n = self.norm2
@@ -183,17 +188,31 @@ class FastTransformer2DModel(Transformer2DModel):
             stack.product = None  # the last user: let the product go
         return [(kv[..., s - base:m - base], kv[..., m - base:e - base]) for s, m, e in slices]  # (B, M, inner) views
 
+    def fusable(self) -> bool:
+        """Whether its blocks run fused (`FastBasicTransformerBlock.fused`): fast, free of hooks, `_fusable`."""
+        blocks = self.transformer_blocks
+        return bool(blocks) and all(plain(b) and isinstance(b, FastBasicTransformerBlock) and b._fusable()
+                                    for b in blocks)
+
+    def halvable(self) -> bool:
+        """Whether `halves=True` applies: fused blocks, the first one's attn1 over the image (not the text)."""
+        return self.fusable() and not self.transformer_blocks[0].only_cross_attention
+
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 encoder_attention_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                lora_scale: float = 1.0) -> torch.Tensor:
+                lora_scale: float = 1.0, *, halves: bool = False) -> torch.Tensor:
+        """halves: hidden_states (B, C, H, W) is one half of a CFG batch, equal to the other (`unet.py`); the
+        output is the whole batch's, (2B, C, H, W). Needs `halvable` and no attention_mask (it is per sample)."""
+        if halves and (not self.halvable() or attention_mask is not None):
+            raise ValueError("Transformer2DModel(halves=True) needs fused blocks whose first attends over the image, "
+                             "and no attention_mask; check halvable() first")
         b, c, h, w = hidden_states.shape
         residual = hidden_states
         n = self.norm
         hidden_states = group_norm(hidden_states, n.num_groups, n.weight, n.bias, n.eps)  # (B, C, H, W)
 
         blocks = self.transformer_blocks
-        fused = bool(blocks) and all(plain(b) and isinstance(b, FastBasicTransformerBlock) and b._fusable()
-                                     for b in blocks)
+        fused = self.fusable()
         stream = None  # what is still to be added to hidden_states: proj_in's bias, then a block's ff output
 
         # 1. project in and flatten: (B, C, H, W) -> (B, H*W, inner_dim)
@@ -212,10 +231,12 @@ class FastTransformer2DModel(Transformer2DModel):
         # 2. the transformer blocks, on tokens; fused, each block's last add is done by the next one's norm1
         if fused:
             kvs = self.context_kv(encoder_hidden_states) or [None] * len(blocks)
-            for block, kv in zip(blocks, kvs):
+            for i, (block, kv) in enumerate(zip(blocks, kvs)):
                 hidden_states, stream = block.fused(hidden_states, encoder_hidden_states, encoder_attention_mask,
-                                                    attention_mask, lora_scale, stream, kv)
+                                                    attention_mask, lora_scale, stream, kv, halves and i == 0)
             hidden_states = hidden_states + stream
+            if halves:  # the blocks made the whole batch of one half
+                b, residual = 2 * b, torch.cat([residual, residual])  # (2B, C, H, W), channels last as it was
         else:
             for block in blocks:
                 hidden_states = block(hidden_states, encoder_hidden_states, encoder_attention_mask, attention_mask,
