@@ -1,8 +1,9 @@
 """A/B of the denoising loop on the fast path, in one run: the whole loop from one CUDA graph (pare/fast/loop.py)
 against the same pipeline stepping (the UNet from its per-step graph, guidance and scheduler launched eagerly),
 the loop graph without DDIM's guided step fused (pare/fast/denoise.py `FUSED_DDIM` = 0), and the loop graph
-without the CFG batch's text-free prefix shared (pare/fast/unet.py `SHARED_PREFIX` = 0).
-The four are timed in alternating rounds, so the ratio is fair (same machine, same clocks, same weights).
+without the CFG batch's text-free prefix shared (pare/fast/unet.py `SHARED_PREFIX` = 0), and the loop graph with the
+text's K and V projected at every step (pare/fast/denoise.py `HOLD_TEXT` = 0).
+The five are timed in alternating rounds, so the ratio is fair (same machine, same clocks, same weights).
 
     python benchmarks/ab_loop.py --models sd15 --steps 50 --out DIR
 
@@ -52,6 +53,7 @@ def main() -> None:
             active[0] = name
             fast_denoise.FUSED_DDIM = int(name != "loop graph, DDIM step unfused")
             fast_unet.SHARED_PREFIX = int(name != "loop graph, prefix unshared")
+            fast_denoise.HOLD_TEXT = int(name != "loop graph, text K/V every step")
             if name == "step by step":
                 vars(pipe).pop("denoise", None)
                 return
@@ -60,7 +62,7 @@ def main() -> None:
                 vars(pipe)["_pare_loop"] = caches[name]
 
         times = {"loop graph": [], "loop graph, DDIM step unfused": [], "loop graph, prefix unshared": [],
-                 "step by step": []}
+                 "loop graph, text K/V every step": [], "step by step": []}
         with torch.no_grad():
             for name in times:  # warm-up: captures, Triton compiles
                 variant(name)
@@ -71,7 +73,7 @@ def main() -> None:
                     variant(name)
                     times[name] += time_ms(lambda: w.call_ours(pipe), device, warmup=0, iters=args.iters)
         variant("loop graph")
-        fast_denoise.FUSED_DDIM = fast_unet.SHARED_PREFIX = 1
+        fast_denoise.FUSED_DDIM = fast_unet.SHARED_PREFIX = fast_denoise.HOLD_TEXT = 1
         replayed = [e is not None for e in pipe._pare_loop.graphs.values()]
         base = statistics.median(times["step by step"])
         case = {name: {"ms": statistics.median(t), "x_step_by_step": statistics.median(t) / base}

@@ -576,6 +576,52 @@ def test_the_unet_runs_a_cfg_batchs_text_free_prefix_on_one_half_where_it_may(mo
     assert seen == [2, 2]  # SDXL's pooled text enters the time embedding: its first ResNet differs by half
 
 
+@torch.no_grad()
+def test_the_fused_loop_projects_the_texts_k_and_v_once_and_again_only_for_a_new_text(monkeypatch):
+    """pare/fast/transformer.py hold_context, as denoise.py opens it around an eagerly run loop: the model-wide stack
+    of the text's K and V is projected at the first step only, again when a callback hands in new prompt embeddings,
+    and at every step with HOLD_TEXT off; the latents are the same to the bit, and the product is let go after."""
+    import pare.fast.denoise as fast_denoise
+    import pare.fast.transformer as fast_transformer
+    from parity_tests.tiny_components import build_diffusers_pipeline
+    from pare.parity.checkpoint import pare_twin
+    from pare.schedulers import DDIMScheduler
+
+    ours = pare_twin(build_diffusers_pipeline("tiny-sd"))
+    ours.set_progress_bar_config(disable=True)
+    ours.scheduler = DDIMScheduler.from_config(ours.scheduler.config)
+    pare.fast.optimize(ours)
+    vars(ours)["denoise"] = functools.partial(fast_denoise.denoise, ours)  # on the CPU: the fused loop, eager
+    stack = ours.unet.down_blocks[0].attentions[0]._context[0]
+    projections, functional = [], fast_transformer.F
+
+    class Counting:  # F.linear, counting the stack's GEMMs
+        def __getattr__(self, name):
+            return getattr(functional, name)
+
+        def linear(self, x, weight, bias=None):
+            projections.append(weight is stack.weight)
+            return functional.linear(x, weight, bias)
+
+    monkeypatch.setattr(fast_transformer, "F", Counting())
+    def new_text(pipe, i, t, tensors):  # the same values in a new tensor, after step 2
+        return {"prompt_embeds": tensors["prompt_embeds"] * 1.0} if i == 1 else {}
+
+    def run(**kwargs):
+        projections.clear()
+        latents = ours(prompt="a cat", num_inference_steps=3, height=32, width=32, output_type="latent",
+                       generator=torch.Generator().manual_seed(1), **kwargs).images
+        return latents, sum(projections)
+
+    held, n_held = run()
+    renewed, n_renewed = run(callback_on_step_end=new_text, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+    assert (n_held, n_renewed) == (1, 2)
+    assert stack.product is None and not stack.held
+    monkeypatch.setattr(fast_denoise, "HOLD_TEXT", 0)
+    every, n_every = run()
+    assert n_every == 3 and torch.equal(held, every) and torch.equal(renewed, every)
+
+
 def test_only_loops_that_read_only_their_arguments_get_a_loop_graph():
     """ControlNet's and inpainting's loops read tensors that are not their arguments (the condition image, the
     mask), which a graph would bake in: they keep their own loop."""
@@ -1198,7 +1244,7 @@ def test_the_loop_graph_replays_what_the_step_by_step_loop_computes(family):
     fused; its UNet from per-step graphs): the same latents to the bit, for the deterministic samplers replayed and
     the stochastic ones run step by step (their generator left as the warm-up found it); the scheduler's state after
     a replay is the state after a loop; another guidance scale is another graph, and a callback runs the loop step
-    by step."""
+    by step; a new prompt replays the same graph, its text projected anew."""
     from parity_tests.tiny_components import build_diffusers_pipeline
     from pare.parity.checkpoint import pare_twin
     from pare.schedulers import SCHEDULERS
@@ -1211,8 +1257,8 @@ def test_the_loop_graph_replays_what_the_step_by_step_loop_computes(family):
     base = ours.scheduler.config
     problems = []
 
-    def run(**kwargs):
-        return ours(prompt="a cat", num_inference_steps=4, height=64, width=64, output_type="latent",
+    def run(prompt="a cat", **kwargs):
+        return ours(prompt=prompt, num_inference_steps=4, height=64, width=64, output_type="latent",
                     generator=torch.Generator("cuda").manual_seed(0), **kwargs).images
 
     for name, overrides, call, replayed in LOOP_CASES:
@@ -1235,6 +1281,11 @@ def test_the_loop_graph_replays_what_the_step_by_step_loop_computes(family):
 
     vars(ours)["denoise"] = graphed
     ours.scheduler = SCHEDULERS["DDIMScheduler"].from_config(base)
+    run()
+    dog = run(prompt="a dog")  # the graph of "a cat", replayed: its text's K and V, held through the loop, made anew
+    vars(ours)["denoise"] = stepping
+    assert torch.equal(dog, run(prompt="a dog"))
+    vars(ours)["denoise"] = graphed
     count = len(ours._pare_loop.graphs)
     run(guidance_scale=3.0)  # neither pipeline's default (SD 7.5, SDXL 5.0)
     assert len(ours._pare_loop.graphs) == count + 1  # guidance_scale is baked into the graph: a new key

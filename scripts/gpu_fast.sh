@@ -27,7 +27,7 @@ for step in ${STEPS:-tests profile parity}; do
       timeout ${T_PARITY:-150} python3 -m pare.cli parity --fast --config sdxl --device cuda --dtype fp16 --components unet,vae --out "$OUT/parity-fast-sdxl" 2>&1 | tail -4 ;;
     ab) timeout ${T_AB:-200} python3 benchmarks/ab_fast.py --models ${AB_MODELS:-sd15,sdxl} ${AB_ARGS:-} --out "$OUT" 2>&1 | quiet | tail -4 ;;
     gemm) timeout ${T_GEMM:-200} python3 benchmarks/gemm_geglu.py ${GEMM_ARGS:-} --out "$OUT" 2>&1 | grep -v Warn | tail -16 ;;
-    ab-loop) timeout ${T_AB:-200} python3 benchmarks/ab_loop.py --models ${AB_MODELS:-sd15} --out "$OUT" 2>&1 | quiet | tail -3 ;;
+    ab-loop) timeout ${T_AB:-200} python3 benchmarks/ab_loop.py --models ${AB_MODELS:-sd15} ${AB_ARGS:-} --out "$OUT" 2>&1 | quiet | tail -3 ;;
     syncs) timeout ${T_SYNCS:-120} python3 benchmarks/sync_points.py --model sd15 --steps 5 2>&1 | quiet | tail -25 ;;
     suite) { cat "$OUT/device.txt"; echo "tree $(bash scripts/tree_id.sh)"; timeout ${T_SUITE:-540} python3 -m pytest parity_tests --device cuda --dtype fp16 --fast -q -p no:cacheprovider -rfE ${SUITE_ARGS:-} 2>&1; } | tee "$OUT/suite_fast.log" | tail -15 ;;
     sd15-pipeline) timeout ${T_SD15:-150} python3 -m pare.cli bench --models sd15 --cases pipeline --modes fast --out "$OUT" --stem sd15-pipeline-fast 2>&1 | quiet | tail -8 ;;

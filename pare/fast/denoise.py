@@ -11,17 +11,24 @@ guidance rescale, no guidance) is the reference's, unchanged.
 
 Since the kernel writes both halves of the next UNet input from one value, they are equal by construction, and the
 fast UNet is told so (`same_halves`, `unet.py`): it runs the text-free prefix of its first block on one half.
+And since the text is the same tensor at every step, its cross-attention K and V are projected at the first step
+only (`transformer.py hold_context`), where the loop runs as one program (inside the loop's graph, or eagerly).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..schedulers.scheduling_ddim import DDIMScheduler
+from .graph import replayable
 from .kernels.guided_step import ddim_coefficients, guided_step
+from .transformer import hold_context
 from .unet import FastUNet2DConditionModel
 
 FUSED_DDIM = 1  # 0: the class's loop for every scheduler (the A/B's switch)
+HOLD_TEXT = 1  # 0: the text's K and V projected at every step, as in the class's loop (the A/B's switch)
 
 
 def fusable(pipe, latents, guidance_scale: float, guidance_rescale: float, step_kwargs: dict | None) -> bool:
@@ -69,17 +76,20 @@ def denoise(pipe, latents, timesteps, prompt_embeds, guidance_scale: float, guid
                                   step_kwargs, added_cond_kwargs, callback, callback_inputs)
     model_input = torch.cat([latents] * 2)  # (B, 4, h, w) -> (2B, 4, h, w); DDIM's scale_model_input is identity
     halves = {"same_halves": True} if shares_prefix(pipe.unet) else {}
-    for i, t in enumerate(pipe.progress_bar(timesteps)):
-        noise_pred = pipe.unet(model_input, t, encoder_hidden_states=prompt_embeds,
-                               added_cond_kwargs=added_cond_kwargs, **halves)  # (2B, 4, h, w)
-        c_x, c_m = step_coefficients(pipe.scheduler, t)
-        latents, model_input = guided_step(noise_pred, latents, guidance_scale, c_x, c_m,
-                                           next_input=i + 1 < len(timesteps))
-        if callback is not None:  # diffusers' callback_on_step_end, as `pipeline_utils.step_callback` calls it
-            tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
-            replaced = callback(pipe, i, t, {k: tensors[k] for k in callback_inputs}) or {}
-            prompt_embeds = replaced.get("prompt_embeds", prompt_embeds)
-            if "latents" in replaced:  # new latents: the next input is made from them
-                latents = replaced["latents"]
-                model_input = torch.cat([latents] * 2)
+    # held K and V of the text: not where the UNet replays its own per-call graph, whose capture would hold them stale
+    hold = hold_context(pipe.unet) if HOLD_TEXT and not replayable(model_input) else contextlib.nullcontext()
+    with hold:
+        for i, t in enumerate(pipe.progress_bar(timesteps)):
+            noise_pred = pipe.unet(model_input, t, encoder_hidden_states=prompt_embeds,
+                                   added_cond_kwargs=added_cond_kwargs, **halves)  # (2B, 4, h, w)
+            c_x, c_m = step_coefficients(pipe.scheduler, t)
+            latents, model_input = guided_step(noise_pred, latents, guidance_scale, c_x, c_m,
+                                               next_input=i + 1 < len(timesteps))
+            if callback is not None:  # diffusers' callback_on_step_end, as `pipeline_utils.step_callback` calls it
+                tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
+                replaced = callback(pipe, i, t, {k: tensors[k] for k in callback_inputs}) or {}
+                prompt_embeds = replaced.get("prompt_embeds", prompt_embeds)
+                if "latents" in replaced:  # new latents: the next input is made from them
+                    latents = replaced["latents"]
+                    model_input = torch.cat([latents] * 2)
     return latents

@@ -35,10 +35,12 @@ budget only thanks to its floor; benchmarks/NOTES.md).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..models.lora_scale import lora_call
 from ..models.transformer import GEGLU, BasicTransformerBlock, Transformer2DModel
@@ -121,11 +123,14 @@ class ContextStack:
     projects the text for all of them, and each takes its columns; the last lets the product go. The first
     projects at every call, not only for a new text: the text is often the same tensor from call to call (a
     CUDA graph's static input is), and a memo of it would leave the GEMM out of a capture.
+    The exception is `held` (`hold_context`): through a denoising loop run as one program (the loop's own CUDA
+    graph, or eagerly), the text is one tensor at every step, so the product of the first step serves them all.
     """
     weight: torch.Tensor  # (sum of 2*inner, cross_attention_dim)
     bias: torch.Tensor | None
     users: list
     product: tuple | None = None  # (text, its version, K and V of the text for every user) during a call
+    held: bool = False  # keep the product from call to call while the text is the same tensor, unchanged
 
 
 def stack_context(transformers: list["FastTransformer2DModel"]) -> None:
@@ -149,6 +154,23 @@ def stack_context(transformers: list["FastTransformer2DModel"]) -> None:
             slices.append((start, start + a.inner_dim, stop))
             start = stop
         t._context = (stack, lo, start, slices)
+
+
+@contextlib.contextmanager
+def hold_context(model: nn.Module):
+    """While open, the text's cross-attention K and V of `model` are projected once and kept from call to call
+    (`ContextStack.held`), for as long as the text is the same tensor, unchanged: a denoising loop's, whose text is
+    the same at every step (`denoise.py`). Not around calls that replay the UNet's own per-call graph: its capture
+    would leave out the projection that a later call's new text needs."""
+    stacks = list({id(e[0]): e[0] for t in model.modules() if isinstance(t, FastTransformer2DModel)
+                   for e in [t.__dict__.get("_context")] if e is not None}.values())
+    for s in stacks:
+        s.held = True
+    try:
+        yield
+    finally:
+        for s in stacks:
+            s.held, s.product = False, None
 
 
 class FastTransformer2DModel(Transformer2DModel):
@@ -177,14 +199,15 @@ class FastTransformer2DModel(Transformer2DModel):
                 return None
             stack, lo, hi, slices = self._context
         made = stack.product
-        if stack.users[0] is self:  # the first in the model's order: the text through the whole stack
-            stack.product = made = (context, version(context), F.linear(context, stack.weight, stack.bias))
+        fresh = made is not None and made[0] is context and made[1] == version(context) and version(context) is not None
+        if stack.users[0] is self and not (stack.held and fresh):  # the first in the model's order: the text through
+            stack.product = made = (context, version(context), F.linear(context, stack.weight, stack.bias))  # all
         if made is not None and made[0] is context and made[1] == version(context):
             kv, base = made[2], 0  # (B, M, sum over the stack's users)
         else:  # called on its own (or the first did not run): this transformer's columns only
             bias = None if stack.bias is None else stack.bias[lo:hi]
             kv, base = F.linear(context, stack.weight[lo:hi], bias), lo  # (B, M, its sum of 2*inner)
-        if stack.users[-1] is self:
+        if stack.users[-1] is self and not stack.held:
             stack.product = None  # the last user: let the product go
         return [(kv[..., s - base:m - base], kv[..., m - base:e - base]) for s, m, e in slices]  # (B, M, inner) views
 
