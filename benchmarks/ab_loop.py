@@ -1,11 +1,11 @@
 """A/B of the denoising loop on the fast path, in one run: the whole loop from one CUDA graph (pare/fast/loop.py)
 against the same pipeline stepping (the UNet from its per-step graph, guidance and scheduler launched eagerly),
-the loop graph without DDIM's guided step fused (pare/fast/denoise.py `FUSED_DDIM` = 0), and the loop graph
+the loop graph without the guided step fused (pare/fast/denoise.py `FUSED_STEP` = 0), and the loop graph
 without the CFG batch's text-free prefix shared (pare/fast/unet.py `SHARED_PREFIX` = 0), and the loop graph with the
 text's K and V projected at every step (pare/fast/denoise.py `HOLD_TEXT` = 0).
 The five are timed in alternating rounds, so the ratio is fair (same machine, same clocks, same weights).
 
-    python benchmarks/ab_loop.py --models sd15 --steps 50 --out DIR
+    python benchmarks/ab_loop.py --models sd15 --steps 50 [--scheduler EulerDiscreteScheduler] --out DIR
 
 The figures feed benchmarks/NOTES.md.
 """
@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--scheduler", default=None, help="a pare scheduler class name (default: the workload's DDIM)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     ref, device = import_reference(None), torch.device("cuda")
@@ -42,6 +43,10 @@ def main() -> None:
     for family in args.models.split(","):
         w = workloads.build(ref, family, "pipeline", device, torch.float16, steps=args.steps)
         pipe = w.ours
+        if args.scheduler:
+            from pare.schedulers import SCHEDULERS
+
+            pipe.scheduler = SCHEDULERS[args.scheduler].from_config(pipe.scheduler.config)
         pipe.enable_fast()
         graphed = vars(pipe)["denoise"]
 
@@ -51,7 +56,7 @@ def main() -> None:
             if active[0] is not None and "_pare_loop" in vars(pipe):
                 caches[active[0]] = vars(pipe).pop("_pare_loop")
             active[0] = name
-            fast_denoise.FUSED_DDIM = int(name != "loop graph, DDIM step unfused")
+            fast_denoise.FUSED_STEP = int(name != "loop graph, step unfused")
             fast_unet.SHARED_PREFIX = int(name != "loop graph, prefix unshared")
             fast_denoise.HOLD_TEXT = int(name != "loop graph, text K/V every step")
             if name == "step by step":
@@ -61,7 +66,7 @@ def main() -> None:
             if name in caches:
                 vars(pipe)["_pare_loop"] = caches[name]
 
-        times = {"loop graph": [], "loop graph, DDIM step unfused": [], "loop graph, prefix unshared": [],
+        times = {"loop graph": [], "loop graph, step unfused": [], "loop graph, prefix unshared": [],
                  "loop graph, text K/V every step": [], "step by step": []}
         with torch.no_grad():
             for name in times:  # warm-up: captures, Triton compiles
@@ -73,7 +78,7 @@ def main() -> None:
                     variant(name)
                     times[name] += time_ms(lambda: w.call_ours(pipe), device, warmup=0, iters=args.iters)
         variant("loop graph")
-        fast_denoise.FUSED_DDIM = fast_unet.SHARED_PREFIX = fast_denoise.HOLD_TEXT = 1
+        fast_denoise.FUSED_STEP = fast_unet.SHARED_PREFIX = fast_denoise.HOLD_TEXT = 1
         replayed = [e is not None for e in pipe._pare_loop.graphs.values()]
         base = statistics.median(times["step by step"])
         case = {name: {"ms": statistics.median(t), "x_step_by_step": statistics.median(t) / base}

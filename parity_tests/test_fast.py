@@ -449,7 +449,7 @@ def test_the_loop_graph_captures_replays_and_falls_back_as_designed_with_graphs_
         got = [run(**kwargs) for _ in range(2)]
         entries = list(ours._pare_loop.graphs.values())
         after = plain_state(ours.scheduler)  # Euler's step index: as the captured run left it
-        del vars(ours)["denoise"]
+        vars(ours)["denoise"] = functools.partial(pare.fast.denoise.denoise, ours)  # the loop the graph holds, stepping
         expected = run(**kwargs)
         assert (entries[-1] is not None) == replayed
         assert len(replays) == 2  # Euler's two calls replay; DDIM's with eta = 1 never do
@@ -459,16 +459,16 @@ def test_the_loop_graph_captures_replays_and_falls_back_as_designed_with_graphs_
 
 
 @torch.no_grad()
-def test_the_fused_ddim_loop_gives_the_class_loops_latents_and_leaves_every_other_loop_to_it(monkeypatch):
-    """pare/fast/denoise.py: a plain DDIM loop under guidance (eta 0, epsilon or v prediction, no clipping) runs one
-    fused step a UNet call, and its latents are the class loop's (float64 here: within the float32 rounding of the
-    reference's alpha_bar roots), a step callback's seen and its replaced latents used. Any other loop (eta > 0,
-    clipping, guidance rescale, no guidance, another scheduler) is the class's own: no fused step, the same latents
-    to the bit."""
+def test_the_fused_step_loop_gives_the_class_loops_latents_and_leaves_every_other_loop_to_it(monkeypatch):
+    """pare/fast/denoise.py: a plain DDIM loop (eta 0, no clipping) or Euler loop under guidance, epsilon or v
+    prediction, runs one fused step a UNet call; its latents are the class loop's (float64 here: within the float32
+    rounding of the reference's alpha_bar roots and sigmas), a step callback's seen and its replaced latents used, and
+    the scheduler is left in the class loop's state (its step index). Any other loop (eta > 0, clipping, guidance
+    rescale, no guidance, another scheduler) is the class's own: no fused step, the same latents to the bit."""
     import pare.fast.denoise as fast_denoise
     from parity_tests.tiny_components import build_diffusers_pipeline
     from pare.parity.checkpoint import pare_twin
-    from pare.schedulers import DDIMScheduler, EulerDiscreteScheduler
+    from pare.schedulers import DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
     ours = pare_twin(build_diffusers_pipeline("tiny-sd"), torch.float64)
     ours.set_progress_bar_config(disable=True)
@@ -493,12 +493,16 @@ def test_the_fused_ddim_loop_gives_the_class_loops_latents_and_leaves_every_othe
             (DDIMScheduler, {}, {"guidance_rescale": 0.7}, False), (DDIMScheduler, {}, {"guidance_scale": 1.0}, False),
             (DDIMScheduler, {}, {"callback_on_step_end": lambda pipe, i, t, tensors: seen.append(i) or {}}, True),
             (DDIMScheduler, {}, {"callback_on_step_end": halve}, True),
-            (EulerDiscreteScheduler, {}, {}, False)):
+            (EulerDiscreteScheduler, {}, {}, True), (EulerDiscreteScheduler, {"prediction_type": "v_prediction"}, {}, True),
+            (EulerDiscreteScheduler, {"use_karras_sigmas": True}, {"callback_on_step_end": halve}, True),
+            (EulerAncestralDiscreteScheduler, {}, {}, False)):
         ours.scheduler = cls.from_config(config, **overrides)
         fused_steps.clear()
         got = run(True, **kwargs)
+        state = plain_state(ours.scheduler)
         assert len(fused_steps) == (3 if fused else 0), (cls.__name__, overrides, kwargs)
         expected = run(False, **kwargs)
+        assert state == plain_state(ours.scheduler), (cls.__name__, overrides, kwargs)
         if fused:
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
         else:
@@ -517,7 +521,7 @@ def test_the_fused_ddim_loop_gives_the_class_loops_latents_and_leaves_every_othe
         assert fused_steps == ["halves", 1] * 3
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     pare.fast.restore(ours)
-    monkeypatch.setattr(fast_denoise, "FUSED_DDIM", 0)  # the A/B's switch
+    monkeypatch.setattr(fast_denoise, "FUSED_STEP", 0)  # the A/B's switch
     fused_steps.clear()
     run(True)
     assert fused_steps == []
@@ -1047,21 +1051,24 @@ def test_the_timestep_features_kernel_is_the_reference(dim, flip, shift, dtype, 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("b,side,layouts", [(1, 64, ("channels_last", "contiguous")), (2, 8, ("contiguous", "channels_last")),
                                             (1, 5, ("contiguous", "contiguous"))])
-def test_the_guided_ddim_step_kernel_is_nearer_float64_than_the_reference_ops(b, side, layouts, prediction_type, dtype,
-                                                                                monkeypatch):
-    """Guidance, DDIM's step (eta 0) and the next UNet input in one launch: the PyTorch twin's values (within an ulp
-    of the dtype and float32's rounding of the terms), no further from float64 than guidance and
-    `DDIMScheduler.step` run in the dtype (the reference loop's ops; bounded as the parity suite bounds a block), at
-    every stride of the UNet's output (channels last) and of the latents; the next input is the stepped latents
-    twice. The coefficients' algebra: float64 below."""
+@pytest.mark.parametrize("sampler", ["DDIMScheduler", "EulerDiscreteScheduler"])
+def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side, layouts, prediction_type, dtype,
+                                                                          sampler, monkeypatch):
+    """Guidance, DDIM's step (eta 0) or Euler's (no churn) and the next UNet input in one launch: the PyTorch twin's
+    values (within an ulp of the dtype and float32's rounding of the terms), no further from float64 than guidance
+    and the scheduler's `step` run in the dtype (the reference loop's ops; bounded as the parity suite bounds a
+    block), at every stride of the UNet's output (channels last) and of the latents; the next input is the stepped
+    latents twice, scaled as the next step's `scale_model_input` scales them. The coefficients' algebra: float64."""
+    import copy as copying
+
     from parity_tests.tiny_components import SD_SCHEDULER
     from pare.fast.denoise import step_coefficients
     from pare.fast.kernels import guided_step as step_kernel
-    from pare.schedulers import DDIMScheduler
+    from pare.schedulers import SCHEDULERS
 
     launched = CountedLaunches(step_kernel.guided_step_kernel)
     monkeypatch.setattr(step_kernel, "guided_step_kernel", launched)
-    s, w = DDIMScheduler.from_config(SD_SCHEDULER, prediction_type=prediction_type), 7.5  # SD's, no clipping
+    s, w = SCHEDULERS[sampler].from_config(SD_SCHEDULER, prediction_type=prediction_type), 7.5  # SD's, no clipping
     s.set_timesteps(50)
     g = torch.Generator().manual_seed(0)
     eps = torch.randn(2 * b, 4, side, side, generator=g, dtype=torch.float64).to(KDEV)
@@ -1069,25 +1076,40 @@ def test_the_guided_ddim_step_kernel_is_nearer_float64_than_the_reference_ops(b,
     fmt = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
     eps_d = eps.to(dtype).contiguous(memory_format=fmt[layouts[0]])
     x_d = x.to(dtype).contiguous(memory_format=fmt[layouts[1]])
-    for t in (s.timesteps[0], s.timesteps[30], s.timesteps[-1]):
+    for i in (0, 30, len(s.timesteps) - 1):
+        t = s.timesteps[i]
+        at = copying.deepcopy(s)  # the scheduler at step i (Euler keeps a step index, and its input scaled)
+        if hasattr(at, "_step_index"):
+            at._step_index, at.is_scale_input_called = i, True
         uncond, text = eps.chunk(2)
-        exact = s.step(uncond + w * (text - uncond), t, x).prev_sample  # float64
-        c_x, c_m = step_coefficients(s, t)
+        stepper = copying.deepcopy(at)
+        exact = stepper.step(uncond + w * (text - uncond), t, x).prev_sample  # float64
+        exact_next = stepper.scale_model_input(exact, s.timesteps[i + 1]) if i + 1 < len(s.timesteps) else None
+        c_x, c_m, next_scale = step_coefficients(copying.deepcopy(at), t)
         torch.testing.assert_close(c_x * x + c_m * (uncond + w * (text - uncond)), exact, rtol=1e-6, atol=1e-5)
-        ours, stacked = step_kernel.guided_step(eps_d, x_d, w, c_x, c_m)
+        if exact_next is not None:
+            torch.testing.assert_close(next_scale * exact, exact_next, rtol=1e-6, atol=1e-6)
+        ours, stacked = step_kernel.guided_step(eps_d, x_d, w, c_x, c_m, next_scale=next_scale)
         assert ours.dtype == dtype and ours.stride() == x_d.stride() and stacked.is_contiguous()
-        assert torch.equal(stacked[:b], ours) and torch.equal(stacked[b:], ours)
+        assert torch.equal(stacked[:b], stacked[b:])
+        if next_scale == 1.0:  # DDIM's, and the last step's
+            assert torch.equal(stacked[:b], ours)
+        else:  # the stored latents scaled in float32, rounded once (an ulp apart where Triton and PyTorch round apart)
+            scaled = (ours.float() * next_scale).to(dtype)
+            torch.testing.assert_close(stacked[:b], scaled, rtol=torch.finfo(dtype).eps, atol=0)
         u, c = eps_d.chunk(2)
-        theirs = s.step(u + w * (c - u), t, x_d).prev_sample  # the reference loop's ops, in the dtype
+        theirs = copying.deepcopy(at).step(u + w * (c - u), t, x_d).prev_sample  # the reference loop's ops, in dtype
         assert rel(ours, exact) <= BUDGET * rel(theirs, exact) + FLOOR[dtype], int(t)
         monkeypatch.setattr(step_kernel, "TRITON_STEP", 0)
         twin, none = step_kernel.guided_step(eps_d, x_d, w, c_x, c_m, next_input=False)
+        _, twin_stacked = step_kernel.guided_step(eps_d, x_d, w, c_x, c_m, next_scale=next_scale)
         monkeypatch.setattr(step_kernel, "TRITON_STEP", 1)
         assert none is None
         # float32 arithmetic on terms up to `scale` (an FMA here, not there), then one rounding to the dtype
-        scale = float((c_x * x.abs() + abs(c_m) * (uncond.abs() + w * (text - uncond).abs())).max())
+        scale = float((abs(c_x) * x.abs() + abs(c_m) * (uncond.abs() + w * (text - uncond).abs())).max())
         ulp32, ulp = torch.finfo(torch.float32).eps, torch.finfo(dtype).eps
         torch.testing.assert_close(ours, twin, rtol=ulp, atol=ulp + 4 * ulp32 * scale)
+        torch.testing.assert_close(stacked, twin_stacked, rtol=2 * ulp, atol=2 * (ulp + 4 * ulp32 * scale))
     assert launched.calls == 3
     last, none = step_kernel.guided_step(eps_d, x_d, w, c_x, c_m, next_input=False)  # the last step: no next input
     assert none is None and torch.equal(last, ours) and launched.calls == 4

@@ -9,8 +9,9 @@ Why: with the UNet replayed from a graph per step (graph.py), the host still lau
 arithmetic and scheduler step (about 15 small kernels) and copies the UNet's inputs in. One replay launches
 the whole loop, and the kernels between the UNet calls run back to back. The host already ran ahead of the GPU,
 so the gain is small: 3.7 ms of a 311 ms SD1.5 image, measured (benchmarks/NOTES.md, change 22).
-The loop it runs is `denoise.py`'s: the class's loop, with a plain DDIM loop's guidance, step and next UNet input
-as one kernel a step (0.9 ms more off the SD1.5 image, change 30).
+The loop it runs is `denoise.py`'s: the class's loop, with a plain DDIM or Euler loop's guidance, step and next UNet
+input as one kernel a step (0.9 ms more off the SD1.5 image with DDIM, change 30), its UNet told that the CFG
+batch's halves are equal, and its text's K and V projected once (changes 31 and 32).
 
 What a capture bakes in, so what its key holds (graph.py's GraphCache adds the rest: the UNet's weights, LoRA
 state and hooks, the inputs' shapes):
@@ -189,7 +190,7 @@ class LoopGraphs(GraphCache):
         if self.start is not None:  # in a capture: its warm-up and the capture start where set_timesteps left it
             set_state(self.pipe.scheduler, self.start)
         return fused_denoise(self.pipe, latents, loop.timesteps, prompt_embeds, loop.guidance_scale,
-                             loop.guidance_rescale, loop.step_kwargs, added_cond_kwargs)  # DDIM's steps fused
+                             loop.guidance_rescale, loop.step_kwargs, added_cond_kwargs)  # DDIM's, Euler's steps fused
 
     def warm_up(self, kwargs: dict, device: torch.device) -> None:
         """Two runs, each op recorded. The first may capture the UNet's per-step graphs and check its inputs, which

@@ -7,11 +7,11 @@ import triton.language as tl
 @triton.jit
 def guided_step(e_ptr, x_ptr, y_ptr, z_ptr, N, B, C, H, W,
                 e0, e1, e2, e3, x0, x1, x2, x3, y0, y1, y2, y3, z0, z1, z2, z3,
-                w, cx, cm, BLOCK: tl.constexpr, STACK: tl.constexpr):
+                w, cx, cm, ci, BLOCK: tl.constexpr, STACK: tl.constexpr):
     """N = B*C*H*W values of the (B, C, H, W) sample x, in logical order; each tensor read or written at its own
     strides (the UNet's output is channels last, the latents need not be). eps (2B, C, H, W): unconditional rows
-    b, text rows B + b. y = cx x + cm (u + w (t - u)), in float32; with STACK, z (2B, C, H, W) gets y at rows b and
-    B + b."""
+    b, text rows B + b. y = cx x + cm (u + w (t - u)), in float32; with STACK, z (2B, C, H, W) gets ci y (y as
+    stored, scaled in float32) at rows b and B + b."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = i < N
     iw = i % W
@@ -23,8 +23,10 @@ def guided_step(e_ptr, x_ptr, y_ptr, z_ptr, N, B, C, H, W,
     t = tl.load(e + (ib + B) * e0, mask=m, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + ib * x0 + ic * x1 + ih * x2 + iw * x3, mask=m, other=0.0).to(tl.float32)
     y = cx * x + cm * (u + w * (t - u))
-    tl.store(y_ptr + ib * y0 + ic * y1 + ih * y2 + iw * y3, y.to(y_ptr.dtype.element_ty), mask=m)
+    y = y.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + ib * y0 + ic * y1 + ih * y2 + iw * y3, y, mask=m)
     if STACK:
         z = z_ptr + ic * z1 + ih * z2 + iw * z3
-        tl.store(z + ib * z0, y.to(z_ptr.dtype.element_ty), mask=m)
-        tl.store(z + (ib + B) * z0, y.to(z_ptr.dtype.element_ty), mask=m)
+        s = (y.to(tl.float32) * ci).to(z_ptr.dtype.element_ty)
+        tl.store(z + ib * z0, s, mask=m)
+        tl.store(z + (ib + B) * z0, s, mask=m)

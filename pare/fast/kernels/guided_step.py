@@ -1,16 +1,22 @@
-"""Classifier-free guidance and a deterministic DDIM step in one launch, which also writes the next UNet input.
+"""Classifier-free guidance and a deterministic DDIM or Euler step in one launch, which also writes the next UNet input.
 
 Replaces, in the denoising loop (`pare/pipelines/stable_diffusion.py denoise`, through `pare/fast/denoise.py`):
 - the guidance line eps = eps_u + w (eps_c - eps_u) (Ho & Salimans, arXiv 2207.12598, eq. 6);
-- `pare/schedulers/scheduling_ddim.py DDIMScheduler.step` with eta = 0 (Song et al., arXiv 2010.02502, eq. 12);
-- the next step's `torch.cat([latents] * 2)`.
+- `pare/schedulers/scheduling_ddim.py DDIMScheduler.step` with eta = 0 (Song et al., arXiv 2010.02502, eq. 12), or
+  `scheduling_euler_discrete.py EulerDiscreteScheduler.step` without churn (Karras et al., arXiv 2206.00364,
+  Algorithm 2 with gamma = 0);
+- the next step's `torch.cat([latents] * 2)` and `scale_model_input` (Euler's x / sqrt(sigma^2 + 1); DDIM's is 1).
 
 Math. With the guided output m and the sample x, a DDIM step with eta = 0 is linear in (x, m):
 x_{t-1} = c_x x + c_m m, where (a = alpha_t, a' = alpha_{t-1}, DDIM's alpha_bar)
     epsilon prediction:  x_0 = (x - sqrt(1 - a) m) / sqrt(a),  eps = m
     v prediction:        x_0 = sqrt(a) x - sqrt(1 - a) m,       eps = sqrt(a) m + sqrt(1 - a) x
     x_{t-1} = sqrt(a') x_0 + sqrt(1 - a') eps                   (eq. 12, sigma_t = 0)
-`ddim_coefficients` solves c_x, c_m in float64 on the host; the kernel reads each value once, in float32 registers.
+An Euler step from sigma to sigma' is linear too (dt = sigma' - sigma, EDM's VP preconditioning):
+    epsilon prediction:  x' = x + dt m
+    v prediction:        D = x / (sigma^2 + 1) - sigma m / sqrt(sigma^2 + 1),  x' = x + dt (x - D) / sigma
+`ddim_coefficients` and `euler_coefficients` solve c_x, c_m in float64 on the host; the kernel reads each value
+once, in float32 registers.
 
 Why a kernel: the reference spends about ten launches a step on (B, 4, h, w) latents (guidance's subtract,
 multiply and add; the step's six multiplies, adds and divides; the next input's cat), each a few microseconds of
@@ -46,12 +52,22 @@ def ddim_coefficients(alpha_t: float, alpha_prev: float, prediction_type: str) -
     raise ValueError(f"ddim_coefficients: prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
 
 
+def euler_coefficients(sigma: float, sigma_next: float, prediction_type: str) -> tuple[float, float]:
+    """(c_x, c_m) of x' = c_x x + c_m m, an Euler step from sigma to sigma_next without churn, in float64."""
+    dt = sigma_next - sigma
+    if prediction_type == "epsilon":  # d = (x - (x - sigma m)) / sigma = m
+        return 1.0, dt
+    if prediction_type == "v_prediction":  # d = x sigma / (sigma^2 + 1) + m / sqrt(sigma^2 + 1)
+        return 1.0 + dt * sigma / (sigma**2 + 1), dt / math.sqrt(sigma**2 + 1)
+    raise ValueError(f"euler_coefficients: prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
+
+
 def guided_step(noise_pred: torch.Tensor, sample: torch.Tensor, guidance_scale: float, c_x: float, c_m: float,
-                next_input: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                next_input: bool = True, next_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(2B, C, h, w) UNet output (unconditional half first) and (B, C, h, w) sample -> the stepped sample, in the
-    sample's dtype and layout, and (next_input) the next UNet input (2B, C, h, w): the stepped sample twice, as the
-    reference's cat makes it. One Triton launch on CUDA; PyTorch's ops elsewhere (float32 arithmetic for 16-bit
-    values, the sample's own dtype otherwise)."""
+    sample's dtype and layout, and (next_input) the next UNet input (2B, C, h, w): the stepped sample twice, times
+    `next_scale` (the next step's `scale_model_input`), as the reference's cat and scaling make it. One Triton launch
+    on CUDA; PyTorch's ops elsewhere (float32 arithmetic for 16-bit values, the sample's own dtype otherwise)."""
     b = sample.shape[0]
     if noise_pred.ndim != 4 or sample.ndim != 4 or noise_pred.shape[0] != 2 * b or noise_pred.shape[1:] != sample.shape[1:]:
         raise ValueError(f"guided_step: a (2B, C, h, w) UNet output and a (B, C, h, w) sample, got "
@@ -63,11 +79,14 @@ def guided_step(noise_pred: torch.Tensor, sample: torch.Tensor, guidance_scale: 
         dst = stacked if next_input else out  # unused without a next input (STACK off): only its strides are read
         guided_step_kernel[(triton.cdiv(n, BLOCK),)](
             noise_pred, sample, out, dst, n, b, *sample.shape[1:], *noise_pred.stride(), *sample.stride(),
-            *out.stride(), *dst.stride(), float(guidance_scale), float(c_x), float(c_m), BLOCK=BLOCK, STACK=next_input,
-            num_warps=4)
+            *out.stride(), *dst.stride(), float(guidance_scale), float(c_x), float(c_m), float(next_scale), BLOCK=BLOCK,
+            STACK=next_input, num_warps=4)
         return out, stacked
     compute = torch.float32 if sample.dtype in (torch.float16, torch.bfloat16) else sample.dtype
     uncond, text = noise_pred.to(compute).chunk(2)  # (2B, ...) -> 2 x (B, ...)
     guided = uncond + guidance_scale * (text - uncond)
     out.copy_(c_x * sample.to(compute) + c_m * guided)
-    return out, torch.cat([out, out]) if next_input else None
+    if not next_input:
+        return out, None
+    scaled = out if next_scale == 1.0 else (out.to(compute) * next_scale).to(out.dtype)
+    return out, torch.cat([scaled, scaled])
