@@ -95,7 +95,7 @@ def denoise(pipe, latents, timesteps, prompt_embeds, guidance_scale: float, guid
     model_input = None  # made at the first step, and where a callback replaced the latents; else by the kernel
     halves = {"same_halves": True} if shares_prefix(pipe.unet) else {}
     # held K and V of the text: not where the UNet replays its own per-call graph, whose capture would hold them stale
-    hold = hold_context(pipe.unet) if HOLD_TEXT and not replayable(model_input) else contextlib.nullcontext()
+    hold = hold_context(pipe.unet) if HOLD_TEXT and not replayable(latents) else contextlib.nullcontext()
     with hold:
         for i, t in enumerate(pipe.progress_bar(timesteps)):
             if model_input is None:  # (B, 4, h, w) -> (2B, 4, h, w); DDIM's scale_model_input is the identity
