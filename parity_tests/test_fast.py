@@ -460,15 +460,18 @@ def test_the_loop_graph_captures_replays_and_falls_back_as_designed_with_graphs_
 
 @torch.no_grad()
 def test_the_fused_step_loop_gives_the_class_loops_latents_and_leaves_every_other_loop_to_it(monkeypatch):
-    """pare/fast/denoise.py: a plain DDIM loop (eta 0, no clipping) or Euler loop under guidance, epsilon or v
-    prediction, runs one fused step a UNet call; its latents are the class loop's (float64 here: within the float32
-    rounding of the reference's alpha_bar roots and sigmas), a step callback's seen and its replaced latents used, and
-    the scheduler is left in the class loop's state (its step index). Any other loop (eta > 0, clipping, guidance
-    rescale, no guidance, another scheduler) is the class's own: no fused step, the same latents to the bit."""
+    """pare/fast/denoise.py: a plain DDIM loop (eta 0, no clipping), Euler loop or DPM-Solver++ (2M) loop under
+    guidance, epsilon or v prediction, runs one fused step a UNet call; its latents are the class loop's (float64
+    here: within the float32 rounding of the reference's alpha_bar roots and sigmas), a step callback's seen and its
+    replaced latents used, and the scheduler is left in the class loop's state (its step index, DPM-Solver's order
+    count and history of x_0 predictions). Any other loop (eta > 0, clipping, guidance rescale, no guidance, an SDE,
+    noise-prediction or third-order DPM-Solver, thresholding, another scheduler) is the class's own: no fused step,
+    the same latents to the bit."""
     import pare.fast.denoise as fast_denoise
     from parity_tests.tiny_components import build_diffusers_pipeline
     from pare.parity.checkpoint import pare_twin
-    from pare.schedulers import DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+    from pare.schedulers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                                 EulerDiscreteScheduler)
 
     ours = pare_twin(build_diffusers_pipeline("tiny-sd"), torch.float64)
     ours.set_progress_bar_config(disable=True)
@@ -495,16 +498,26 @@ def test_the_fused_step_loop_gives_the_class_loops_latents_and_leaves_every_othe
             (DDIMScheduler, {}, {"callback_on_step_end": halve}, True),
             (EulerDiscreteScheduler, {}, {}, True), (EulerDiscreteScheduler, {"prediction_type": "v_prediction"}, {}, True),
             (EulerDiscreteScheduler, {"use_karras_sigmas": True}, {"callback_on_step_end": halve}, True),
-            (EulerAncestralDiscreteScheduler, {}, {}, False)):
+            (EulerAncestralDiscreteScheduler, {}, {}, False),
+            (DPMSolverMultistepScheduler, {}, {}, True),  # orders 1, 2, 1
+            (DPMSolverMultistepScheduler, {"prediction_type": "v_prediction", "final_sigmas_type": "sigma_min"}, {}, True),
+            (DPMSolverMultistepScheduler, {"use_karras_sigmas": True, "solver_type": "heun"},
+             {"callback_on_step_end": halve}, True),
+            (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}, {}, False),
+            (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}, {}, False),
+            (DPMSolverMultistepScheduler, {"solver_order": 3}, {}, False),
+            (DPMSolverMultistepScheduler, {"thresholding": True}, {}, False)):
         ours.scheduler = cls.from_config(config, **overrides)
         fused_steps.clear()
         got = run(True, **kwargs)
-        state = plain_state(ours.scheduler)
+        state, history = plain_state(ours.scheduler), list(getattr(ours.scheduler, "model_outputs", []))
         assert len(fused_steps) == (3 if fused else 0), (cls.__name__, overrides, kwargs)
         expected = run(False, **kwargs)
         assert state == plain_state(ours.scheduler), (cls.__name__, overrides, kwargs)
         if fused:
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+            for kept, theirs in zip(history, getattr(ours.scheduler, "model_outputs", []), strict=True):  # DPM-Solver
+                torch.testing.assert_close(kept, theirs, rtol=1e-5, atol=1e-5)
         else:
             assert torch.equal(got, expected), (cls.__name__, overrides, kwargs)
     assert seen == [0, 1, 2] * 2
@@ -1056,14 +1069,17 @@ def test_the_timestep_features_kernel_is_the_reference(dim, flip, shift, dtype, 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("b,side,layouts", [(1, 64, ("channels_last", "contiguous")), (2, 8, ("contiguous", "channels_last")),
                                             (1, 5, ("contiguous", "contiguous"))])
-@pytest.mark.parametrize("sampler", ["DDIMScheduler", "EulerDiscreteScheduler"])
+@pytest.mark.parametrize("sampler", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
+                                     "DPMSolverMultistepScheduler/heun"])
 def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side, layouts, prediction_type, dtype,
                                                                           sampler, monkeypatch):
-    """Guidance, DDIM's step (eta 0) or Euler's (no churn) and the next UNet input in one launch: the PyTorch twin's
-    values (within an ulp of the dtype and float32's rounding of the terms), no further from float64 than guidance
-    and the scheduler's `step` run in the dtype (the reference loop's ops; bounded as the parity suite bounds a
-    block), at every stride of the UNet's output (channels last) and of the latents; the next input is the stepped
-    latents twice, scaled as the next step's `scale_model_input` scales them. The coefficients' algebra: float64."""
+    """Guidance, DDIM's step (eta 0), Euler's (no churn) or DPM-Solver++'s (2M, midpoint or heun: first order at the
+    first and last steps, second order between) and the next UNet input in one launch: the PyTorch twin's values
+    (within an ulp of the dtype and float32's rounding of the terms), no further from float64 than guidance and the
+    scheduler's `step` run in the dtype (the reference loop's ops; bounded as the parity suite bounds a block), at
+    every stride of the UNet's output (channels last) and of the latents; the next input is the stepped latents
+    twice, scaled as the next step's `scale_model_input` scales them; DPM-Solver's kept x_0 prediction is as near
+    float64 as the one its `step` keeps. The coefficients' algebra: float64."""
     import copy as copying
 
     from parity_tests.tiny_components import SD_SCHEDULER
@@ -1073,53 +1089,98 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
 
     launched = CountedLaunches(step_kernel.guided_step_kernel)
     monkeypatch.setattr(step_kernel, "guided_step_kernel", launched)
-    s, w = SCHEDULERS[sampler].from_config(SD_SCHEDULER, prediction_type=prediction_type), 7.5  # SD's, no clipping
+    name, _, solver_type = sampler.partition("/")
+    extra = {"solver_type": solver_type} if solver_type else {}
+    s, w = SCHEDULERS[name].from_config(SD_SCHEDULER, prediction_type=prediction_type, **extra), 7.5  # SD's, no clipping
     s.set_timesteps(50)
+    multistep = hasattr(s, "model_outputs")
     g = torch.Generator().manual_seed(0)
     eps = torch.randn(2 * b, 4, side, side, generator=g, dtype=torch.float64).to(KDEV)
     x = torch.randn(b, 4, side, side, generator=g, dtype=torch.float64).to(KDEV)
+    m1 = torch.randn(b, 4, side, side, generator=g, dtype=torch.float64).to(KDEV)  # a previous step's x_0 prediction
     fmt = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
     eps_d = eps.to(dtype).contiguous(memory_format=fmt[layouts[0]])
     x_d = x.to(dtype).contiguous(memory_format=fmt[layouts[1]])
+    m1_d = m1.to(dtype)  # contiguous: the history's layout need not be the latents'
+    orders = []
     for i in (0, 30, len(s.timesteps) - 1):
         t = s.timesteps[i]
-        at = copying.deepcopy(s)  # the scheduler at step i (Euler keeps a step index, and its input scaled)
+        at = copying.deepcopy(s)  # the scheduler at step i (Euler and DPM-Solver keep a step index, and more)
         if hasattr(at, "_step_index"):
             at._step_index, at.is_scale_input_called = i, True
+        if multistep:  # its history: m1 (none before the first step)
+            at.lower_order_nums = min(i, at.config.solver_order)
+            orders.append(at.order_of_step(i, len(s.timesteps)))
+        history = lambda m: [None, m] if i else [None, None]  # noqa: E731
         uncond, text = eps.chunk(2)
+        guided = uncond + w * (text - uncond)
         stepper = copying.deepcopy(at)
-        exact = stepper.step(uncond + w * (text - uncond), t, x).prev_sample  # float64
+        if multistep:
+            stepper.model_outputs = history(m1)
+        exact = stepper.step(guided, t, x).prev_sample  # float64
         exact_next = stepper.scale_model_input(exact, s.timesteps[i + 1]) if i + 1 < len(s.timesteps) else None
-        c_x, c_m, next_scale = step_coefficients(copying.deepcopy(at), t)
-        torch.testing.assert_close(c_x * x + c_m * (uncond + w * (text - uncond)), exact, rtol=1e-6, atol=1e-5)
+        before = copying.deepcopy(at)
+        if multistep:
+            before.model_outputs = history(m1)
+        step = step_coefficients(before, t)
+        assert getattr(before, "_step_index", None) == getattr(stepper, "_step_index", None)  # advanced as `step` does
+        if multistep:
+            assert (step.previous is not None) == (orders[-1] == 2) and step.convert is not None
+            assert before.lower_order_nums == stepper.lower_order_nums
+        p_x, p_g = step.convert or (0.0, 1.0)
+        m = p_x * x + p_g * guided if step.convert else guided  # DPM-Solver: x_0; else the guided output itself
+        terms = c_terms = abs(step.c_x) * x.abs() + abs(step.c_m) * (abs(p_x) * x.abs() + abs(p_g) * (
+            uncond.abs() + w * (text - uncond).abs()))
+        if step.previous is not None:
+            terms = c_terms + abs(step.c_prev) * m1.abs()
+        scale = float(terms.max())
+        algebra = step.c_x * x + step.c_m * m + (step.c_prev * m1 if step.previous is not None else 0)
+        torch.testing.assert_close(algebra, exact, rtol=1e-6, atol=1e-5 + 1e-6 * scale)  # float32 sigmas there
+        if multistep:
+            torch.testing.assert_close(m, stepper.model_outputs[-1], rtol=1e-6, atol=1e-6 * float(m.abs().max()))
         if exact_next is not None:
-            torch.testing.assert_close(next_scale * exact, exact_next, rtol=1e-6, atol=1e-6)
-        ours, stacked = step_kernel.guided_step(eps_d, x_d, w, c_x, c_m, next_scale=next_scale)
+            torch.testing.assert_close(step.next_scale * exact, exact_next, rtol=1e-6, atol=1e-6)
+        prev_d = m1_d if step.previous is not None else None
+        kw = {"convert": step.convert, "previous": prev_d, "c_prev": step.c_prev}
+        ours, stacked, kept = step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m, next_scale=step.next_scale, **kw)
         assert ours.dtype == dtype and ours.stride() == x_d.stride() and stacked.is_contiguous()
+        assert (kept is not None) == multistep
         assert torch.equal(stacked[:b], stacked[b:])
-        if next_scale == 1.0:  # DDIM's, and the last step's
+        if step.next_scale == 1.0:  # DDIM's and DPM-Solver's, and the last step's
             assert torch.equal(stacked[:b], ours)
         else:  # the stored latents scaled in float32, rounded once (an ulp apart where Triton and PyTorch round apart)
-            scaled = (ours.float() * next_scale).to(dtype)
+            scaled = (ours.float() * step.next_scale).to(dtype)
             torch.testing.assert_close(stacked[:b], scaled, rtol=torch.finfo(dtype).eps, atol=0)
         u, c = eps_d.chunk(2)
-        theirs = copying.deepcopy(at).step(u + w * (c - u), t, x_d).prev_sample  # the reference loop's ops, in dtype
+        reference = copying.deepcopy(at)  # the reference loop's ops, in dtype
+        if multistep:
+            reference.model_outputs = history(m1_d)
+        theirs = reference.step(u + w * (c - u), t, x_d).prev_sample
         assert rel(ours, exact) <= BUDGET * rel(theirs, exact) + FLOOR[dtype], int(t)
+        if multistep:
+            kept_exact = stepper.model_outputs[-1]
+            assert kept.dtype == dtype and kept.shape == x_d.shape
+            assert rel(kept, kept_exact) <= BUDGET * rel(reference.model_outputs[-1], kept_exact) + FLOOR[dtype], int(t)
         monkeypatch.setattr(step_kernel, "TRITON_STEP", 0)
-        twin, none = step_kernel.guided_step(eps_d, x_d, w, c_x, c_m, next_input=False)
-        _, twin_stacked = step_kernel.guided_step(eps_d, x_d, w, c_x, c_m, next_scale=next_scale)
+        twin, none, twin_kept = step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m, next_input=False, **kw)
+        _, twin_stacked, _ = step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m, next_scale=step.next_scale, **kw)
         monkeypatch.setattr(step_kernel, "TRITON_STEP", 1)
         assert none is None
         # float32 arithmetic on terms up to `scale` (an FMA here, not there), then one rounding to the dtype
-        scale = float((abs(c_x) * x.abs() + abs(c_m) * (uncond.abs() + w * (text - uncond).abs())).max())
         ulp32, ulp = torch.finfo(torch.float32).eps, torch.finfo(dtype).eps
         torch.testing.assert_close(ours, twin, rtol=ulp, atol=ulp + 4 * ulp32 * scale)
         torch.testing.assert_close(stacked, twin_stacked, rtol=2 * ulp, atol=2 * (ulp + 4 * ulp32 * scale))
+        if multistep:
+            torch.testing.assert_close(kept, twin_kept, rtol=ulp, atol=ulp + 4 * ulp32 * float(c_terms.max()))
     assert launched.calls == 3
-    last, none = step_kernel.guided_step(eps_d, x_d, w, c_x, c_m, next_input=False)  # the last step: no next input
+    if multistep:
+        assert orders == [1, 2, 1]  # the first step has no history; the last (final sigma 0) is first order
+    last, none, _ = step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m, next_input=False, **kw)  # no next input
     assert none is None and torch.equal(last, ours) and launched.calls == 4
     with pytest.raises(ValueError, match=r"a \(2B, C, h, w\) UNet output"):
-        step_kernel.guided_step(eps_d[:b], x_d, w, c_x, c_m)
+        step_kernel.guided_step(eps_d[:b], x_d, w, step.c_x, step.c_m)
+    with pytest.raises(ValueError, match=r"a previous output .* needs `convert`"):
+        step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m, previous=m1_d)
 
 
 @pytest.mark.kernel

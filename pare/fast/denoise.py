@@ -2,14 +2,17 @@
 
 Replaces: `pare/pipelines/stable_diffusion.py StableDiffusionPipeline.denoise` (diffusers: the loop of
 `pipeline_stable_diffusion.py __call__`) inside the loop graph (`loop.py`, and its step-by-step entry, taken with a
-step callback), for the two deterministic one-step samplers SD folders name most, under classifier-free guidance:
-DDIM with eta = 0 (SD 1.x's and 2.x's pipelines) and Euler without churn (SDXL's folders). The UNet call is the
-reference loop's; what follows it, guidance (Ho & Salimans, arXiv 2207.12598, eq. 6) and the step (DDIM's eq. 12,
-Song et al., arXiv 2010.02502, with sigma_t = 0; Euler's Algorithm 2, Karras et al., arXiv 2206.00364, with
-gamma = 0), is `kernels/guided_step.py`: x' = c_x x + c_m (eps_u + w (eps_c - eps_u)), c_x and c_m solved on the
-host in float64 from the scheduler's own schedule (DDIM's alpha_bar and previous timestep, Euler's sigmas), and the
-next input x' / sqrt(sigma'^2 + 1) for Euler. Every other loop (another scheduler, eta > 0, churn, clipping or
-thresholding, guidance rescale, no guidance) is the reference's, unchanged.
+step callback), for the three deterministic samplers SD folders name most, under classifier-free guidance: DDIM
+with eta = 0 (SD 1.x's and 2.x's pipelines), Euler without churn (SDXL's folders) and DPM-Solver++ (2M) ("DPM++ 2M"
+and "DPM++ 2M Karras" in the UIs). The UNet call is the reference loop's; what follows it, guidance (Ho & Salimans,
+arXiv 2207.12598, eq. 6) and the step (DDIM's eq. 12, Song et al., arXiv 2010.02502, with sigma_t = 0; Euler's
+Algorithm 2, Karras et al., arXiv 2206.00364, with gamma = 0; DPM-Solver++'s Algorithm 2, Lu et al., arXiv
+2211.01095), is `kernels/guided_step.py`: x' = c_x x + c_m m (+ c_p m1), with m the guided output eps_u + w (eps_c -
+eps_u) (DPM-Solver++: its data prediction, m1 the previous step's), the coefficients solved on the host in float64
+from the scheduler's own schedule (DDIM's alpha_bar and previous timestep, Euler's and DPM-Solver's sigmas, and
+DPM-Solver's order at that step), and the next input x' / sqrt(sigma'^2 + 1) for Euler. Every other loop (another
+scheduler, eta > 0, churn, an SDE or third-order solver, clipping or thresholding, guidance rescale, no guidance) is
+the reference's, unchanged.
 
 Since the kernel writes both halves of the next UNet input from one value, they are equal by construction, and the
 fast UNet is told so (`same_halves`, `unet.py`): it runs the text-free prefix of its first block on one half.
@@ -21,13 +24,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import NamedTuple
 
 import torch
 
 from ..schedulers.scheduling_ddim import DDIMScheduler
+from ..schedulers.scheduling_dpmsolver_multistep import LEARNED_VARIANCE_TYPES, DPMSolverMultistepScheduler
 from ..schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
 from .graph import replayable
-from .kernels.guided_step import ddim_coefficients, euler_coefficients, guided_step
+from .kernels.guided_step import ddim_coefficients, dpm_coefficients, euler_coefficients, guided_step
 from .transformer import hold_context
 from .unet import FastUNet2DConditionModel
 
@@ -35,20 +40,26 @@ FUSED_STEP = 1  # 0: the class's loop for every scheduler (the A/B's switch)
 HOLD_TEXT = 1  # 0: the text's K and V projected at every step, as in the class's loop (the A/B's switch)
 
 
+FUSED = (DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler)  # exactly these classes
+
+
 def fusable(pipe, latents, guidance_scale: float, guidance_rescale: float, step_kwargs: dict | None) -> bool:
-    """Whether this loop's steps are guidance and a deterministic DDIM or Euler step, nothing more."""
+    """Whether this loop's steps are guidance and a deterministic DDIM, Euler or DPM-Solver++ (2M) step, nothing more."""
     s, loop = pipe.scheduler, type(pipe).denoise
     # the loop this file twins, named (pare/fast sits below pare/pipelines, and does not import it): a subclass's
     # own loop (ControlNet's, inpainting's) is not this one
     twin = (loop.__module__, loop.__qualname__) == ("pare.pipelines.stable_diffusion", "StableDiffusionPipeline.denoise")
-    if (not FUSED_STEP or not twin or type(s) not in (DDIMScheduler, EulerDiscreteScheduler)
+    if (not FUSED_STEP or not twin or type(s) not in FUSED
             or not torch.is_tensor(latents) or latents.ndim != 4
             or not pipe.uses_cfg(guidance_scale) or guidance_rescale != 0.0
             or s.config.prediction_type not in ("epsilon", "v_prediction")):
         return False
     c = s.config
     steps = dict(step_kwargs or {})
-    steps.pop("generator", None)  # with eta = 0, or no churn, nothing is drawn
+    steps.pop("generator", None)  # with eta = 0, no churn, or an ODE solver, nothing is drawn
+    if type(s) is DPMSolverMultistepScheduler:  # DPM-Solver++ to second order, the history of x_0 predictions
+        return (not steps and c.algorithm_type == "dpmsolver++" and c.solver_order <= 2 and not c.thresholding
+                and c.variance_type not in LEARNED_VARIANCE_TYPES)
     if type(s) is EulerDiscreteScheduler:  # s_tmin, s_tmax and s_noise matter only with churn
         return set(steps) <= {"s_churn", "s_tmin", "s_tmax", "s_noise"} and float(steps.get("s_churn", 0.0)) == 0.0
     return (set(steps) <= {"eta"} and float(steps.get("eta", 0.0)) == 0.0
@@ -65,24 +76,49 @@ def shares_prefix(unet) -> bool:
         m._forward_hooks or m._forward_pre_hooks for m in list(unet.modules())[1:])
 
 
-def step_coefficients(scheduler, timestep) -> tuple[float, float, float]:
-    """(c_x, c_m, next_scale) of the step at `timestep`: x' = c_x x + c_m m, and the next UNet input next_scale x'.
+class Step(NamedTuple):
+    """One fused step's coefficients: x' = c_x x + c_m m + c_prev previous, m the guided output (with `convert`
+    = (p_x, p_g): p_x x + p_g times it, which the scheduler keeps), and the next UNet input next_scale x'."""
+    c_x: float
+    c_m: float
+    next_scale: float = 1.0
+    convert: tuple[float, float] | None = None
+    previous: torch.Tensor | None = None  # the scheduler's last kept output
+    c_prev: float = 0.0
+
+
+def step_coefficients(scheduler, timestep) -> Step:
+    """The step at `timestep`, its scheduler's state advanced as its `step` advances it (bar the history of outputs,
+    which `denoise` adds to).
     DDIM: steps 1 and 2 of `DDIMScheduler.step` (its checks included), then `ddim_coefficients`; the next input is
-    x' itself. Euler: sigma and the next sigma at its step index, which advances as its `step` advances it; the next
-    input is its `scale_model_input` at the next sigma."""
+    x' itself. Euler: sigma and the next sigma at its step index; the next input is its `scale_model_input` at the
+    next sigma. DPM-Solver++: its step index, the order `order_of_step` gives, the sigmas about it, then
+    `dpm_coefficients`; its last kept output is m1 at second order."""
+    c = scheduler.config
     if isinstance(scheduler, EulerDiscreteScheduler):
         if scheduler.step_index is None:
             scheduler._init_step_index(timestep)
         i = scheduler.step_index
         sigma, sigma_next = float(scheduler.sigmas[i]), float(scheduler.sigmas[i + 1])  # a CPU tensor
         scheduler._step_index += 1
-        c_x, c_m = euler_coefficients(sigma, sigma_next, scheduler.config.prediction_type)
-        return c_x, c_m, 1.0 / math.sqrt(sigma_next**2 + 1)
+        c_x, c_m = euler_coefficients(sigma, sigma_next, c.prediction_type)
+        return Step(c_x, c_m, 1.0 / math.sqrt(sigma_next**2 + 1))
+    if isinstance(scheduler, DPMSolverMultistepScheduler):
+        i, n = scheduler._start_step(timestep)
+        order = scheduler.order_of_step(i, n)
+        sigmas = scheduler.sigmas  # (n + 1,), CPU
+        convert, c_x, c_m, c_prev = dpm_coefficients(float(sigmas[i]), float(sigmas[i + 1]),
+                                                     float(sigmas[i - 1]) if order == 2 else None, order,
+                                                     c.solver_type, c.prediction_type)
+        if scheduler.lower_order_nums < c.solver_order:
+            scheduler.lower_order_nums += 1
+        scheduler._step_index += 1
+        return Step(c_x, c_m, 1.0, convert, scheduler.model_outputs[-1] if order == 2 else None, c_prev)
     t = scheduler._check_timestep(timestep)
     prev_t = scheduler.previous_timestep(t)
     alpha_t = float(scheduler.alphas_cumprod[t])
     alpha_prev = float(scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod)
-    return (*ddim_coefficients(alpha_t, alpha_prev, scheduler.config.prediction_type), 1.0)
+    return Step(*ddim_coefficients(alpha_t, alpha_prev, c.prediction_type))
 
 
 def denoise(pipe, latents, timesteps, prompt_embeds, guidance_scale: float, guidance_rescale: float = 0.0,
@@ -102,9 +138,12 @@ def denoise(pipe, latents, timesteps, prompt_embeds, guidance_scale: float, guid
                 model_input = pipe.scheduler.scale_model_input(torch.cat([latents] * 2), t)
             noise_pred = pipe.unet(model_input, t, encoder_hidden_states=prompt_embeds,
                                    added_cond_kwargs=added_cond_kwargs, **halves)  # (2B, 4, h, w)
-            c_x, c_m, next_scale = step_coefficients(pipe.scheduler, t)
-            latents, model_input = guided_step(noise_pred, latents, guidance_scale, c_x, c_m,
-                                               next_input=i + 1 < len(timesteps), next_scale=next_scale)
+            step = step_coefficients(pipe.scheduler, t)
+            latents, model_input, kept = guided_step(noise_pred, latents, guidance_scale, step.c_x, step.c_m,
+                                                     next_input=i + 1 < len(timesteps), next_scale=step.next_scale,
+                                                     convert=step.convert, previous=step.previous, c_prev=step.c_prev)
+            if kept is not None:  # DPM-Solver's history of x_0 predictions, newest last, as its step keeps it
+                pipe.scheduler.model_outputs = pipe.scheduler.model_outputs[1:] + [kept]
             if callback is not None:  # diffusers' callback_on_step_end, as `pipeline_utils.step_callback` calls it
                 tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
                 replaced = callback(pipe, i, t, {k: tensors[k] for k in callback_inputs}) or {}

@@ -558,6 +558,23 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
         return convert_model_output(model_output, sample, alpha_t, sigma_t, c.prediction_type,
                                     c.algorithm_type in DATA_PREDICTION_TYPES, threshold)
 
+    def order_of_step(self, i: int, n: int) -> int:
+        """The order of step i of n, given the steps taken so far (`lower_order_nums`): the lowest of solver_order;
+        one more than the steps taken (a multistep method has no history at first); 1 at the last step
+        (euler_at_final, lower_order_final with < 15 steps, or final_sigmas_type="zero", where sigma = 0 has no
+        lambda); 2 at the second to last (lower_order_final, < 15). 0: a step of zero length in lambda
+        (`degenerate_step`), taken as a first-order ODE step."""
+        c = self.config
+        if degenerate_step(c.algorithm_type, *self._alpha_sigma(i + 1), *self._alpha_sigma(i)):
+            return 0
+        lower_order_final = i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == "zero")
+        lower_order_second = i == n - 2 and c.lower_order_final and n < 15
+        if c.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
+            return 1
+        if c.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
+            return 2
+        return 3
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -567,11 +584,7 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
         variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple:
-        """One multistep DPM-Solver step from sigmas[i] to sigmas[i + 1], i = `step_index`.
-
-        The order is the lowest of: solver_order; one more than the steps taken so far (a multistep method
-        has no history at first); 1 at the last step (euler_at_final, lower_order_final with < 15 steps, or
-        final_sigmas_type="zero", where sigma = 0 has no lambda); 2 at the second to last (lower_order_final, < 15).
+        """One multistep DPM-Solver step from sigmas[i] to sigmas[i + 1], i = `step_index`, of `order_of_step`'s order.
         SDE types draw their noise z from `generator` (float32, as diffusers draws it) unless `variance_noise` is given.
         """
         c = self.config
@@ -580,8 +593,7 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
         i, n = self._start_step(timestep)
 
         # 1. the order of this step (lower orders at the end stabilise sampling with few steps)
-        lower_order_final = i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == "zero")
-        lower_order_second = i == n - 2 and c.lower_order_final and n < 15
+        order = self.order_of_step(i, n)
 
         # 2. the model output as the solver's x_0 or eps, added to the history (newest last)
         model_output = self.convert_model_output(model_output, sample)
@@ -598,11 +610,11 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
 
         # 4. x_{t_i} -> x_{t_{i+1}}: first (eq. 3.7 / DPM-Solver++ 4.1), second (Algorithm 2) or third order
         (alpha_t, sigma_t), (alpha_s, sigma_s) = self._alpha_sigma(i + 1), self._alpha_sigma(i)
-        if degenerate_step(c.algorithm_type, alpha_t, sigma_t, alpha_s, sigma_s):
+        if order == 0:
             prev_sample = first_order_update(ode_type(c.algorithm_type), sample, model_output, alpha_t, sigma_t, alpha_s, sigma_s)
-        elif c.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
+        elif order == 1:
             prev_sample = first_order_update(c.algorithm_type, sample, model_output, alpha_t, sigma_t, alpha_s, sigma_s, noise)
-        elif c.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
+        elif order == 2:
             alphas, sigmas = zip(*(self._alpha_sigma(j) for j in (i + 1, i, i - 1)))
             prev_sample = multistep_second_order_update(
                 c.algorithm_type, c.solver_type, sample, self.model_outputs, alphas, sigmas, noise

@@ -5,28 +5,37 @@ import triton.language as tl
 
 
 @triton.jit
-def guided_step(e_ptr, x_ptr, y_ptr, z_ptr, N, B, C, H, W,
-                e0, e1, e2, e3, x0, x1, x2, x3, y0, y1, y2, y3, z0, z1, z2, z3,
-                w, cx, cm, ci, BLOCK: tl.constexpr, STACK: tl.constexpr):
+def guided_step(e_ptr, x_ptr, y_ptr, z_ptr, p_ptr, m_ptr, N, B, C, H, W,
+                e0, e1, e2, e3, x0, x1, x2, x3, y0, y1, y2, y3, z0, z1, z2, z3, p0, p1, p2, p3,
+                w, cx, cm, ci, px, pg, cp,
+                BLOCK: tl.constexpr, STACK: tl.constexpr, CONVERT: tl.constexpr, PREVIOUS: tl.constexpr):
     """N = B*C*H*W values of the (B, C, H, W) sample x, in logical order; each tensor read or written at its own
     strides (the UNet's output is channels last, the latents need not be). eps (2B, C, H, W): unconditional rows
-    b, text rows B + b. y = cx x + cm (u + w (t - u)), in float32; with STACK, z (2B, C, H, W) gets ci y (y as
-    stored, scaled in float32) at rows b and B + b."""
+    b, text rows B + b. g = u + w (t - u); m = g, or with CONVERT px x + pg g, stored to m_ptr (at y's strides) as
+    the solver's history; y = cx x + cm m (+ cp p with PREVIOUS, p the previous step's m), all in float32. With
+    STACK, z (2B, C, H, W) gets ci y (y as stored, scaled in float32) at rows b and B + b."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = i < N
+    msk = i < N
     iw = i % W
     ih = (i // W) % H
     ic = (i // (W * H)) % C
     ib = i // (W * H * C)
     e = e_ptr + ic * e1 + ih * e2 + iw * e3
-    u = tl.load(e + ib * e0, mask=m, other=0.0).to(tl.float32)
-    t = tl.load(e + (ib + B) * e0, mask=m, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + ib * x0 + ic * x1 + ih * x2 + iw * x3, mask=m, other=0.0).to(tl.float32)
-    y = cx * x + cm * (u + w * (t - u))
+    u = tl.load(e + ib * e0, mask=msk, other=0.0).to(tl.float32)
+    t = tl.load(e + (ib + B) * e0, mask=msk, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + ib * x0 + ic * x1 + ih * x2 + iw * x3, mask=msk, other=0.0).to(tl.float32)
+    m = u + w * (t - u)
+    y_at = ib * y0 + ic * y1 + ih * y2 + iw * y3
+    if CONVERT:
+        m = px * x + pg * m
+        tl.store(m_ptr + y_at, m.to(m_ptr.dtype.element_ty), mask=msk)
+    y = cx * x + cm * m
+    if PREVIOUS:
+        y += cp * tl.load(p_ptr + ib * p0 + ic * p1 + ih * p2 + iw * p3, mask=msk, other=0.0).to(tl.float32)
     y = y.to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + ib * y0 + ic * y1 + ih * y2 + iw * y3, y, mask=m)
+    tl.store(y_ptr + y_at, y, mask=msk)
     if STACK:
         z = z_ptr + ic * z1 + ih * z2 + iw * z3
         s = (y.to(tl.float32) * ci).to(z_ptr.dtype.element_ty)
-        tl.store(z + ib * z0, s, mask=m)
-        tl.store(z + (ib + B) * z0, s, mask=m)
+        tl.store(z + ib * z0, s, mask=msk)
+        tl.store(z + (ib + B) * z0, s, mask=msk)
