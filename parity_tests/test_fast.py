@@ -1129,10 +1129,10 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
             assert before.lower_order_nums == stepper.lower_order_nums
         p_x, p_g = step.convert or (0.0, 1.0)
         m = p_x * x + p_g * guided if step.convert else guided  # DPM-Solver: x_0; else the guided output itself
-        terms = c_terms = abs(step.c_x) * x.abs() + abs(step.c_m) * (abs(p_x) * x.abs() + abs(p_g) * (
-            uncond.abs() + w * (text - uncond).abs()))
+        m_terms = abs(p_x) * x.abs() + abs(p_g) * (uncond.abs() + w * (text - uncond).abs())  # the terms of m
+        terms = abs(step.c_x) * x.abs() + abs(step.c_m) * m_terms
         if step.previous is not None:
-            terms = c_terms + abs(step.c_prev) * m1.abs()
+            terms = terms + abs(step.c_prev) * m1.abs()
         scale = float(terms.max())
         algebra = step.c_x * x + step.c_m * m + (step.c_prev * m1 if step.previous is not None else 0)
         torch.testing.assert_close(algebra, exact, rtol=1e-6, atol=1e-5 + 1e-6 * scale)  # float32 sigmas there
@@ -1171,7 +1171,7 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
         torch.testing.assert_close(ours, twin, rtol=ulp, atol=ulp + 4 * ulp32 * scale)
         torch.testing.assert_close(stacked, twin_stacked, rtol=2 * ulp, atol=2 * (ulp + 4 * ulp32 * scale))
         if multistep:
-            torch.testing.assert_close(kept, twin_kept, rtol=ulp, atol=ulp + 4 * ulp32 * float(c_terms.max()))
+            torch.testing.assert_close(kept, twin_kept, rtol=ulp, atol=ulp + 4 * ulp32 * float(m_terms.max()))
     assert launched.calls == 3
     if multistep:
         assert orders == [1, 2, 1]  # the first step has no history; the last (final sigma 0) is first order
