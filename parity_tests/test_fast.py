@@ -412,8 +412,10 @@ def test_the_loop_graph_keys_every_scheduler_by_value_and_spots_random_draws():
 def test_the_loop_graph_captures_replays_and_falls_back_as_designed_with_graphs_stood_in_for(monkeypatch):
     """loop.py's logic on the CPU, where a "capture" runs the loop eagerly and a "replay" hands back what it computed
     (so every call here has the same inputs). A deterministic loop is captured once, replays, and leaves the
-    scheduler as a loop does; DDIM with eta = 1 draws noise, so it steps, and draws what it would have drawn (the
-    warm-up restored the generator); the GPU tier checks real graphs (test_the_loop_graph_replays_...)."""
+    scheduler as a loop does. A loop that draws noise (DDIM with eta = 1, Euler ancestral) is captured too, reading
+    its noise from a tape that each replay fills from the call's generator: with the draws the stepping loop makes,
+    in its order, and the generator left where that loop leaves it. A loop whose draws come from a generator the
+    call did not pass steps. The GPU tier checks real graphs, to the bit (test_the_loop_graph_replays_...)."""
     import contextlib
 
     import pare.fast.graph
@@ -437,25 +439,62 @@ def test_the_loop_graph_captures_replays_and_falls_back_as_designed_with_graphs_
     latents = torch.randn(ours.latent_shape(1, 32, 32), generator=torch.Generator().manual_seed(0))
 
     def run(**kwargs):
+        kwargs = {"generator": torch.Generator().manual_seed(1), **kwargs}
         return ours(prompt="a cat", num_inference_steps=3, height=32, width=32, output_type="latent", latents=latents,
-                    generator=torch.Generator().manual_seed(1), **kwargs).images
+                    **kwargs).images
 
-    from pare.schedulers import DDIMScheduler, EulerDiscreteScheduler
+    from pare.schedulers import DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+    from pare.schedulers import scheduling_utils
 
-    config = ours.scheduler.config
-    for cls, kwargs, replayed in ((EulerDiscreteScheduler, {}, True), (DDIMScheduler, {"eta": 1.0}, False)):
+    config, stepping = ours.scheduler.config, functools.partial(pare.fast.denoise.denoise, ours)
+    real_randn = scheduling_utils.randn_tensor
+    for cls, kwargs, draws in ((EulerDiscreteScheduler, {}, False), (DDIMScheduler, {"eta": 1.0}, True),
+                               (EulerAncestralDiscreteScheduler, {}, True)):
         ours.scheduler = cls.from_config(config)
         vars(ours)["denoise"] = graphed
-        got = [run(**kwargs) for _ in range(2)]
+        replays.clear()
+        got, left = [], []
+        for _ in range(2):
+            g = torch.Generator().manual_seed(1)
+            got.append(run(generator=g, **kwargs))
+            left.append(g.get_state())  # where the replay's draws left the generator
         entries = list(ours._pare_loop.graphs.values())
         after = plain_state(ours.scheduler)  # Euler's step index: as the captured run left it
-        vars(ours)["denoise"] = functools.partial(pare.fast.denoise.denoise, ours)  # the loop the graph holds, stepping
-        expected = run(**kwargs)
-        assert (entries[-1] is not None) == replayed
-        assert len(replays) == 2  # Euler's two calls replay; DDIM's with eta = 1 never do
-        assert all(torch.equal(g, expected) for g in got), cls.__name__
+        vars(ours)["denoise"] = stepping  # the loop the graph holds, stepping, its draws kept
+        drawn, module = [], type(ours.scheduler).step.__globals__
+        module["randn_tensor"] = lambda *a: drawn.append(real_randn(*a)) or drawn[-1]
+        try:
+            g = torch.Generator().manual_seed(1)
+            expected = run(generator=g, **kwargs)
+        finally:
+            module["randn_tensor"] = real_randn
+        assert len(replays) == 2 and entries[-1] is not None, cls.__name__  # both calls replay (Euler's: two keys)
         assert after == plain_state(ours.scheduler)
-    assert len(ours._pare_loop.graphs) == 3  # Euler: a fresh scheduler's key, then the key after a loop; DDIM: one
+        assert all(torch.equal(state, g.get_state()) for state in left), cls.__name__
+        tape = entries[-1][4]
+        if not draws:
+            assert tape is None and drawn == [] and all(torch.equal(x, expected) for x in got)
+            continue
+        # the stand-in "replay" hands back the capture's result, whose noise the replay had not drawn yet: the tape
+        # is checked instead, filled by the last replay with the stepping loop's draws
+        assert len(drawn) == 3 and torch.equal(tape.play, torch.stack(drawn)), cls.__name__
+
+    own = torch.Generator().manual_seed(5)
+
+    class OwnNoise(EulerAncestralDiscreteScheduler):  # draws from a generator of its own, outside the tape
+        def step(self, *args, generator=None, **kwargs):
+            return super().step(*args, generator=own, **kwargs)
+
+    ours.scheduler = OwnNoise.from_config(config)
+    vars(ours)["denoise"] = graphed
+    replays.clear()
+    run()
+    assert replays == [] and list(ours._pare_loop.graphs.values())[-1] is None  # it steps
+    from pare.fast.noise import Tape
+
+    tape = Tape(torch.Generator())
+    tape.draw((2, 3), torch.Generator(), "cpu", torch.float32)  # not the call's generator: no draw made ahead
+    assert tape.foreign and len(tape.specs) == 1
 
 
 @torch.no_grad()
@@ -1303,19 +1342,19 @@ def test_graphed_text_encoders_and_vae_replay_what_eager_computes():
 # (scheduler, config overrides, step keyword arguments, whether its loop replays from one graph)
 LOOP_CASES = (
     ("DDIMScheduler", {}, {}, True),
-    ("DDIMScheduler", {}, {"eta": 1.0}, False),  # draws noise at every step
+    ("DDIMScheduler", {}, {"eta": 1.0}, True),  # draws noise at every step: from a tape filled ahead (noise.py)
     ("PNDMScheduler", {}, {}, True),
     ("DPMSolverMultistepScheduler", {}, {}, True),
-    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}, False),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}, True),
     ("DPMSolverSinglestepScheduler", {}, {}, True),
     ("UniPCMultistepScheduler", {}, {}, True),
     ("DEISMultistepScheduler", {}, {}, True),
     ("EulerDiscreteScheduler", {}, {}, True),
-    ("EulerAncestralDiscreteScheduler", {}, {}, False),
+    ("EulerAncestralDiscreteScheduler", {}, {}, True),
     ("HeunDiscreteScheduler", {}, {}, True),
     ("KDPM2DiscreteScheduler", {}, {}, True),
     ("LMSDiscreteScheduler", {}, {}, True),
-    ("DDPMScheduler", {}, {}, False),
+    ("DDPMScheduler", {}, {}, True),
 )
 
 
@@ -1328,9 +1367,9 @@ def plain_state(scheduler) -> dict:
 @torch.no_grad()
 @pytest.mark.parametrize("family", ["tiny-sd", "tiny-sdxl"])
 def test_the_loop_graph_replays_what_the_step_by_step_loop_computes(family):
-    """The whole loop from one graph (loop.py) against the same loop stepping (denoise.py's: DDIM's guided step
-    fused; its UNet from per-step graphs): the same latents to the bit, for the deterministic samplers replayed and
-    the stochastic ones run step by step (their generator left as the warm-up found it); the scheduler's state after
+    """The whole loop from one graph (loop.py) against the same loop stepping (denoise.py's: the guided step fused
+    where it can be; its UNet from per-step graphs): the same latents to the bit, for every sampler, the stochastic
+    ones too (their noise drawn ahead of each replay from the call's generator, noise.py); the scheduler's state after
     a replay is the state after a loop; another guidance scale is another graph, and a callback runs the loop step
     by step; a new prompt replays the same graph, its text projected anew."""
     from parity_tests.tiny_components import build_diffusers_pipeline

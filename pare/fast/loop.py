@@ -23,13 +23,19 @@ state and hooks, the inputs' shapes):
 - guidance_scale, guidance_rescale and the step's keyword arguments (eta): Python numbers.
 A scheduler whose `set_timesteps` leaves a flag as a loop left it (`is_scale_input_called`) has one state when
 fresh and another after its first loop: two keys, so a second capture at its second call, then replays.
-Copied in at each replay: the starting latents, the prompt embeddings and SDXL's added conditions.
+Copied in at each replay: the starting latents, the prompt embeddings, SDXL's added conditions and the noise drawn
+for it.
+
+A loop that draws noise (ancestral and SDE samplers, DDIM with eta > 0, DDPM) replays too. A key's first call warms
+up for its capture, and the warm-up records the ops it runs (a dispatch mode) and the draws its scheduler makes
+(`noise.py`), leaving the random generators as it found them. The captured loop reads its noise from an input; before
+each replay the same draws are made from that call's generator, in the order the stepping loop would make them,
+and copied in.
 
 Where the loop runs step by step instead (the UNet still replays its own graph at each step):
 - with a `callback_on_step_end`: it must see, and may replace, each step's tensors;
-- a loop that draws random numbers (ancestral and SDE samplers, DDIM with eta > 0). A key's first call warms
-  up for its capture, and the warm-up records the ops it runs (a dispatch mode) to find out. It leaves the
-  random generators as it found them, so the step-by-step run that follows draws what it would have drawn;
+- a loop that draws random numbers other than through its scheduler's `randn_tensor`, or from a generator the call
+  did not pass (the warm-up sees either), or draws of two shapes or dtypes;
 - a scheduler whose step a capture does not allow (it reads a value back from the GPU, or copies a tensor from
   the host): the warm-up sees that too, a warning says so once per key, and that key runs step by step.
   A capture that fails all the same raises, naming `loop_graph=False`: after a failed capture the CUDA state
@@ -43,6 +49,7 @@ turns non-finite inside the loop is not caught at its step but by the VAE's deco
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -53,6 +60,7 @@ from torch.utils._pytree import tree_leaves
 from ..schedulers.scheduling_utils import host_schedule
 from .denoise import denoise as fused_denoise
 from .graph import GraphCache, check_finite_once, replayable
+from .noise import Tape, draw_ahead, drawing_from
 
 logger = logging.getLogger(__name__)
 
@@ -68,17 +76,22 @@ class NotReplayable(Exception):
 
 
 class Recorder(TorchDispatchMode):
-    """While active, lists the ops that drew random numbers, and those that a capture does not allow: a read of a
-    CUDA tensor's values on the host (`.item()`, `bool()`, `nonzero`) and a copy between the host and the GPU."""
+    """While active, lists the ops that drew random numbers (but a `tape`'s own draws), and those that a capture does
+    not allow: a read of a CUDA tensor's values on the host (`.item()`, `bool()`, `nonzero`) and a copy between the
+    host and the GPU (a tape's draws included: a CPU generator's noise is copied in)."""
 
-    def __init__(self):
+    def __init__(self, tape: Tape | None = None):
         super().__init__()
+        self.tape = tape
         self.drew: list[str] = []
         self.synced: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
+        taped = self.tape is not None and self.tape.drawing
+        if taped:  # the draw a replay takes from its tape, and its copy in
+            return func(*args, **kwargs)
         if name.rstrip("_").removesuffix("_like") in RANDOM_OPS:
             self.drew.append(str(func))
         tensors = [a for a in args if torch.is_tensor(a)]
@@ -182,6 +195,7 @@ class LoopGraphs(GraphCache):
         self.pipe, self.start, self.warmed = pipe, None, False  # start: the state a capture's runs each begin from
         super().__init__(self.run, pipe.unet, warmup=1)  # once per `warm_up` run: see there
         self.what, self.eagerly = f"{type(pipe).__name__}'s denoising loop", "it runs step by step"
+        self.tape: Tape | None = None  # the draws a warm-up records, or a capture plays (noise.py)
 
     def walk(self) -> None:
         super().walk()
@@ -190,27 +204,39 @@ class LoopGraphs(GraphCache):
     def run(self, latents, prompt_embeds, added_cond_kwargs, loop: Loop):
         if self.start is not None:  # in a capture: its warm-up and the capture start where set_timesteps left it
             set_state(self.pipe.scheduler, self.start)
-        return fused_denoise(self.pipe, latents, loop.timesteps, prompt_embeds, loop.guidance_scale,
-                             loop.guidance_rescale, loop.step_kwargs, added_cond_kwargs)  # DDIM's, Euler's steps fused
+        if self.tape is not None:
+            self.tape.rewind()
+        with drawing_from(self.pipe.scheduler, self.tape) if self.tape is not None else contextlib.nullcontext():
+            return fused_denoise(self.pipe, latents, loop.timesteps, prompt_embeds, loop.guidance_scale,
+                                 loop.guidance_rescale, loop.step_kwargs, added_cond_kwargs)  # DDIM's... steps fused
 
     def warm_up(self, kwargs: dict, device: torch.device) -> None:
-        """Two runs, each op recorded. The first may capture the UNet's per-step graphs and check its inputs, which
-        read the GPU; the second replays them, as a capture of the loop will not: it is the one judged for reads."""
-        rng = RandomStates(kwargs["loop"].step_kwargs, device)
+        """Two runs. The first may capture the UNet's per-step graphs and check its inputs, which read the GPU; the
+        second replays them, as a capture of the loop will not: its ops are recorded and judged for reads and
+        draws, and the scheduler's draws are recorded (`noise.py Tape`): where there are some, the capture reads them
+        from a buffer that each replay fills."""
+        loop = kwargs["loop"]
+        rng = RandomStates(loop.step_kwargs, device)
+        tape = Tape((loop.step_kwargs or {}).get("generator"))
         try:
-            with Recorder() as first:
-                super().warm_up(kwargs, device)
-            with Recorder() as second:
+            super().warm_up(kwargs, device)
+            self.tape = tape
+            with Recorder(tape) as second:
                 super().warm_up(kwargs, device)
         finally:
+            self.tape = None
             rng.restore()
-        if first.drew or second.drew:
-            raise NotReplayable(f"it draws random numbers ({(first.drew or second.drew)[0]})")
+        if second.drew:  # drawn other than by the scheduler's randn_tensor
+            raise NotReplayable(f"it draws random numbers ({second.drew[0]})")
+        if tape.foreign:
+            raise NotReplayable(f"it draws noise the loop cannot draw ahead ({tape.foreign})")
         if second.synced:
             logger.warning("pare.fast: %s with %s runs step by step: a step reads the GPU back to the host or copies "
                            "between them (%s), which a CUDA graph cannot hold", self.what,
                            type(self.pipe.scheduler).__name__, second.synced[0])
             raise NotReplayable(f"it reads the GPU ({second.synced[0]})")
+        if tape.specs:  # the capture reads its noise from an input, which each replay fills (`replay`)
+            self.tape = tape.played()
         self.warmed = True
 
     def capture(self, leaves, spec):
@@ -219,7 +245,8 @@ class LoopGraphs(GraphCache):
         self.start, self.warmed = state(scheduler), False
         try:
             graph, static, out = super().capture(leaves, spec)
-            entry = (graph, static, out, state(scheduler))  # and the state the captured run left
+            # and the state the captured run left, and the tape its noise is read from
+            entry = (graph, static, out, state(scheduler), self.tape)
         except NotReplayable as e:
             logger.debug("pare.fast: %s runs step by step: %s", self.what, e)
             entry = None
@@ -231,10 +258,14 @@ class LoopGraphs(GraphCache):
                                f"failed ({str(e).splitlines()[0]}); run it with enable_fast(loop_graph=False)") from e
         finally:
             set_state(scheduler, self.start)  # as set_timesteps left it: the step-by-step run may follow
-            self.start = None
+            self.start, self.tape = None, None
         return entry
 
     def replay(self, entry, leaves):
+        tape = entry[4]
+        if tape is not None:  # this call's noise, drawn as its stepping loop would draw it
+            loop = next(leaf for leaf in leaves if isinstance(leaf, Loop))
+            tape.play.copy_(draw_ahead(tape.specs, (loop.step_kwargs or {}).get("generator")))
         out = super().replay(entry, leaves)
         set_state(self.pipe.scheduler, entry[3])
         return out
