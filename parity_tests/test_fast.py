@@ -499,9 +499,10 @@ def test_the_loop_graph_captures_replays_and_falls_back_as_designed_with_graphs_
 
 @torch.no_grad()
 def test_the_fused_step_loop_gives_the_class_loops_latents_and_leaves_every_other_loop_to_it(monkeypatch):
-    """pare/fast/denoise.py: a plain DDIM loop (eta 0, no clipping), Euler loop or DPM-Solver++ (2M) loop under
-    guidance, epsilon or v prediction, runs one fused step a UNet call; its latents are the class loop's (float64
-    here: within the float32 rounding of the reference's alpha_bar roots and sigmas), a step callback's seen and its
+    """pare/fast/denoise.py: a plain DDIM loop (eta 0, no clipping), Euler, Euler ancestral or DPM-Solver++ (2M) loop
+    under guidance, epsilon or v prediction, runs one fused step a UNet call; its latents are the class loop's (float64
+    here: within the float32 rounding of the reference's alpha_bar roots and sigmas; Euler a's noise drawn from the
+    call's generator as its step draws it, so the same noise), a step callback's seen and its
     replaced latents used, and the scheduler is left in the class loop's state (its step index, DPM-Solver's order
     count and history of x_0 predictions). Any other loop (eta > 0, clipping, guidance rescale, no guidance, an SDE,
     noise-prediction or third-order DPM-Solver, thresholding, another scheduler) is the class's own: no fused step,
@@ -537,7 +538,8 @@ def test_the_fused_step_loop_gives_the_class_loops_latents_and_leaves_every_othe
             (DDIMScheduler, {}, {"callback_on_step_end": halve}, True),
             (EulerDiscreteScheduler, {}, {}, True), (EulerDiscreteScheduler, {"prediction_type": "v_prediction"}, {}, True),
             (EulerDiscreteScheduler, {"use_karras_sigmas": True}, {"callback_on_step_end": halve}, True),
-            (EulerAncestralDiscreteScheduler, {}, {}, False),
+            (EulerAncestralDiscreteScheduler, {}, {}, True),  # its noise drawn by the loop, as its step draws it
+            (EulerAncestralDiscreteScheduler, {"prediction_type": "v_prediction"}, {"callback_on_step_end": halve}, True),
             (DPMSolverMultistepScheduler, {}, {}, True),  # orders 1, 2, 1
             (DPMSolverMultistepScheduler, {"prediction_type": "v_prediction", "final_sigmas_type": "sigma_min"}, {}, True),
             (DPMSolverMultistepScheduler, {"use_karras_sigmas": True, "solver_type": "heun"},
@@ -1108,12 +1110,13 @@ def test_the_timestep_features_kernel_is_the_reference(dim, flip, shift, dtype, 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("b,side,layouts", [(1, 64, ("channels_last", "contiguous")), (2, 8, ("contiguous", "channels_last")),
                                             (1, 5, ("contiguous", "contiguous"))])
-@pytest.mark.parametrize("sampler", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
-                                     "DPMSolverMultistepScheduler/heun"])
+@pytest.mark.parametrize("sampler", ["DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                                     "DPMSolverMultistepScheduler", "DPMSolverMultistepScheduler/heun"])
 def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side, layouts, prediction_type, dtype,
                                                                           sampler, monkeypatch):
-    """Guidance, DDIM's step (eta 0), Euler's (no churn) or DPM-Solver++'s (2M, midpoint or heun: first order at the
-    first and last steps, second order between) and the next UNet input in one launch: the PyTorch twin's values
+    """Guidance, DDIM's step (eta 0), Euler's (no churn), Euler ancestral's (its noise given) or DPM-Solver++'s (2M,
+    midpoint or heun: first order at the first and last steps, second order between) and the next UNet input in one
+    launch: the PyTorch twin's values
     (within an ulp of the dtype and float32's rounding of the terms), no further from float64 than guidance and the
     scheduler's `step` run in the dtype (the reference loop's ops; bounded as the parity suite bounds a block), at
     every stride of the UNet's output (channels last) and of the latents; the next input is the stepped latents
@@ -1137,6 +1140,9 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
     eps = torch.randn(2 * b, 4, side, side, generator=g, dtype=torch.float64).to(KDEV)
     x = torch.randn(b, 4, side, side, generator=g, dtype=torch.float64).to(KDEV)
     m1 = torch.randn(b, 4, side, side, generator=g, dtype=torch.float64).to(KDEV)  # a previous step's x_0 prediction
+    z = torch.randn(b, 4, side, side, generator=g, dtype=torch.float64).to(KDEV)  # Euler a's noise, in every run
+    if name == "EulerAncestralDiscreteScheduler":  # its step draws z in the model output's dtype, as the fused loop hands it to the kernel
+        monkeypatch.setitem(type(s).step.__globals__, "randn_tensor", lambda shape, gen, device, dtype: z.to(device, dtype))
     fmt = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
     eps_d = eps.to(dtype).contiguous(memory_format=fmt[layouts[0]])
     x_d = x.to(dtype).contiguous(memory_format=fmt[layouts[1]])
@@ -1164,23 +1170,24 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
         step = step_coefficients(before, t)
         assert getattr(before, "_step_index", None) == getattr(stepper, "_step_index", None)  # advanced as `step` does
         if multistep:
-            assert (step.previous is not None) == (orders[-1] == 2) and step.convert is not None
+            assert (step.addend is not None) == (orders[-1] == 2) and step.convert is not None
             assert before.lower_order_nums == stepper.lower_order_nums
         p_x, p_g = step.convert or (0.0, 1.0)
         m = p_x * x + p_g * guided if step.convert else guided  # DPM-Solver: x_0; else the guided output itself
         m_terms = abs(p_x) * x.abs() + abs(p_g) * (uncond.abs() + w * (text - uncond).abs())  # the terms of m
         terms = abs(step.c_x) * x.abs() + abs(step.c_m) * m_terms
-        if step.previous is not None:
-            terms = terms + abs(step.c_prev) * m1.abs()
+        third = m1 if step.addend is not None else z if step.draws else None  # DPM-Solver's m1, Euler a's z
+        if third is not None:
+            terms = terms + abs(step.c_add) * third.abs()
         scale = float(terms.max())
-        algebra = step.c_x * x + step.c_m * m + (step.c_prev * m1 if step.previous is not None else 0)
+        algebra = step.c_x * x + step.c_m * m + (step.c_add * third if third is not None else 0)
         torch.testing.assert_close(algebra, exact, rtol=1e-6, atol=1e-5 + 1e-6 * scale)  # float32 sigmas there
         if multistep:
             torch.testing.assert_close(m, stepper.model_outputs[-1], rtol=1e-6, atol=1e-6 * float(m.abs().max()))
         if exact_next is not None:
             torch.testing.assert_close(step.next_scale * exact, exact_next, rtol=1e-6, atol=1e-6)
-        prev_d = m1_d if step.previous is not None else None
-        kw = {"convert": step.convert, "previous": prev_d, "c_prev": step.c_prev}
+        third_d = m1_d if step.addend is not None else z.to(dtype) if step.draws else None
+        kw = {"convert": step.convert, "addend": third_d, "c_add": step.c_add}
         ours, stacked, kept = step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m, next_scale=step.next_scale, **kw)
         assert ours.dtype == dtype and ours.stride() == x_d.stride() and stacked.is_contiguous()
         assert (kept is not None) == multistep
@@ -1218,8 +1225,8 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
     assert none is None and torch.equal(last, ours) and launched.calls == 4
     with pytest.raises(ValueError, match=r"a \(2B, C, h, w\) UNet output"):
         step_kernel.guided_step(eps_d[:b], x_d, w, step.c_x, step.c_m)
-    with pytest.raises(ValueError, match=r"a previous output .* needs `convert`"):
-        step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m, previous=m1_d)
+    with pytest.raises(ValueError, match=r"an addend \(.*\) of the sample's shape"):
+        step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m, addend=m1_d[:, :, :, 0])
 
 
 @pytest.mark.kernel

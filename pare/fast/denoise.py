@@ -2,17 +2,18 @@
 
 Replaces: `pare/pipelines/stable_diffusion.py StableDiffusionPipeline.denoise` (diffusers: the loop of
 `pipeline_stable_diffusion.py __call__`) inside the loop graph (`loop.py`, and its step-by-step entry, taken with a
-step callback), for the three deterministic samplers SD folders name most, under classifier-free guidance: DDIM
-with eta = 0 (SD 1.x's and 2.x's pipelines), Euler without churn (SDXL's folders) and DPM-Solver++ (2M) ("DPM++ 2M"
-and "DPM++ 2M Karras" in the UIs). The UNet call is the reference loop's; what follows it, guidance (Ho & Salimans,
-arXiv 2207.12598, eq. 6) and the step (DDIM's eq. 12, Song et al., arXiv 2010.02502, with sigma_t = 0; Euler's
-Algorithm 2, Karras et al., arXiv 2206.00364, with gamma = 0; DPM-Solver++'s Algorithm 2, Lu et al., arXiv
-2211.01095), is `kernels/guided_step.py`: x' = c_x x + c_m m (+ c_p m1), with m the guided output eps_u + w (eps_c -
-eps_u) (DPM-Solver++: its data prediction, m1 the previous step's), the coefficients solved on the host in float64
-from the scheduler's own schedule (DDIM's alpha_bar and previous timestep, Euler's and DPM-Solver's sigmas, and
-DPM-Solver's order at that step), and the next input x' / sqrt(sigma'^2 + 1) for Euler. Every other loop (another
-scheduler, eta > 0, churn, an SDE or third-order solver, clipping or thresholding, guidance rescale, no guidance) is
-the reference's, unchanged.
+step callback), for the four samplers SD folders name most, under classifier-free guidance: DDIM with eta = 0 (SD
+1.x's and 2.x's pipelines), Euler without churn (SDXL's folders), Euler ancestral ("Euler a", A1111's default) and
+DPM-Solver++ (2M) ("DPM++ 2M" and "DPM++ 2M Karras" in the UIs). The UNet call is the reference loop's; what
+follows it, guidance (Ho & Salimans, arXiv 2207.12598, eq. 6) and the step (DDIM's eq. 12, Song et al., arXiv
+2010.02502, with sigma_t = 0; Euler's Algorithm 2, Karras et al., arXiv 2206.00364, with gamma = 0, and its
+ancestral form, k-diffusion's; DPM-Solver++'s Algorithm 2, Lu et al., arXiv 2211.01095), is
+`kernels/guided_step.py`: x' = c_x x + c_m m (+ c_a a), with m the guided output eps_u + w (eps_c - eps_u)
+(DPM-Solver++: its data prediction, a the previous step's; Euler a: a its noise, drawn as its step draws it), the
+coefficients solved on the host in float64 from the scheduler's own schedule (DDIM's alpha_bar and previous
+timestep, the Euler and DPM-Solver sigmas, and DPM-Solver's order at that step), and the next input
+x' / sqrt(sigma'^2 + 1) for the Euler samplers. Every other loop (another scheduler, eta > 0, churn, an SDE or
+third-order solver, clipping or thresholding, guidance rescale, no guidance) is the reference's, unchanged.
 
 Since the kernel writes both halves of the next UNet input from one value, they are equal by construction, and the
 fast UNet is told so (`same_halves`, `unet.py`): it runs the text-free prefix of its first block on one half.
@@ -30,9 +31,11 @@ import torch
 
 from ..schedulers.scheduling_ddim import DDIMScheduler
 from ..schedulers.scheduling_dpmsolver_multistep import LEARNED_VARIANCE_TYPES, DPMSolverMultistepScheduler
+from ..schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteScheduler
 from ..schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
 from .graph import replayable
-from .kernels.guided_step import ddim_coefficients, dpm_coefficients, euler_coefficients, guided_step
+from .kernels.guided_step import (ancestral_coefficients, ddim_coefficients, dpm_coefficients, euler_coefficients,
+                                  guided_step)
 from .transformer import hold_context
 from .unet import FastUNet2DConditionModel
 
@@ -40,11 +43,12 @@ FUSED_STEP = 1  # 0: the class's loop for every scheduler (the A/B's switch)
 HOLD_TEXT = 1  # 0: the text's K and V projected at every step, as in the class's loop (the A/B's switch)
 
 
-FUSED = (DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler)  # exactly these classes
+FUSED = (DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler)  # exactly
 
 
 def fusable(pipe, latents, guidance_scale: float, guidance_rescale: float, step_kwargs: dict | None) -> bool:
-    """Whether this loop's steps are guidance and a deterministic DDIM, Euler or DPM-Solver++ (2M) step, nothing more."""
+    """Whether this loop's steps are guidance and a DDIM (eta 0), Euler (no churn), Euler ancestral or DPM-Solver++ (2M)
+    step, nothing more."""
     s, loop = pipe.scheduler, type(pipe).denoise
     # the loop this file twins, named (pare/fast sits below pare/pipelines, and does not import it): a subclass's
     # own loop (ControlNet's, inpainting's) is not this one
@@ -56,7 +60,9 @@ def fusable(pipe, latents, guidance_scale: float, guidance_rescale: float, step_
         return False
     c = s.config
     steps = dict(step_kwargs or {})
-    steps.pop("generator", None)  # with eta = 0, no churn, or an ODE solver, nothing is drawn
+    steps.pop("generator", None)  # with eta = 0, no churn, or an ODE solver, nothing is drawn; Euler a draws from it
+    if type(s) is EulerAncestralDiscreteScheduler:  # its noise drawn from the generator, as its step draws it
+        return not steps
     if type(s) is DPMSolverMultistepScheduler:  # DPM-Solver++ to second order, the history of x_0 predictions
         return (not steps and c.algorithm_type == "dpmsolver++" and c.solver_order <= 2 and not c.thresholding
                 and c.variance_type not in LEARNED_VARIANCE_TYPES)
@@ -77,43 +83,47 @@ def shares_prefix(unet) -> bool:
 
 
 class Step(NamedTuple):
-    """One fused step's coefficients: x' = c_x x + c_m m + c_prev previous, m the guided output (with `convert`
+    """One fused step's coefficients: x' = c_x x + c_m m + c_add addend, m the guided output (with `convert`
     = (p_x, p_g): p_x x + p_g times it, which the scheduler keeps), and the next UNet input next_scale x'."""
     c_x: float
     c_m: float
     next_scale: float = 1.0
     convert: tuple[float, float] | None = None
-    previous: torch.Tensor | None = None  # the scheduler's last kept output
-    c_prev: float = 0.0
+    addend: torch.Tensor | None = None  # DPM-Solver's last kept output
+    c_add: float = 0.0
+    draws: bool = False  # the addend is noise the loop draws (Euler a), as the scheduler's step would
 
 
 def step_coefficients(scheduler, timestep) -> Step:
     """The step at `timestep`, its scheduler's state advanced as its `step` advances it (bar the history of outputs,
     which `denoise` adds to).
     DDIM: steps 1 and 2 of `DDIMScheduler.step` (its checks included), then `ddim_coefficients`; the next input is
-    x' itself. Euler: sigma and the next sigma at its step index; the next input is its `scale_model_input` at the
-    next sigma. DPM-Solver++: its step index, the order `order_of_step` gives, the sigmas about it, then
-    `dpm_coefficients`; its last kept output is m1 at second order."""
+    x' itself. Euler (and Euler a, whose noise the loop draws): sigma and the next sigma at its step index; the next
+    input is its `scale_model_input` at the next sigma. DPM-Solver++: its step index, the order `order_of_step`
+    gives, the sigmas about it, then `dpm_coefficients`; its last kept output is m1 at second order."""
     c = scheduler.config
-    if isinstance(scheduler, EulerDiscreteScheduler):
+    if isinstance(scheduler, (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler)):
         if scheduler.step_index is None:
             scheduler._init_step_index(timestep)
         i = scheduler.step_index
         sigma, sigma_next = float(scheduler.sigmas[i]), float(scheduler.sigmas[i + 1])  # a CPU tensor
         scheduler._step_index += 1
-        c_x, c_m = euler_coefficients(sigma, sigma_next, c.prediction_type)
-        return Step(c_x, c_m, 1.0 / math.sqrt(sigma_next**2 + 1))
+        next_scale = 1.0 / math.sqrt(sigma_next**2 + 1)
+        if isinstance(scheduler, EulerAncestralDiscreteScheduler):
+            c_x, c_m, c_z = ancestral_coefficients(sigma, sigma_next, c.prediction_type)
+            return Step(c_x, c_m, next_scale, c_add=c_z, draws=True)
+        return Step(*euler_coefficients(sigma, sigma_next, c.prediction_type), next_scale)
     if isinstance(scheduler, DPMSolverMultistepScheduler):
         i, n = scheduler._start_step(timestep)
         order = scheduler.order_of_step(i, n)
         sigmas = scheduler.sigmas  # (n + 1,), CPU
-        convert, c_x, c_m, c_prev = dpm_coefficients(float(sigmas[i]), float(sigmas[i + 1]),
-                                                     float(sigmas[i - 1]) if order == 2 else None, order,
-                                                     c.solver_type, c.prediction_type)
+        convert, c_x, c_m, c_add = dpm_coefficients(float(sigmas[i]), float(sigmas[i + 1]),
+                                                    float(sigmas[i - 1]) if order == 2 else None, order,
+                                                    c.solver_type, c.prediction_type)
         if scheduler.lower_order_nums < c.solver_order:
             scheduler.lower_order_nums += 1
         scheduler._step_index += 1
-        return Step(c_x, c_m, 1.0, convert, scheduler.model_outputs[-1] if order == 2 else None, c_prev)
+        return Step(c_x, c_m, 1.0, convert, scheduler.model_outputs[-1] if order == 2 else None, c_add)
     t = scheduler._check_timestep(timestep)
     prev_t = scheduler.previous_timestep(t)
     alpha_t = float(scheduler.alphas_cumprod[t])
@@ -129,6 +139,7 @@ def denoise(pipe, latents, timesteps, prompt_embeds, guidance_scale: float, guid
         return type(pipe).denoise(pipe, latents, timesteps, prompt_embeds, guidance_scale, guidance_rescale,
                                   step_kwargs, added_cond_kwargs, callback, callback_inputs)
     model_input = None  # made at the first step, and where a callback replaced the latents; else by the kernel
+    generator = (step_kwargs or {}).get("generator")  # Euler a's noise
     halves = {"same_halves": True} if shares_prefix(pipe.unet) else {}
     # held K and V of the text: not where the UNet replays its own per-call graph, whose capture would hold them stale
     hold = hold_context(pipe.unet) if HOLD_TEXT and not replayable(latents) else contextlib.nullcontext()
@@ -139,9 +150,14 @@ def denoise(pipe, latents, timesteps, prompt_embeds, guidance_scale: float, guid
             noise_pred = pipe.unet(model_input, t, encoder_hidden_states=prompt_embeds,
                                    added_cond_kwargs=added_cond_kwargs, **halves)  # (2B, 4, h, w)
             step = step_coefficients(pipe.scheduler, t)
+            addend = step.addend
+            if step.draws:  # Euler a's noise, drawn as its step draws it (through its module's randn_tensor, which
+                # the loop graph's tape stands in for: noise.py)
+                draw = type(pipe.scheduler).step.__globals__["randn_tensor"]
+                addend = draw(latents.shape, generator, noise_pred.device, noise_pred.dtype)  # (B, 4, h, w)
             latents, model_input, kept = guided_step(noise_pred, latents, guidance_scale, step.c_x, step.c_m,
                                                      next_input=i + 1 < len(timesteps), next_scale=step.next_scale,
-                                                     convert=step.convert, previous=step.previous, c_prev=step.c_prev)
+                                                     convert=step.convert, addend=addend, c_add=step.c_add)
             if kept is not None:  # DPM-Solver's history of x_0 predictions, newest last, as its step keeps it
                 pipe.scheduler.model_outputs = pipe.scheduler.model_outputs[1:] + [kept]
             if callback is not None:  # diffusers' callback_on_step_end, as `pipeline_utils.step_callback` calls it

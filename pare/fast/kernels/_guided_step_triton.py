@@ -8,11 +8,12 @@ import triton.language as tl
 def guided_step(e_ptr, x_ptr, y_ptr, z_ptr, p_ptr, m_ptr, N, B, C, H, W,
                 e0, e1, e2, e3, x0, x1, x2, x3, y0, y1, y2, y3, z0, z1, z2, z3, p0, p1, p2, p3,
                 w, cx, cm, ci, px, pg, cp,
-                BLOCK: tl.constexpr, STACK: tl.constexpr, CONVERT: tl.constexpr, PREVIOUS: tl.constexpr):
+                BLOCK: tl.constexpr, STACK: tl.constexpr, CONVERT: tl.constexpr, ADDEND: tl.constexpr):
     """N = B*C*H*W values of the (B, C, H, W) sample x, in logical order; each tensor read or written at its own
     strides (the UNet's output is channels last, the latents need not be). eps (2B, C, H, W): unconditional rows
     b, text rows B + b. g = u + w (t - u); m = g, or with CONVERT px x + pg g, stored to m_ptr (at y's strides) as
-    the solver's history; y = cx x + cm m (+ cp p with PREVIOUS, p the previous step's m), all in float32. With
+    the solver's history; y = cx x + cm m (+ cp p with ADDEND: DPM-Solver's previous m, Euler a's noise), all in
+    float32. With
     STACK, z (2B, C, H, W) gets ci y (y as stored, scaled in float32) at rows b and B + b."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     msk = i < N
@@ -30,7 +31,7 @@ def guided_step(e_ptr, x_ptr, y_ptr, z_ptr, p_ptr, m_ptr, N, B, C, H, W,
         m = px * x + pg * m
         tl.store(m_ptr + y_at, m.to(m_ptr.dtype.element_ty), mask=msk)
     y = cx * x + cm * m
-    if PREVIOUS:
+    if ADDEND:
         y += cp * tl.load(p_ptr + ib * p0 + ic * p1 + ih * p2 + iw * p3, mask=msk, other=0.0).to(tl.float32)
     y = y.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + y_at, y, mask=msk)

@@ -1,12 +1,13 @@
-"""Classifier-free guidance and a deterministic DDIM, Euler or DPM-Solver++ (2M) step in one launch, which also writes
-the next UNet input.
+"""Classifier-free guidance and a DDIM, Euler, Euler ancestral or DPM-Solver++ (2M) step in one launch, which also
+writes the next UNet input.
 
 Replaces, in the denoising loop (`pare/pipelines/stable_diffusion.py denoise`, through `pare/fast/denoise.py`):
 - the guidance line eps = eps_u + w (eps_c - eps_u) (Ho & Salimans, arXiv 2207.12598, eq. 6);
 - `pare/schedulers/scheduling_ddim.py DDIMScheduler.step` with eta = 0 (Song et al., arXiv 2010.02502, eq. 12),
   `scheduling_euler_discrete.py EulerDiscreteScheduler.step` without churn (Karras et al., arXiv 2206.00364,
   Algorithm 2 with gamma = 0), or `scheduling_dpmsolver_multistep.py DPMSolverMultistepScheduler.step` of
-  DPM-Solver++ to second order (Lu et al., arXiv 2211.01095, section 4 and Algorithm 2), midpoint or heun;
+  DPM-Solver++ to second order (Lu et al., arXiv 2211.01095, section 4 and Algorithm 2), midpoint or heun, or
+  `scheduling_euler_ancestral_discrete.py EulerAncestralDiscreteScheduler.step` (k-diffusion's ancestral Euler);
 - the next step's `torch.cat([latents] * 2)` and `scale_model_input` (Euler's x / sqrt(sigma^2 + 1); DDIM's is 1).
 
 Math. With the guided output m and the sample x, a DDIM step with eta = 0 is linear in (x, m):
@@ -17,6 +18,8 @@ x_{t-1} = c_x x + c_m m, where (a = alpha_t, a' = alpha_{t-1}, DDIM's alpha_bar)
 An Euler step from sigma to sigma' is linear too (dt = sigma' - sigma, EDM's VP preconditioning):
     epsilon prediction:  x' = x + dt m
     v prediction:        D = x / (sigma^2 + 1) - sigma m / sqrt(sigma^2 + 1),  x' = x + dt (x - D) / sigma
+Euler ancestral is an Euler step to sigma_down = sigma'^2 / sigma, plus sigma_up z, sigma_up^2 = sigma'^2 - sigma_down^2
+(z the noise its step draws): euler_coefficients(sigma, sigma_down), and c_z = sigma_up.
 A DPM-Solver++ step is linear in x, its data prediction m0 and the previous step's m1 (sigma the Karras noise level,
 alpha_t = 1 / sqrt(sigma^2 + 1) and sigma_t = sigma alpha_t the VP coefficients, lambda = -log sigma, so that
 e^-h = sigma' / sigma):
@@ -72,6 +75,13 @@ def euler_coefficients(sigma: float, sigma_next: float, prediction_type: str) ->
     raise ValueError(f"euler_coefficients: prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
 
 
+def ancestral_coefficients(sigma: float, sigma_next: float, prediction_type: str) -> tuple[float, float, float]:
+    """(c_x, c_m, c_z) of x' = c_x x + c_m m + c_z z, an ancestral Euler step from sigma to sigma_next (k-diffusion's
+    `get_ancestral_step` with eta 1: sigma_down = sigma_next^2 / sigma, exactly), in float64."""
+    sigma_up = math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+    return (*euler_coefficients(sigma, sigma_next**2 / sigma, prediction_type), sigma_up)
+
+
 def dpm_coefficients(sigma: float, sigma_next: float, sigma_prev: float | None, order: int, solver_type: str,
                      prediction_type: str) -> tuple[tuple[float, float], float, float, float]:
     """((p_x, p_g), c_x, c_m, c_p) of a DPM-Solver++ step from sigma to sigma_next (Karras noise levels) of order 0
@@ -99,36 +109,35 @@ def dpm_coefficients(sigma: float, sigma_next: float, sigma_prev: float | None, 
 
 def guided_step(noise_pred: torch.Tensor, sample: torch.Tensor, guidance_scale: float, c_x: float, c_m: float,
                 next_input: bool = True, next_scale: float = 1.0, convert: tuple[float, float] | None = None,
-                previous: torch.Tensor | None = None, c_prev: float = 0.0
+                addend: torch.Tensor | None = None, c_add: float = 0.0
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(2B, C, h, w) UNet output (unconditional half first) and (B, C, h, w) sample -> the stepped sample, in the
     sample's dtype and layout; (next_input) the next UNet input (2B, C, h, w): the stepped sample twice, times
     `next_scale` (the next step's `scale_model_input`), as the reference's cat and scaling make it; and with
     `convert` = (p_x, p_g) the converted output m0 = p_x x + p_g m of the guided output m (a multistep solver's data
     prediction, in the sample's dtype), else None. The step is c_x x + c_m m0 (m0 = m without `convert`), plus
-    c_prev `previous` (the previous step's m0) where given. One Triton launch on CUDA; PyTorch's ops elsewhere
-    (float32 arithmetic for 16-bit values, the sample's own dtype otherwise)."""
+    c_add `addend` where given (DPM-Solver's previous m0, Euler a's noise), of the sample's shape. One Triton launch
+    on CUDA; PyTorch's ops elsewhere (float32 arithmetic for 16-bit values, the sample's own dtype otherwise)."""
     b = sample.shape[0]
     if noise_pred.ndim != 4 or sample.ndim != 4 or noise_pred.shape[0] != 2 * b or noise_pred.shape[1:] != sample.shape[1:]:
         raise ValueError(f"guided_step: a (2B, C, h, w) UNet output and a (B, C, h, w) sample, got "
                          f"{tuple(noise_pred.shape)} and {tuple(sample.shape)}")
-    if previous is not None and (convert is None or previous.shape != sample.shape):
-        raise ValueError(f"guided_step: a previous output {tuple(previous.shape)} needs `convert` and the sample's "
-                         f"shape {tuple(sample.shape)}")
+    if addend is not None and addend.shape != sample.shape:
+        raise ValueError(f"guided_step: an addend {tuple(addend.shape)} of the sample's shape {tuple(sample.shape)}")
     out = torch.empty_like(sample)  # the sample's layout
     converted = torch.empty_like(sample) if convert is not None else None
     p_x, p_g = convert if convert is not None else (0.0, 1.0)
     if (TRITON_STEP and triton_ready(sample) and noise_pred.dtype == sample.dtype and noise_pred.device == sample.device
-            and (previous is None or (previous.dtype == sample.dtype and previous.device == sample.device))):
+            and (addend is None or (addend.dtype == sample.dtype and addend.device == sample.device))):
         stacked = sample.new_empty((2 * b, *sample.shape[1:])) if next_input else None  # (2B, C, h, w), contiguous
         n = sample.numel()
         dst = stacked if next_input else out  # unused without a next input (STACK off): only its strides are read
-        prev = previous if previous is not None else sample  # a dummy pointer without one (PREVIOUS off)
+        add = addend if addend is not None else sample  # a dummy pointer without one (ADDEND off)
         guided_step_kernel[(triton.cdiv(n, BLOCK),)](
-            noise_pred, sample, out, dst, prev, converted if converted is not None else out, n, b, *sample.shape[1:],
-            *noise_pred.stride(), *sample.stride(), *out.stride(), *dst.stride(), *prev.stride(),
-            float(guidance_scale), float(c_x), float(c_m), float(next_scale), float(p_x), float(p_g), float(c_prev),
-            BLOCK=BLOCK, STACK=next_input, CONVERT=convert is not None, PREVIOUS=previous is not None, num_warps=4)
+            noise_pred, sample, out, dst, add, converted if converted is not None else out, n, b, *sample.shape[1:],
+            *noise_pred.stride(), *sample.stride(), *out.stride(), *dst.stride(), *add.stride(),
+            float(guidance_scale), float(c_x), float(c_m), float(next_scale), float(p_x), float(p_g), float(c_add),
+            BLOCK=BLOCK, STACK=next_input, CONVERT=convert is not None, ADDEND=addend is not None, num_warps=4)
         return out, stacked, converted
     compute = torch.float32 if sample.dtype in (torch.float16, torch.bfloat16) else sample.dtype
     uncond, text = noise_pred.to(compute).chunk(2)  # (2B, ...) -> 2 x (B, ...)
@@ -138,8 +147,8 @@ def guided_step(noise_pred: torch.Tensor, sample: torch.Tensor, guidance_scale: 
         guided = p_x * x + p_g * guided
         converted.copy_(guided)
     stepped = c_x * x + c_m * guided
-    if previous is not None:
-        stepped = stepped + c_prev * previous.to(compute)
+    if addend is not None:
+        stepped = stepped + c_add * addend.to(compute)
     out.copy_(stepped)
     if not next_input:
         return out, None, converted
