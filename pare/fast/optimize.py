@@ -20,7 +20,7 @@ Each reference class is swapped for its fast subclass (`module.__class__`), so n
                                                      the caller says the halves are equal: `same_halves=True`)
                          -> GraphedUNet2DConditionModel (unet.py, graph.py; CUDA, in pipelines, `cuda_graph=True`)
     pipeline.denoise     -> one CUDA graph for the whole loop (loop.py; CUDA, in pipelines, `loop_graph=True`)
-                            a DDIM, Euler or DPM-Solver++ step's guidance and update in one kernel (denoise.py)
+                            a DDIM, Euler, Euler a or DPM-Solver++ step's guidance and update in one kernel (denoise.py)
                             a stochastic sampler's noise drawn ahead of each replay (noise.py)
 
 plus every ResNet's time-embedding projection of a model in one GEMM (time_projections.py),

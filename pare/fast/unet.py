@@ -10,8 +10,8 @@ the first ResNet (its time embedding is the timestep's alone, the same in both h
 norm, projection and self-attention (over the image's own tokens). On SD 1.x and 2.x that prefix runs at the
 UNet's largest map (64 x 64 for 512 px), where its self-attention is the costliest in the model. `same_halves=True`
 runs it on one half and copies the result to both (`forward_halves`); from the cross-attention on, the batch is
-whole. The caller promises that the halves are equal (nothing reads them to check): the fast DDIM, Euler and
-DPM-Solver++ loop (`denoise.py`) makes them so, since its step kernel writes both halves from one value.
+whole. The caller promises that the halves are equal (nothing reads them to check): the fast loop of the fused
+samplers (`denoise.py`) makes them so, since its step kernel writes both halves from one value.
 
 The prefix is cut only where it is text-free: no class labels, no SDXL text_time embedding (its pooled text
 enters the time embedding, so SDXL's first ResNet already differs between the halves), no masks, residuals or

@@ -13,8 +13,7 @@ def guided_step(e_ptr, x_ptr, y_ptr, z_ptr, p_ptr, m_ptr, N, B, C, H, W,
     strides (the UNet's output is channels last, the latents need not be). eps (2B, C, H, W): unconditional rows
     b, text rows B + b. g = u + w (t - u); m = g, or with CONVERT px x + pg g, stored to m_ptr (at y's strides) as
     the solver's history; y = cx x + cm m (+ cp p with ADDEND: DPM-Solver's previous m, Euler a's noise), all in
-    float32. With
-    STACK, z (2B, C, H, W) gets ci y (y as stored, scaled in float32) at rows b and B + b."""
+    float32. With STACK, z (2B, C, H, W) gets ci y (y as stored, scaled in float32) at rows b and B + b."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     msk = i < N
     iw = i % W
