@@ -408,6 +408,24 @@ def test_the_loop_graph_keys_every_scheduler_by_value_and_spots_random_draws():
         assert record.synced == []  # host numbers and CPU tensors are no reads of the GPU
 
 
+def test_ddpms_step_reads_its_schedule_from_the_host_copy(monkeypatch):
+    """A loop graph cannot hold a read of the GPU: once the schedule is on the host (`prime`, before a capture),
+    DDPM's step (its previous timestep) reads it there, not from `timesteps` (a CUDA tensor in a pipeline)."""
+    from pare.fast.loop import prime
+    from pare.schedulers import DDPMScheduler
+
+    s = DDPMScheduler()
+    s.set_timesteps(10)
+    prime(s)
+    schedule, real = s.timesteps, torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: pytest.fail("read the schedule") if t is schedule else real(t))
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda t: pytest.fail("read a timestep"))
+    x = torch.randn(1, 4, 8, 8)
+    for t in s.timesteps[:2]:
+        s.step(x, t, x, generator=torch.Generator().manual_seed(0))
+    assert s.previous_timestep(s.timesteps[0]) == int(real(schedule)[1])
+
+
 @torch.no_grad()
 def test_the_loop_graph_captures_replays_and_falls_back_as_designed_with_graphs_stood_in_for(monkeypatch):
     """loop.py's logic on the CPU, where a "capture" runs the loop eagerly and a "replay" hands back what it computed
@@ -1361,7 +1379,7 @@ LOOP_CASES = (
     ("HeunDiscreteScheduler", {}, {}, True),
     ("KDPM2DiscreteScheduler", {}, {}, True),
     ("LMSDiscreteScheduler", {}, {}, True),
-    ("DDPMScheduler", {}, {}, False),  # its step copies between the host and the GPU (a warning names the op)
+    ("DDPMScheduler", {}, {}, True),  # its step read the schedule from the GPU until 2026-12-03 (not yet run since)
 )
 
 

@@ -21,6 +21,7 @@ from .scheduling_utils import (
     SchedulerOutput,
     check_choice,
     clip_or_threshold,
+    host_schedule,
     pred_original_and_epsilon,
     randn_tensor,
 )
@@ -99,12 +100,13 @@ class DDPMScheduler(DiscreteScheduler):
     def previous_timestep(self, timestep: int) -> int:
         """The timestep visited after `timestep`: the next entry of `self.timesteps` (-1 after the last).
 
-        Before `set_timesteps()` the chain is the full training one, t -> t - 1.
+        Before `set_timesteps()` the chain is the full training one, t -> t - 1. The schedule is read from its host
+        copy (`host_schedule`): no read of the GPU, which a CUDA graph of the loop could not hold.
         """
-        t = int(timestep)
+        t = self._host_int(timestep)
         if self.num_inference_steps is None:
             return t - 1
-        timesteps = self.timesteps.tolist()
+        timesteps = host_schedule(self)
         if t not in timesteps:
             raise ValueError(f"timestep {t} is not one of scheduler.timesteps ({timesteps[:3]} ... {timesteps[-1]}), "
                              "so its successor is unknown: step with the timesteps set by set_timesteps()")
