@@ -1,9 +1,11 @@
 """A/B of the denoising loop on the fast path, in one run: the whole loop from one CUDA graph (pare/fast/loop.py)
 against the same pipeline stepping (the UNet from its per-step graph, guidance and scheduler launched eagerly),
-the loop graph without the guided step fused (pare/fast/denoise.py `FUSED_STEP` = 0), and the loop graph
-without the CFG batch's text-free prefix shared (pare/fast/unet.py `SHARED_PREFIX` = 0), and the loop graph with the
-text's K and V projected at every step (pare/fast/denoise.py `HOLD_TEXT` = 0).
-The five are timed in alternating rounds, so the ratio is fair (same machine, same clocks, same weights).
+the loop graph without the guided step fused (pare/fast/denoise.py `FUSED_STEP` = 0: the class's loop, so without
+the two changes below either), the loop graph with the fused step's arithmetic done by PyTorch's ops, not its kernel
+(kernels/guided_step.py `TRITON_STEP` = 0: the kernel's own share, the rest kept), the loop graph without the CFG
+batch's text-free prefix shared (pare/fast/unet.py `SHARED_PREFIX` = 0), and the loop graph with the text's K and V
+projected at every step (pare/fast/denoise.py `HOLD_TEXT` = 0).
+The six are timed in alternating rounds, so the ratio is fair (same machine, same clocks, same weights).
 
     python benchmarks/ab_loop.py --models sd15 --steps 50 [--scheduler EulerDiscreteScheduler] --out DIR
 
@@ -23,6 +25,7 @@ import torch
 
 def main() -> None:
     import pare.fast.denoise as fast_denoise
+    import pare.fast.kernels.guided_step as guided
     import pare.fast.unet as fast_unet
     from pare.bench import environment, workloads
     from pare.bench.timing import time_ms
@@ -59,6 +62,7 @@ def main() -> None:
             fast_denoise.FUSED_STEP = int(name != "loop graph, step unfused")
             fast_unet.SHARED_PREFIX = int(name != "loop graph, prefix unshared")
             fast_denoise.HOLD_TEXT = int(name != "loop graph, text K/V every step")
+            guided.TRITON_STEP = int(name != "loop graph, step by torch ops")
             if name == "step by step":
                 vars(pipe).pop("denoise", None)
                 return
@@ -66,8 +70,8 @@ def main() -> None:
             if name in caches:
                 vars(pipe)["_pare_loop"] = caches[name]
 
-        times = {"loop graph": [], "loop graph, step unfused": [], "loop graph, prefix unshared": [],
-                 "loop graph, text K/V every step": [], "step by step": []}
+        times = {"loop graph": [], "loop graph, step unfused": [], "loop graph, step by torch ops": [],
+                 "loop graph, prefix unshared": [], "loop graph, text K/V every step": [], "step by step": []}
         with torch.no_grad():
             for name in times:  # warm-up: captures, Triton compiles
                 variant(name)
@@ -78,7 +82,7 @@ def main() -> None:
                     variant(name)
                     times[name] += time_ms(lambda: w.call_ours(pipe), device, warmup=0, iters=args.iters)
         variant("loop graph")
-        fast_denoise.FUSED_STEP = fast_unet.SHARED_PREFIX = fast_denoise.HOLD_TEXT = 1
+        fast_denoise.FUSED_STEP = fast_unet.SHARED_PREFIX = fast_denoise.HOLD_TEXT = guided.TRITON_STEP = 1
         replayed = [e is not None for e in pipe._pare_loop.graphs.values()]
         base = statistics.median(times["step by step"])
         case = {name: {"ms": statistics.median(t), "x_step_by_step": statistics.median(t) / base}
