@@ -432,8 +432,9 @@ def test_the_loop_graph_captures_replays_and_falls_back_as_designed_with_graphs_
     (so every call here has the same inputs). A deterministic loop is captured once, replays, and leaves the
     scheduler as a loop does. A loop that draws noise (DDIM with eta = 1, Euler ancestral) is captured too, reading
     its noise from a tape that each replay fills from the call's generator: with the draws the stepping loop makes,
-    in its order, and the generator left where that loop leaves it. A loop whose draws come from a generator the
-    call did not pass steps. The GPU tier checks real graphs, to the bit (test_the_loop_graph_replays_...)."""
+    in its order, and the generator left where that loop leaves it. A loop that draws other than through its step's
+    `randn_tensor` steps; a draw from a generator the call did not pass marks the tape as one that cannot be drawn
+    ahead. The GPU tier checks real graphs, to the bit (test_the_loop_graph_replays_...)."""
     import contextlib
 
     import pare.fast.graph
