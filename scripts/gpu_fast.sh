@@ -7,6 +7,7 @@
 # tests: test_fast.py's GPU tier (TESTS_K, a -k expression, say "loop or guided", to pick; TESTS_ARGS for more pytest
 # options, split on spaces); its log starts with the device, the code's hash (scripts/tree_id.sh) and the date.
 # suite: the whole parity suite's GPU tier on the fast path (SUITE_ARGS, say "-k sd15", to split it over calls).
+# parity-samplers: the --fast pipeline parity over the fused samplers (PARITY_SCHEDULERS to pick them).
 # Diagnostics: ab (benchmarks/ab_fast.py: the fast path's options, A/B in one run), ab-loop (benchmarks/ab_loop.py:
 # the loop graph against the stepping loop), gemm (benchmarks/gemm_geglu.py: the fused GEGLU GEMM's tiles, per
 # shape, against cuBLAS and the gate kernel; GEMM_ARGS="--cold" with the operands out of L2), syncs (benchmarks/sync_points.py:
@@ -25,6 +26,8 @@ for step in ${STEPS:-tests profile parity}; do
     parity)
       timeout ${T_PARITY:-150} python3 -m pare.cli parity --fast --config sd15 --device cuda --dtype fp16 --components unet,vae,pipeline --steps 50 --out "$OUT/parity-fast-sd15" 2>&1 | tail -4
       timeout ${T_PARITY:-150} python3 -m pare.cli parity --fast --config sdxl --device cuda --dtype fp16 --components unet,vae --out "$OUT/parity-fast-sdxl" 2>&1 | tail -4 ;;
+    parity-samplers)  # the fused samplers' 50-step SD1.5 image against diffusers (docs/parity/parity-fast-sd15-samplers.md)
+      timeout ${T_PARITY:-300} python3 -m pare.cli parity --fast --config sd15 --device cuda --dtype fp16 --components pipeline --schedulers ${PARITY_SCHEDULERS:-DPMSolverMultistepScheduler,EulerDiscreteScheduler} --steps 50 --out "$OUT/parity-fast-sd15-samplers" 2>&1 | tail -4 ;;
     ab) timeout ${T_AB:-200} python3 benchmarks/ab_fast.py --models ${AB_MODELS:-sd15,sdxl} ${AB_ARGS:-} --out "$OUT" 2>&1 | quiet | tail -4 ;;
     gemm) timeout ${T_GEMM:-200} python3 benchmarks/gemm_geglu.py ${GEMM_ARGS:-} --out "$OUT" 2>&1 | grep -v Warn | tail -16 ;;
     ab-loop) timeout ${T_AB:-200} python3 benchmarks/ab_loop.py --models ${AB_MODELS:-sd15} ${AB_ARGS:-} --out "$OUT" 2>&1 | quiet | tail -3 ;;

@@ -36,6 +36,7 @@ from ..schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
 from .graph import replayable
 from .kernels.guided_step import (ancestral_coefficients, ddim_coefficients, dpm_coefficients, euler_coefficients,
                                   guided_step)
+from .noise import step_draw
 from .transformer import hold_context
 from .unet import FastUNet2DConditionModel
 
@@ -151,10 +152,8 @@ def denoise(pipe, latents, timesteps, prompt_embeds, guidance_scale: float, guid
                                    added_cond_kwargs=added_cond_kwargs, **halves)  # (2B, 4, h, w)
             step = step_coefficients(pipe.scheduler, t)
             addend = step.addend
-            if step.draws:  # Euler a's noise, drawn as its step draws it (through its module's randn_tensor, which
-                # the loop graph's tape stands in for: noise.py)
-                draw = type(pipe.scheduler).step.__globals__["randn_tensor"]
-                addend = draw(latents.shape, generator, noise_pred.device, noise_pred.dtype)  # (B, 4, h, w)
+            if step.draws:  # Euler a's noise, drawn as its step draws it (the loop graph's tape stands in: noise.py)
+                addend = step_draw(pipe.scheduler)(latents.shape, generator, noise_pred.device, noise_pred.dtype)
             latents, model_input, kept = guided_step(noise_pred, latents, guidance_scale, step.c_x, step.c_m,
                                                      next_input=i + 1 < len(timesteps), next_scale=step.next_scale,
                                                      convert=step.convert, addend=addend, c_add=step.c_add)

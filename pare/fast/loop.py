@@ -49,7 +49,6 @@ turns non-finite inside the loop is not caught at its step but by the VAE's deco
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import numpy as np
@@ -206,9 +205,9 @@ class LoopGraphs(GraphCache):
             set_state(self.pipe.scheduler, self.start)
         if self.tape is not None:
             self.tape.rewind()
-        with drawing_from(self.pipe.scheduler, self.tape) if self.tape is not None else contextlib.nullcontext():
+        with drawing_from(self.pipe.scheduler, self.tape):  # the noise a capture reads, or a warm-up records
             return fused_denoise(self.pipe, latents, loop.timesteps, prompt_embeds, loop.guidance_scale,
-                                 loop.guidance_rescale, loop.step_kwargs, added_cond_kwargs)  # DDIM's... steps fused
+                                 loop.guidance_rescale, loop.step_kwargs, added_cond_kwargs)
 
     def warm_up(self, kwargs: dict, device: torch.device) -> None:
         """Two runs. The first may capture the UNet's per-step graphs and check its inputs, which read the GPU; the

@@ -65,13 +65,19 @@ class Tape:
             self.drawing = False
 
 
+def step_draw(scheduler):
+    """What `scheduler.step` draws its noise with now: the name `randn_tensor` in the globals of the module that
+    defines its step (a tape's `draw` inside `drawing_from`), or None for a step that does not draw through it."""
+    return type(scheduler).step.__globals__.get("randn_tensor")
+
+
 @contextlib.contextmanager
-def drawing_from(scheduler, tape: Tape):
-    """While active, `scheduler.step` draws through `tape`: the name `randn_tensor` in the globals of the module that
-    defines its step is the tape's (one loop at a time: a module global)."""
+def drawing_from(scheduler, tape: Tape | None):
+    """While active, `scheduler.step` draws through `tape` (`step_draw`'s name is the tape's; one loop at a time: a
+    module global). No tape, or a step that does not draw through randn_tensor: nothing changes."""
     module = type(scheduler).step.__globals__
-    real = module.get("randn_tensor")
-    if real is None:  # a step that does not draw through randn_tensor
+    real = step_draw(scheduler)
+    if tape is None or real is None:
         yield
         return
     module["randn_tensor"] = tape.draw
