@@ -16,7 +16,7 @@
 source scripts/gpu_prelude.sh
 set -o pipefail
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
-python3 -c "import triton, torch; print('triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())" | tee -a "$OUT/device.txt"
+python3 -c "import triton, torch; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())" | tee -a "$OUT/device.txt"
 quiet() { grep -v "pare bench:\|kept in float32\|_warn_once\|deprecate"; }
 for step in ${STEPS:-tests profile parity}; do
   echo "=== $step ($(date -u +%T)) ==="
