@@ -530,7 +530,7 @@ def test_the_fused_step_loop_gives_the_class_loops_latents_and_leaves_every_othe
     from parity_tests.tiny_components import build_diffusers_pipeline
     from pare.parity.checkpoint import pare_twin
     from pare.schedulers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                                 EulerDiscreteScheduler)
+                                 EulerDiscreteScheduler, UniPCMultistepScheduler)
 
     ours = pare_twin(build_diffusers_pipeline("tiny-sd"), torch.float64)
     ours.set_progress_bar_config(disable=True)
@@ -566,18 +566,30 @@ def test_the_fused_step_loop_gives_the_class_loops_latents_and_leaves_every_othe
             (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}, {}, False),
             (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}, {}, False),
             (DPMSolverMultistepScheduler, {"solver_order": 3}, {}, False),
-            (DPMSolverMultistepScheduler, {"thresholding": True}, {}, False)):
+            (DPMSolverMultistepScheduler, {"thresholding": True}, {}, False),
+            (UniPCMultistepScheduler, {}, {}, True),  # corrector orders 0, 1, 2 with predictor orders 1, 2, 1
+            (UniPCMultistepScheduler, {"prediction_type": "v_prediction", "solver_type": "bh1",
+                                       "final_sigmas_type": "sigma_min"}, {}, True),
+            (UniPCMultistepScheduler, {"use_karras_sigmas": True, "disable_corrector": [1]},
+             {"callback_on_step_end": halve}, True),
+            (UniPCMultistepScheduler, {"solver_order": 1}, {}, True),
+            (UniPCMultistepScheduler, {"solver_order": 3}, {}, False),
+            (UniPCMultistepScheduler, {"predict_x0": False, "final_sigmas_type": "sigma_min"}, {}, False),
+            (UniPCMultistepScheduler, {"thresholding": True}, {}, False)):
         ours.scheduler = cls.from_config(config, **overrides)
         fused_steps.clear()
         got = run(True, **kwargs)
         state, history = plain_state(ours.scheduler), list(getattr(ours.scheduler, "model_outputs", []))
+        last = getattr(ours.scheduler, "last_sample", None)  # UniPC's
         assert len(fused_steps) == (3 if fused else 0), (cls.__name__, overrides, kwargs)
         expected = run(False, **kwargs)
         assert state == plain_state(ours.scheduler), (cls.__name__, overrides, kwargs)
         if fused:
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-            for kept, theirs in zip(history, getattr(ours.scheduler, "model_outputs", []), strict=True):  # DPM-Solver
+            for kept, theirs in zip(history, getattr(ours.scheduler, "model_outputs", []), strict=True):  # multistep
                 torch.testing.assert_close(kept, theirs, rtol=1e-5, atol=1e-5)
+            if last is not None:
+                torch.testing.assert_close(last, ours.scheduler.last_sample, rtol=1e-5, atol=1e-5)
         else:
             assert torch.equal(got, expected), (cls.__name__, overrides, kwargs)
     assert seen == [0, 1, 2] * 2
@@ -1130,17 +1142,20 @@ def test_the_timestep_features_kernel_is_the_reference(dim, flip, shift, dtype, 
 @pytest.mark.parametrize("b,side,layouts", [(1, 64, ("channels_last", "contiguous")), (2, 8, ("contiguous", "channels_last")),
                                             (1, 5, ("contiguous", "contiguous"))])
 @pytest.mark.parametrize("sampler", ["DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                                     "DPMSolverMultistepScheduler", "DPMSolverMultistepScheduler/heun"])
+                                     "DPMSolverMultistepScheduler", "DPMSolverMultistepScheduler/heun",
+                                     "UniPCMultistepScheduler", "UniPCMultistepScheduler/bh1"])
 def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side, layouts, prediction_type, dtype,
                                                                           sampler, monkeypatch):
-    """Guidance, DDIM's step (eta 0), Euler's (no churn), Euler ancestral's (its noise given) or DPM-Solver++'s (2M,
-    midpoint or heun: first order at the first and last steps, second order between) and the next UNet input in one
-    launch: the PyTorch twin's values
+    """Guidance, DDIM's step (eta 0), Euler's (no churn), Euler ancestral's (its noise given), DPM-Solver++'s (2M,
+    midpoint or heun: first order at the first and last steps, second order between) or UniPC's (bh2 or bh1: the
+    predictor alone at the first step; then the corrector of order 2 before a predictor of order 2, and of order 1)
+    and the next UNet input in one launch: the PyTorch twin's values
     (within an ulp of the dtype and float32's rounding of the terms), no further from float64 than guidance and the
     scheduler's `step` run in the dtype (the reference loop's ops; bounded as the parity suite bounds a block), at
     every stride of the UNet's output (channels last) and of the latents; the next input is the stepped latents
     twice, scaled as the next step's `scale_model_input` scales them; DPM-Solver's kept x_0 prediction is as near
-    float64 as the one its `step` keeps. The coefficients' algebra: float64."""
+    float64 as the one its `step` keeps, and UniPC's corrected sample as near as its `last_sample`. The coefficients'
+    algebra: float64."""
     import copy as copying
 
     from parity_tests.tiny_components import SD_SCHEDULER
@@ -1159,13 +1174,16 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
     eps = torch.randn(2 * b, 4, side, side, generator=g, dtype=torch.float64).to(KDEV)
     x = torch.randn(b, 4, side, side, generator=g, dtype=torch.float64).to(KDEV)
     m1 = torch.randn(b, 4, side, side, generator=g, dtype=torch.float64).to(KDEV)  # a previous step's x_0 prediction
+    m2 = torch.randn(b, 4, side, side, generator=g, dtype=torch.float64).to(KDEV)  # the one before (UniPC's corrector)
+    last = torch.randn(b, 4, side, side, generator=g, dtype=torch.float64).to(KDEV)  # UniPC's sample a step ago
     z = torch.randn(b, 4, side, side, generator=g, dtype=torch.float64).to(KDEV)  # Euler a's noise, in every run
     if name == "EulerAncestralDiscreteScheduler":  # its step draws z in the model output's dtype, as the fused loop hands it to the kernel
         monkeypatch.setitem(type(s).step.__globals__, "randn_tensor", lambda shape, gen, device, dtype: z.to(device, dtype))
     fmt = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
     eps_d = eps.to(dtype).contiguous(memory_format=fmt[layouts[0]])
     x_d = x.to(dtype).contiguous(memory_format=fmt[layouts[1]])
-    m1_d = m1.to(dtype)  # contiguous: the history's layout need not be the latents'
+    m1_d, m2_d, last_d = m1.to(dtype), m2.to(dtype), last.to(dtype)  # contiguous: need not be the latents' layout
+    unipc = name == "UniPCMultistepScheduler"
     orders = []
     for i in (0, 30, len(s.timesteps) - 1):
         t = s.timesteps[i]
@@ -1175,39 +1193,63 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
         if multistep:  # its history: m1 (none before the first step)
             at.lower_order_nums = min(i, at.config.solver_order)
             orders.append(at.order_of_step(i, len(s.timesteps)))
-        history = lambda m: [None, m] if i else [None, None]  # noqa: E731
+        if unipc and i:  # the corrector's: the last step (of order 2 but at step 1) started at `last`
+            at.this_order = min(i, 2)
+        history = lambda m, m_: ([m_, m] if unipc else [None, m]) if i else [None, None]  # noqa: E731
+
+        def keep(scheduler, m, m_, sample):  # the history and UniPC's last sample, in a run's dtype
+            scheduler.model_outputs = history(m, m_)
+            if unipc:
+                scheduler.last_sample = sample if i else None
         uncond, text = eps.chunk(2)
         guided = uncond + w * (text - uncond)
         stepper = copying.deepcopy(at)
         if multistep:
-            stepper.model_outputs = history(m1)
+            keep(stepper, m1, m2, last)
+        if unipc:  # its coefficients from float64 levels: in float32, phi_2(-h) = (e^-h - 1) / -h - 1 cancels
+            stepper.sigmas = stepper.sigmas.double()
         exact = stepper.step(guided, t, x).prev_sample  # float64
         exact_next = stepper.scale_model_input(exact, s.timesteps[i + 1]) if i + 1 < len(s.timesteps) else None
         before = copying.deepcopy(at)
         if multistep:
-            before.model_outputs = history(m1)
+            keep(before, m1, m2, last)
         step = step_coefficients(before, t)
         assert getattr(before, "_step_index", None) == getattr(stepper, "_step_index", None)  # advanced as `step` does
         if multistep:
-            assert (step.addend is not None) == (orders[-1] == 2) and step.convert is not None
+            assert (step.addend is not None) == (orders[-1] == 2 or step.correct is not None) and step.convert is not None
             assert before.lower_order_nums == stepper.lower_order_nums
+            numbers = lambda sch: {k: v for k, v in plain_state(sch).items() if k != "last_sample"}  # noqa: E731
+            assert numbers(before) == numbers(stepper)  # UniPC's last sample: the loop keeps the kernel's
+            assert (step.correct is not None) == (unipc and i > 0)
         p_x, p_g = step.convert or (0.0, 1.0)
         m = p_x * x + p_g * guided if step.convert else guided  # DPM-Solver: x_0; else the guided output itself
         m_terms = abs(p_x) * x.abs() + abs(p_g) * (uncond.abs() + w * (text - uncond).abs())  # the terms of m
-        terms = abs(step.c_x) * x.abs() + abs(step.c_m) * m_terms
-        third = m1 if step.addend is not None else z if step.draws else None  # DPM-Solver's m1, Euler a's z
+        start, start_terms = x, x.abs()  # UniPC's corrector replaces the sample the step starts from
+        if step.correct is not None:
+            q_l, q_1, q_2, q_m = step.correct[2]
+            assert (step.correct[1] is not None) == (q_2 != 0.0)
+            start = q_l * last + q_1 * m1 + q_2 * m2 + q_m * m
+            start_terms = abs(q_l) * last.abs() + abs(q_1) * m1.abs() + abs(q_2) * m2.abs() + abs(q_m) * m_terms
+            torch.testing.assert_close(start, stepper.last_sample, rtol=1e-6, atol=1e-6 * float(start_terms.max()))
+        terms = abs(step.c_x) * start_terms + abs(step.c_m) * m_terms
+        third = m1 if step.addend is not None else z if step.draws else None  # the solvers' m1, Euler a's z
         if third is not None:
             terms = terms + abs(step.c_add) * third.abs()
         scale = float(terms.max())
-        algebra = step.c_x * x + step.c_m * m + (step.c_add * third if third is not None else 0)
+        algebra = step.c_x * start + step.c_m * m + (step.c_add * third if third is not None else 0)
         torch.testing.assert_close(algebra, exact, rtol=1e-6, atol=1e-5 + 1e-6 * scale)  # float32 sigmas there
         if multistep:
             torch.testing.assert_close(m, stepper.model_outputs[-1], rtol=1e-6, atol=1e-6 * float(m.abs().max()))
         if exact_next is not None:
             torch.testing.assert_close(step.next_scale * exact, exact_next, rtol=1e-6, atol=1e-6)
         third_d = m1_d if step.addend is not None else z.to(dtype) if step.draws else None
-        kw = {"convert": step.convert, "addend": third_d, "c_add": step.c_add}
-        ours, stacked, kept = step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m, next_scale=step.next_scale, **kw)
+        correct = None
+        if step.correct is not None:  # in the dtype
+            correct = (last_d, m2_d if step.correct[1] is not None else None, step.correct[2])
+        kw = {"convert": step.convert, "addend": third_d, "c_add": step.c_add, "correct": correct}
+        ours, stacked, kept, corrected = step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m,
+                                                                 next_scale=step.next_scale, **kw)
+        assert (corrected is not None) == (correct is not None)
         assert ours.dtype == dtype and ours.stride() == x_d.stride() and stacked.is_contiguous()
         assert (kept is not None) == multistep
         assert torch.equal(stacked[:b], stacked[b:])
@@ -1219,33 +1261,45 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
         u, c = eps_d.chunk(2)
         reference = copying.deepcopy(at)  # the reference loop's ops, in dtype
         if multistep:
-            reference.model_outputs = history(m1_d)
+            keep(reference, m1_d, m2_d, last_d)
         theirs = reference.step(u + w * (c - u), t, x_d).prev_sample
         assert rel(ours, exact) <= BUDGET * rel(theirs, exact) + FLOOR[dtype], int(t)
         if multistep:
             kept_exact = stepper.model_outputs[-1]
             assert kept.dtype == dtype and kept.shape == x_d.shape
             assert rel(kept, kept_exact) <= BUDGET * rel(reference.model_outputs[-1], kept_exact) + FLOOR[dtype], int(t)
+        if corrected is not None:
+            last_exact = stepper.last_sample
+            assert rel(corrected, last_exact) <= BUDGET * rel(reference.last_sample, last_exact) + FLOOR[dtype], int(t)
         monkeypatch.setattr(step_kernel, "TRITON_STEP", 0)
-        twin, none, twin_kept = step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m, next_input=False, **kw)
-        _, twin_stacked, _ = step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m, next_scale=step.next_scale, **kw)
+        twin, none, twin_kept, twin_corrected = step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m,
+                                                                        next_input=False, **kw)
+        _, twin_stacked, _, _ = step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m, next_scale=step.next_scale,
+                                                        **kw)
         monkeypatch.setattr(step_kernel, "TRITON_STEP", 1)
         assert none is None
         # float32 arithmetic on terms up to `scale` (an FMA here, not there), then one rounding to the dtype
         ulp32, ulp = torch.finfo(torch.float32).eps, torch.finfo(dtype).eps
-        torch.testing.assert_close(ours, twin, rtol=ulp, atol=ulp + 4 * ulp32 * scale)
-        torch.testing.assert_close(stacked, twin_stacked, rtol=2 * ulp, atol=2 * (ulp + 4 * ulp32 * scale))
+        spread = 0.0  # UniPC's: the step starts from x_c as stored, which the twins may round an ulp apart
+        if corrected is not None:
+            c_terms = float(start_terms.max())
+            torch.testing.assert_close(corrected, twin_corrected, rtol=ulp, atol=ulp + 4 * ulp32 * c_terms)
+            spread = abs(step.c_x) * (ulp * c_terms + ulp + 4 * ulp32 * c_terms)
+        torch.testing.assert_close(ours, twin, rtol=ulp, atol=ulp + 4 * ulp32 * scale + spread)
+        torch.testing.assert_close(stacked, twin_stacked, rtol=2 * ulp, atol=2 * (ulp + 4 * ulp32 * scale + spread))
         if multistep:
             torch.testing.assert_close(kept, twin_kept, rtol=ulp, atol=ulp + 4 * ulp32 * float(m_terms.max()))
     assert launched.calls == 3
     if multistep:
         assert orders == [1, 2, 1]  # the first step has no history; the last (final sigma 0) is first order
-    last, none, _ = step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m, next_input=False, **kw)  # no next input
-    assert none is None and torch.equal(last, ours) and launched.calls == 4
+    final, none, _, _ = step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m, next_input=False, **kw)  # no next input
+    assert none is None and torch.equal(final, ours) and launched.calls == 4
     with pytest.raises(ValueError, match=r"a \(2B, C, h, w\) UNet output"):
         step_kernel.guided_step(eps_d[:b], x_d, w, step.c_x, step.c_m)
-    with pytest.raises(ValueError, match=r"an addend \(.*\) of the sample's shape"):
+    with pytest.raises(ValueError, match=r"addend \(.*\) is not of the sample's shape"):
         step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m, addend=m1_d[:, :, :, 0])
+    with pytest.raises(ValueError, match="a correction needs convert, the addend m1"):
+        step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m, correct=(last_d, None, (1.0, 0.0, 0.0, 0.0)))
 
 
 @pytest.mark.kernel

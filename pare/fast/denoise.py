@@ -2,18 +2,20 @@
 
 Replaces: `pare/pipelines/stable_diffusion.py StableDiffusionPipeline.denoise` (diffusers: the loop of
 `pipeline_stable_diffusion.py __call__`) inside the loop graph (`loop.py`, and its step-by-step entry, taken with a
-step callback), for the four samplers SD folders name most, under classifier-free guidance: DDIM with eta = 0 (SD
-1.x's and 2.x's pipelines), Euler without churn (SDXL's folders), Euler ancestral ("Euler a", A1111's default) and
-DPM-Solver++ (2M) ("DPM++ 2M" and "DPM++ 2M Karras" in the UIs). The UNet call is the reference loop's; what
-follows it, guidance (Ho & Salimans, arXiv 2207.12598, eq. 6) and the step (DDIM's eq. 12, Song et al., arXiv
-2010.02502, with sigma_t = 0; Euler's Algorithm 2, Karras et al., arXiv 2206.00364, with gamma = 0, and its
-ancestral form, k-diffusion's; DPM-Solver++'s Algorithm 2, Lu et al., arXiv 2211.01095), is
+step callback), for the five samplers SD folders name most, under classifier-free guidance: DDIM with eta = 0 (SD
+1.x's and 2.x's pipelines), Euler without churn (SDXL's folders), Euler ancestral ("Euler a", A1111's default),
+DPM-Solver++ (2M) ("DPM++ 2M" and "DPM++ 2M Karras" in the UIs) and UniPC ("UniPC", its default: second order, the
+data prediction, bh2 or bh1). The UNet call is the reference loop's; what follows it, guidance (Ho & Salimans, arXiv
+2207.12598, eq. 6) and the step (DDIM's eq. 12, Song et al., arXiv 2010.02502, with sigma_t = 0; Euler's
+Algorithm 2, Karras et al., arXiv 2206.00364, with gamma = 0, and its ancestral form, k-diffusion's; DPM-Solver++'s
+Algorithm 2, Lu et al., arXiv 2211.01095; UniPC's corrector and predictor, Zhao et al., arXiv 2302.04867), is
 `kernels/guided_step.py`: x' = c_x x + c_m m (+ c_a a), with m the guided output eps_u + w (eps_c - eps_u)
-(DPM-Solver++: its data prediction, a the previous step's; Euler a: a its noise, drawn as its step draws it), the
-coefficients solved on the host in float64 from the scheduler's own schedule (DDIM's alpha_bar and previous
-timestep, the Euler and DPM-Solver sigmas, and DPM-Solver's order at that step), and the next input
-x' / sqrt(sigma'^2 + 1) for the Euler samplers. Every other loop (another scheduler, eta > 0, churn, an SDE or
-third-order solver, clipping or thresholding, guidance rescale, no guidance) is the reference's, unchanged.
+(DPM-Solver++ and UniPC: their data prediction, a the previous step's; Euler a: a its noise, drawn as its step draws
+it; UniPC: x first corrected, from its last sample and history), the coefficients solved on the host in float64 from
+the scheduler's own schedule (DDIM's alpha_bar and previous timestep, the Euler, DPM-Solver and UniPC sigmas, and
+the multistep solvers' orders at that step), and the next input x' / sqrt(sigma'^2 + 1) for the Euler samplers.
+Every other loop (another scheduler, eta > 0, churn, an SDE or third-order solver, UniPC's noise prediction,
+clipping or thresholding, guidance rescale, no guidance) is the reference's, unchanged.
 
 Since the kernel writes both halves of the next UNet input from one value, they are equal by construction, and the
 fast UNet is told so (`same_halves`, `unet.py`): it runs the text-free prefix of its first block on one half.
@@ -33,9 +35,10 @@ from ..schedulers.scheduling_ddim import DDIMScheduler
 from ..schedulers.scheduling_dpmsolver_multistep import LEARNED_VARIANCE_TYPES, DPMSolverMultistepScheduler
 from ..schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteScheduler
 from ..schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
+from ..schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
 from .graph import replayable
 from .kernels.guided_step import (ancestral_coefficients, ddim_coefficients, dpm_coefficients, euler_coefficients,
-                                  guided_step)
+                                  data_prediction, guided_step, unipc_coefficients)
 from .noise import step_draw
 from .transformer import hold_context
 from .unet import FastUNet2DConditionModel
@@ -44,12 +47,13 @@ FUSED_STEP = 1  # 0: the class's loop for every scheduler (the A/B's switch)
 HOLD_TEXT = 1  # 0: the text's K and V projected at every step, as in the class's loop (the A/B's switch)
 
 
-FUSED = (DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler)  # exactly
+FUSED = (DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler,
+         UniPCMultistepScheduler)  # exactly
 
 
 def fusable(pipe, latents, guidance_scale: float, guidance_rescale: float, step_kwargs: dict | None) -> bool:
-    """Whether this loop's steps are guidance and a DDIM (eta 0), Euler (no churn), Euler ancestral or DPM-Solver++ (2M)
-    step, nothing more."""
+    """Whether this loop's steps are guidance and a DDIM (eta 0), Euler (no churn), Euler ancestral, DPM-Solver++ (2M)
+    or UniPC (2M, data prediction) step, nothing more."""
     s, loop = pipe.scheduler, type(pipe).denoise
     # the loop this file twins, named (pare/fast sits below pare/pipelines, and does not import it): a subclass's
     # own loop (ControlNet's, inpainting's) is not this one
@@ -67,6 +71,8 @@ def fusable(pipe, latents, guidance_scale: float, guidance_rescale: float, step_
     if type(s) is DPMSolverMultistepScheduler:  # DPM-Solver++ to second order, the history of x_0 predictions
         return (not steps and c.algorithm_type == "dpmsolver++" and c.solver_order <= 2 and not c.thresholding
                 and c.variance_type not in LEARNED_VARIANCE_TYPES)
+    if type(s) is UniPCMultistepScheduler:  # UniC then UniP to second order, the history of x_0 predictions
+        return not steps and c.solver_order <= 2 and s.predict_x0 and not c.thresholding
     if type(s) is EulerDiscreteScheduler:  # s_tmin, s_tmax and s_noise matter only with churn
         return set(steps) <= {"s_churn", "s_tmin", "s_tmax", "s_noise"} and float(steps.get("s_churn", 0.0)) == 0.0
     return (set(steps) <= {"eta"} and float(steps.get("eta", 0.0)) == 0.0
@@ -90,9 +96,11 @@ class Step(NamedTuple):
     c_m: float
     next_scale: float = 1.0
     convert: tuple[float, float] | None = None
-    addend: torch.Tensor | None = None  # DPM-Solver's last kept output
+    addend: torch.Tensor | None = None  # DPM-Solver's and UniPC's last kept output
     c_add: float = 0.0
     draws: bool = False  # the addend is noise the loop draws (Euler a), as the scheduler's step would
+    correct: tuple | None = None  # UniPC's corrector: (last sample, the output before the last or None, coefficients)
+    keeps_sample: bool = False  # UniPC: the sample the predictor starts from is kept (`last_sample`)
 
 
 def step_coefficients(scheduler, timestep) -> Step:
@@ -101,7 +109,10 @@ def step_coefficients(scheduler, timestep) -> Step:
     DDIM: steps 1 and 2 of `DDIMScheduler.step` (its checks included), then `ddim_coefficients`; the next input is
     x' itself. Euler (and Euler a, whose noise the loop draws): sigma and the next sigma at its step index; the next
     input is its `scale_model_input` at the next sigma. DPM-Solver++: its step index, the order `order_of_step`
-    gives, the sigmas about it, then `dpm_coefficients`; its last kept output is m1 at second order."""
+    gives, the sigmas about it, then `dpm_coefficients`; its last kept output is m1 at second order. UniPC: its step
+    index, whether it corrects (`corrects`) and at what order (the last step's), its predictor's order
+    (`order_of_step`), then `unipc_coefficients`; m1 where either uses it, m2 where the corrector does, and its last
+    sample to correct."""
     c = scheduler.config
     if isinstance(scheduler, (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler)):
         if scheduler.step_index is None:
@@ -125,6 +136,20 @@ def step_coefficients(scheduler, timestep) -> Step:
             scheduler.lower_order_nums += 1
         scheduler._step_index += 1
         return Step(c_x, c_m, 1.0, convert, scheduler.model_outputs[-1] if order == 2 else None, c_add)
+    if isinstance(scheduler, UniPCMultistepScheduler):
+        i, n = scheduler._start_step(timestep)
+        corrector_order = scheduler.this_order if scheduler.corrects(i) else 0
+        scheduler.timestep_list = scheduler.timestep_list[1:] + [timestep]
+        scheduler.this_order = order = scheduler.order_of_step(i, n)
+        sigmas = [float(scheduler.sigmas[j]) if j >= 0 else math.nan for j in range(i - 2, i + 2)]  # CPU
+        q, (c_x, c_m, c_add) = unipc_coefficients(tuple(sigmas), corrector_order, order, c.solver_type)
+        if scheduler.lower_order_nums < c.solver_order:
+            scheduler.lower_order_nums += 1
+        scheduler._step_index += 1
+        m1, m2 = scheduler.model_outputs[-1], scheduler.model_outputs[-2] if c.solver_order == 2 else None
+        correct = (scheduler.last_sample, m2 if q[2] != 0.0 else None, q) if q is not None else None
+        return Step(c_x, c_m, 1.0, data_prediction(sigmas[2], c.prediction_type),
+                    m1 if (order == 2 or correct is not None) else None, c_add, correct=correct, keeps_sample=True)
     t = scheduler._check_timestep(timestep)
     prev_t = scheduler.previous_timestep(t)
     alpha_t = float(scheduler.alphas_cumprod[t])
@@ -154,11 +179,14 @@ def denoise(pipe, latents, timesteps, prompt_embeds, guidance_scale: float, guid
             addend = step.addend
             if step.draws:  # Euler a's noise, drawn as its step draws it (the loop graph's tape stands in: noise.py)
                 addend = step_draw(pipe.scheduler)(latents.shape, generator, noise_pred.device, noise_pred.dtype)
-            latents, model_input, kept = guided_step(noise_pred, latents, guidance_scale, step.c_x, step.c_m,
-                                                     next_input=i + 1 < len(timesteps), next_scale=step.next_scale,
-                                                     convert=step.convert, addend=addend, c_add=step.c_add)
-            if kept is not None:  # DPM-Solver's history of x_0 predictions, newest last, as its step keeps it
+            before = latents
+            latents, model_input, kept, corrected = guided_step(
+                noise_pred, latents, guidance_scale, step.c_x, step.c_m, next_input=i + 1 < len(timesteps),
+                next_scale=step.next_scale, convert=step.convert, addend=addend, c_add=step.c_add, correct=step.correct)
+            if kept is not None:  # DPM-Solver's and UniPC's history of x_0 predictions, newest last, as their steps keep it
                 pipe.scheduler.model_outputs = pipe.scheduler.model_outputs[1:] + [kept]
+            if step.keeps_sample:  # UniPC's: the sample its predictor stepped from, corrected or not
+                pipe.scheduler.last_sample = corrected if corrected is not None else before
             if callback is not None:  # diffusers' callback_on_step_end, as `pipeline_utils.step_callback` calls it
                 tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
                 replaced = callback(pipe, i, t, {k: tensors[k] for k in callback_inputs}) or {}

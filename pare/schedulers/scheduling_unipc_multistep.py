@@ -329,6 +329,19 @@ class UniPCMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
                            alpha_t, sigma_t, alpha_s0, sigma_s0, h_phi_1, B_h)
         return x_t.to(x.dtype)
 
+    def corrects(self, i: int) -> bool:
+        """Whether step i corrects the sample the last predictor made: not at the first step (no predictor ran), nor
+        after a step that `disable_corrector` names."""
+        return i > 0 and i - 1 not in self.disable_corrector and self.last_sample is not None
+
+    def order_of_step(self, i: int, n: int) -> int:
+        """The predictor's order at step i of n (its corrector's at step i + 1), given the steps taken so far
+        (`lower_order_nums`): solver_order, at most one more than the outputs so far (a multistep method has no
+        history at first), and with lower_order_final at most the steps left."""
+        c = self.config
+        order = min(c.solver_order, n - i) if c.lower_order_final else c.solver_order
+        return min(order, self.lower_order_nums + 1)
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -343,19 +356,16 @@ class UniPCMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
         i, n = self._start_step(timestep)
 
         # 1. the corrector, UniC-p with the previous step's order: refines the sample the last predictor made
-        use_corrector = i > 0 and i - 1 not in self.disable_corrector and self.last_sample is not None
         model_output_convert = self.convert_model_output(model_output, sample)
-        if use_corrector:
+        if self.corrects(i):
             sample = self.multistep_uni_c_bh_update(model_output_convert, self.last_sample, sample, self.this_order)
 
         # 2. the history of converted outputs (newest last)
         self.model_outputs = self.model_outputs[1:] + [model_output_convert]
         self.timestep_list = self.timestep_list[1:] + [timestep]
 
-        # 3. this step's order: solver_order, at most one more than the outputs so far (warm-up), and with
-        #    lower_order_final at most the steps left
-        this_order = min(c.solver_order, n - i) if c.lower_order_final else c.solver_order
-        self.this_order = min(this_order, self.lower_order_nums + 1)
+        # 3. this step's order
+        self.this_order = self.order_of_step(i, n)
 
         # 4. the predictor, UniP-p, from the corrected sample (kept for the next corrector)
         self.last_sample = sample

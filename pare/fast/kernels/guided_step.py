@@ -1,5 +1,5 @@
-"""Classifier-free guidance and a DDIM, Euler, Euler ancestral or DPM-Solver++ (2M) step in one launch, which also
-writes the next UNet input.
+"""Classifier-free guidance and a DDIM, Euler, Euler ancestral, DPM-Solver++ (2M) or UniPC (2M) step in one launch,
+which also writes the next UNet input.
 
 Replaces, in the denoising loop (`pare/pipelines/stable_diffusion.py denoise`, through `pare/fast/denoise.py`):
 - the guidance line eps = eps_u + w (eps_c - eps_u) (Ho & Salimans, arXiv 2207.12598, eq. 6);
@@ -7,7 +7,9 @@ Replaces, in the denoising loop (`pare/pipelines/stable_diffusion.py denoise`, t
   `scheduling_euler_discrete.py EulerDiscreteScheduler.step` without churn (Karras et al., arXiv 2206.00364,
   Algorithm 2 with gamma = 0), or `scheduling_dpmsolver_multistep.py DPMSolverMultistepScheduler.step` of
   DPM-Solver++ to second order (Lu et al., arXiv 2211.01095, section 4 and Algorithm 2), midpoint or heun, or
-  `scheduling_euler_ancestral_discrete.py EulerAncestralDiscreteScheduler.step` (k-diffusion's ancestral Euler);
+  `scheduling_euler_ancestral_discrete.py EulerAncestralDiscreteScheduler.step` (k-diffusion's ancestral Euler), or
+  `scheduling_unipc_multistep.py UniPCMultistepScheduler.step` to second order with its data prediction (Zhao et
+  al., arXiv 2302.04867: the corrector UniC, then the predictor UniP);
 - the next step's `torch.cat([latents] * 2)` and `scale_model_input` (Euler's x / sqrt(sigma^2 + 1); DDIM's is 1).
 
 Math. With the guided output m and the sample x, a DDIM step with eta = 0 is linear in (x, m):
@@ -28,8 +30,19 @@ e^-h = sigma' / sigma):
     2M, midpoint:        x' = (sigma_t' / sigma_t) x + b m0 + (b / 2) D1,      D1 = (m0 - m1) / r0, r0 = h_prev / h
     2M, heun:            x' = (sigma_t' / sigma_t) x + b m0 + alpha_t' ((e^-h - 1) / h + 1) D1
 The kernel writes m0 too, in the sample's dtype as the scheduler's history keeps it (`model_outputs`), and reads m1
-from there. `ddim_coefficients`, `euler_coefficients` and `dpm_coefficients` solve the coefficients in float64 on the
-host; the kernel reads each value once, in float32 registers.
+from there. A UniPC step (data prediction m0 as above; e^-h, alpha_t and sigma_t as for DPM-Solver; B(h) = -h for
+"bh1", e^-h - 1 for "bh2", at the step's h) is two such maps. Its corrector first redoes the last step, from the
+sample L it started at (sigma_{i-1}) to sigma_i, with m0 as one more point, r = 1, and m2 before m1 at order 2
+(r1 = (lambda_{i-2} - lambda_{i-1}) / h):
+    x_c = (sigma_t / sigma_s) L - alpha_t (e^-h - 1) m1 - alpha_t B(h) (rho_1 (m2 - m1) / r1 + rho_t (m0 - m1)),
+with rho_t = 1/2 (and no rho_1) at order 1, and (rho_1, rho_t) solving [[1, 1], [r1, 1]] rho = (b_1, b_2),
+b_k = (k-1)! phi_k(-h) / B(h), at order 2. Its predictor steps from x_c, with rho = 1/2 at order 2
+(r = (lambda_{i-1} - lambda_i) / h):
+    x' = (sigma_t' / sigma_t) x_c - alpha_t' (e^-h - 1) m0 - alpha_t' B(h) (m1 - m0) / (2 r).
+m0 is converted at the uncorrected sample, as UniPC's step converts it. The kernel writes x_c too: the scheduler's
+`last_sample`, which the next corrector starts from.
+`ddim_coefficients`, `euler_coefficients`, `dpm_coefficients` and `unipc_coefficients` solve the coefficients in
+float64 on the host; the kernel reads each value once, in float32 registers.
 
 Why a kernel: the reference spends about ten launches a step on (B, 4, h, w) latents (guidance's subtract,
 multiply and add; the step's six multiplies, adds and divides; the next input's cat), each a few microseconds of
@@ -40,6 +53,7 @@ bit: the reference rounds each of those ops to the latents' float16, this rounds
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -82,18 +96,24 @@ def ancestral_coefficients(sigma: float, sigma_next: float, prediction_type: str
     return (*euler_coefficients(sigma, sigma_next**2 / sigma, prediction_type), sigma_up)
 
 
+def data_prediction(sigma: float, prediction_type: str) -> tuple[float, float]:
+    """(p_x, p_g) of the data prediction m0 = p_x x + p_g m at the Karras noise level sigma (VP alpha_t = 1 / sqrt(sigma^2
+    + 1), sigma_t = sigma alpha_t), from an epsilon or v prediction m, in float64."""
+    alpha = 1 / math.sqrt(sigma**2 + 1)
+    if prediction_type == "epsilon":  # m0 = (x - sigma_t m) / alpha_t, sigma_t / alpha_t = sigma
+        return 1 / alpha, -sigma
+    if prediction_type == "v_prediction":  # m0 = alpha_t x - sigma_t m
+        return alpha, -sigma * alpha
+    raise ValueError(f"data_prediction: prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
+
+
 def dpm_coefficients(sigma: float, sigma_next: float, sigma_prev: float | None, order: int, solver_type: str,
                      prediction_type: str) -> tuple[tuple[float, float], float, float, float]:
     """((p_x, p_g), c_x, c_m, c_p) of a DPM-Solver++ step from sigma to sigma_next (Karras noise levels) of order 0
     (a step of zero length), 1 or 2 (from the previous level sigma_prev): m0 = p_x x + p_g m, then
     x' = c_x x + c_m m0 + c_p m1 (see the module docstring), in float64."""
     alpha, alpha_next = 1 / math.sqrt(sigma**2 + 1), 1 / math.sqrt(sigma_next**2 + 1)  # VP alpha_t
-    if prediction_type == "epsilon":  # m0 = (x - sigma_t m) / alpha_t, sigma_t / alpha_t = sigma
-        convert = (1 / alpha, -sigma)
-    elif prediction_type == "v_prediction":  # m0 = alpha_t x - sigma_t m
-        convert = (alpha, -sigma * alpha)
-    else:
-        raise ValueError(f"dpm_coefficients: prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
+    convert = data_prediction(sigma, prediction_type)
     decay = sigma_next / sigma  # e^-h
     c_x = (sigma_next * alpha_next) / (sigma * alpha)  # sigma_t' / sigma_t
     b = alpha_next * (1 - decay)
@@ -107,38 +127,101 @@ def dpm_coefficients(sigma: float, sigma_next: float, sigma_prev: float | None, 
     return convert, c_x, b + k, -k
 
 
+def unipc_coefficients(sigmas: tuple[float, float, float, float], corrector_order: int, order: int,
+                       solver_type: str) -> tuple[tuple[float, float, float, float] | None, tuple[float, float, float]]:
+    """(q, (c_x, c_m, c_p)) of a UniPC step at sigma = sigmas[2] (data prediction, B(h) = h for "bh1", e^h - 1 for
+    "bh2"; see the module docstring), in float64. sigmas: (sigma_{i-2}, sigma_{i-1}, sigma_i, sigma_{i+1}), the
+    Karras levels about the step (the first two unused where no order reaches them). corrector_order: 0 (no
+    corrector), 1 or 2; order: the predictor's, 1 or 2. q = (q_l, q_1, q_2, q_m): the corrected sample
+    q_l L + q_1 m1 + q_2 m2 + q_m m0, or None where nothing is corrected; then x' = c_x x + c_m m0 + c_p m1."""
+    lam = lambda s: math.inf if s == 0 else -math.log(s)  # noqa: E731 (lambda_t = log(alpha_t / sigma_t) = -log sigma)
+    vp = lambda s: (1 / math.sqrt(s**2 + 1), s / math.sqrt(s**2 + 1))  # noqa: E731 (alpha_t, sigma_t)
+    factor = lambda hh: hh if solver_type == "bh1" else math.expm1(hh)  # noqa: E731 (B(h), at hh = -h)
+
+    def first_order(s0: float, t: float):  # (sigma_t / sigma_s0, -alpha_t (e^-h - 1), alpha_t B(h), h) from s0 to t
+        (_, ss0), (at, st) = vp(s0), vp(t)
+        h = lam(t) - lam(s0)
+        return st / ss0, -at * math.expm1(-h), at * factor(-h), h
+
+    s2, s1, s, s_next = sigmas
+    q = None
+    if corrector_order:  # UniC from sigma_{i-1} to sigma_i: the new m0 at the far end (r = 1) and, at order 2, m2
+        q_l, q_1, ab, h = first_order(s1, s)
+        if h != 0:  # over a step of zero length there is nothing to correct
+            if corrector_order == 1:  # rho = 1/2: x_c = q_l L + q_1 m1 - ab (m0 - m1) / 2
+                q = (q_l, q_1 + ab / 2, 0.0, -ab / 2)
+            else:  # rho of R rho = b, R = [[1, 1], [r1, 1]], b_k = (k-1)! phi_k(-h) / B(h), solved in closed form
+                hh, r1 = -h, (lam(s2) - lam(s1)) / h
+                phi2 = math.expm1(hh) / hh - 1
+                b1, b2 = phi2 / factor(hh), 2 * (phi2 / hh - 0.5) / factor(hh)
+                rho1, rho_t = (b1 - b2) / (1 - r1), (b2 - r1 * b1) / (1 - r1)
+                # x_c = q_l L + q_1 m1 - ab (rho1 (m2 - m1) / r1 + rho_t (m0 - m1))
+                q = (q_l, q_1 + ab * (rho1 / r1 + rho_t), -ab * rho1 / r1, -ab * rho_t)
+    c_x, c_m, ab, h = first_order(s, s_next)  # UniP from sigma_i to sigma_{i+1}
+    if h == 0:
+        return q, (1.0, 0.0, 0.0)  # a step of zero length returns its sample
+    if order == 1:
+        return q, (c_x, c_m, 0.0)
+    r = (lam(s1) - lam(s)) / h  # order 2, rho = 1/2: x' = c_x x + c_m m0 - ab (m1 - m0) / (2 r)
+    return q, (c_x, c_m + ab / (2 * r), -ab / (2 * r))
+
+
+class Stepped(NamedTuple):
+    """What `guided_step` writes: the stepped sample; the next UNet input (or None); the data prediction m0 (with
+    `convert`, else None); and the corrected sample (with `correct`, UniPC's, else None)."""
+    sample: torch.Tensor
+    next_input: torch.Tensor | None
+    kept: torch.Tensor | None
+    corrected: torch.Tensor | None
+
+
 def guided_step(noise_pred: torch.Tensor, sample: torch.Tensor, guidance_scale: float, c_x: float, c_m: float,
                 next_input: bool = True, next_scale: float = 1.0, convert: tuple[float, float] | None = None,
-                addend: torch.Tensor | None = None, c_add: float = 0.0
-                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                addend: torch.Tensor | None = None, c_add: float = 0.0,
+                correct: tuple[torch.Tensor, torch.Tensor | None, tuple[float, float, float, float]] | None = None
+                ) -> Stepped:
     """(2B, C, h, w) UNet output (unconditional half first) and (B, C, h, w) sample -> the stepped sample, in the
     sample's dtype and layout; (next_input) the next UNet input (2B, C, h, w): the stepped sample twice, times
     `next_scale` (the next step's `scale_model_input`), as the reference's cat and scaling make it; and with
     `convert` = (p_x, p_g) the converted output m0 = p_x x + p_g m of the guided output m (a multistep solver's data
     prediction, in the sample's dtype), else None. The step is c_x x + c_m m0 (m0 = m without `convert`), plus
-    c_add `addend` where given (DPM-Solver's previous m0, Euler a's noise), of the sample's shape. One Triton launch
-    on CUDA; PyTorch's ops elsewhere (float32 arithmetic for 16-bit values, the sample's own dtype otherwise)."""
+    c_add `addend` where given (DPM-Solver's and UniPC's previous m0, Euler a's noise), of the sample's shape.
+    correct = (L, m2, (q_l, q_1, q_2, q_m)), UniPC's corrector (needs `convert` and the addend m1): the sample is
+    first replaced by x_c = q_l L + q_1 m1 + q_2 m2 + q_m m0 (L the last sample before the last predictor, m2 the
+    output before m1, or None where q_2 = 0), which is written too (as the sample's dtype rounds it, the value the
+    step then reads). One Triton launch on CUDA; PyTorch's ops elsewhere (float32 arithmetic for 16-bit values, the
+    sample's own dtype otherwise)."""
     b = sample.shape[0]
     if noise_pred.ndim != 4 or sample.ndim != 4 or noise_pred.shape[0] != 2 * b or noise_pred.shape[1:] != sample.shape[1:]:
         raise ValueError(f"guided_step: a (2B, C, h, w) UNet output and a (B, C, h, w) sample, got "
                          f"{tuple(noise_pred.shape)} and {tuple(sample.shape)}")
-    if addend is not None and addend.shape != sample.shape:
-        raise ValueError(f"guided_step: an addend {tuple(addend.shape)} of the sample's shape {tuple(sample.shape)}")
+    last, m2, (q_l, q_1, q_2, q_m) = correct if correct is not None else (None, None, (0.0, 0.0, 0.0, 0.0))
+    if correct is not None and (convert is None or addend is None or (m2 is None) != (q_2 == 0.0)):
+        raise ValueError("guided_step: a correction needs convert, the addend m1, and m2 exactly where q_2 != 0")
+    for name, t in (("addend", addend), ("last sample", last), ("m2", m2)):
+        if t is not None and t.shape != sample.shape:
+            raise ValueError(f"guided_step: {name} {tuple(t.shape)} is not of the sample's shape {tuple(sample.shape)}")
     out = torch.empty_like(sample)  # the sample's layout
     converted = torch.empty_like(sample) if convert is not None else None
+    corrected = torch.empty_like(sample) if correct is not None else None
     p_x, p_g = convert if convert is not None else (0.0, 1.0)
-    if (TRITON_STEP and triton_ready(sample) and noise_pred.dtype == sample.dtype and noise_pred.device == sample.device
-            and (addend is None or (addend.dtype == sample.dtype and addend.device == sample.device))):
+    inputs = [t for t in (noise_pred, addend, last, m2) if t is not None]
+    if TRITON_STEP and triton_ready(sample) and all(t.dtype == sample.dtype and t.device == sample.device for t in inputs):
         stacked = sample.new_empty((2 * b, *sample.shape[1:])) if next_input else None  # (2B, C, h, w), contiguous
         n = sample.numel()
         dst = stacked if next_input else out  # unused without a next input (STACK off): only its strides are read
-        add = addend if addend is not None else sample  # a dummy pointer without one (ADDEND off)
+        add = addend if addend is not None else sample  # dummy pointers where a term is off (ADDEND, CORRECT)
+        last_ = last if last is not None else sample
+        m2_ = m2 if m2 is not None else add  # q_2 = 0 then: read, times 0
         guided_step_kernel[(triton.cdiv(n, BLOCK),)](
-            noise_pred, sample, out, dst, add, converted if converted is not None else out, n, b, *sample.shape[1:],
-            *noise_pred.stride(), *sample.stride(), *out.stride(), *dst.stride(), *add.stride(),
-            float(guidance_scale), float(c_x), float(c_m), float(next_scale), float(p_x), float(p_g), float(c_add),
-            BLOCK=BLOCK, STACK=next_input, CONVERT=convert is not None, ADDEND=addend is not None, num_warps=4)
-        return out, stacked, converted
+            noise_pred, sample, out, dst, add, converted if converted is not None else out, last_, m2_,
+            corrected if corrected is not None else out, n, b, *sample.shape[1:],
+            *noise_pred.stride(), *sample.stride(), *out.stride(), *dst.stride(), *add.stride(), *last_.stride(),
+            *m2_.stride(), float(guidance_scale), float(c_x), float(c_m), float(next_scale), float(p_x), float(p_g),
+            float(c_add), float(q_l), float(q_1), float(q_2), float(q_m),
+            BLOCK=BLOCK, STACK=next_input, CONVERT=convert is not None, ADDEND=addend is not None,
+            CORRECT=correct is not None, num_warps=4)
+        return Stepped(out, stacked, converted, corrected)
     compute = torch.float32 if sample.dtype in (torch.float16, torch.bfloat16) else sample.dtype
     uncond, text = noise_pred.to(compute).chunk(2)  # (2B, ...) -> 2 x (B, ...)
     guided = uncond + guidance_scale * (text - uncond)
@@ -146,11 +229,16 @@ def guided_step(noise_pred: torch.Tensor, sample: torch.Tensor, guidance_scale: 
     if convert is not None:
         guided = p_x * x + p_g * guided
         converted.copy_(guided)
+    if correct is not None:
+        fixed = q_l * last.to(compute) + q_1 * addend.to(compute) + q_m * guided
+        if m2 is not None:
+            fixed = fixed + q_2 * m2.to(compute)
+        x = corrected.copy_(fixed).to(compute)  # as stored
     stepped = c_x * x + c_m * guided
     if addend is not None:
         stepped = stepped + c_add * addend.to(compute)
     out.copy_(stepped)
     if not next_input:
-        return out, None, converted
+        return Stepped(out, None, converted, corrected)
     scaled = out if next_scale == 1.0 else (out.to(compute) * next_scale).to(out.dtype)
-    return out, torch.cat([scaled, scaled]), converted
+    return Stepped(out, torch.cat([scaled, scaled]), converted, corrected)
