@@ -563,7 +563,11 @@ def test_the_fused_step_loop_gives_the_class_loops_latents_and_leaves_every_othe
             (DPMSolverMultistepScheduler, {"prediction_type": "v_prediction", "final_sigmas_type": "sigma_min"}, {}, True),
             (DPMSolverMultistepScheduler, {"use_karras_sigmas": True, "solver_type": "heun"},
              {"callback_on_step_end": halve}, True),
-            (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}, {}, False),
+            (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}, {}, True),  # its noise drawn by the loop
+            (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun",
+                                           "prediction_type": "v_prediction", "use_karras_sigmas": True},
+             {"callback_on_step_end": halve}, True),
+            (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"}, {}, False),
             (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}, {}, False),
             (DPMSolverMultistepScheduler, {"solver_order": 3}, {}, False),
             (DPMSolverMultistepScheduler, {"thresholding": True}, {}, False),
@@ -1143,6 +1147,8 @@ def test_the_timestep_features_kernel_is_the_reference(dim, flip, shift, dtype, 
                                             (1, 5, ("contiguous", "contiguous"))])
 @pytest.mark.parametrize("sampler", ["DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
                                      "DPMSolverMultistepScheduler", "DPMSolverMultistepScheduler/heun",
+                                     "DPMSolverMultistepScheduler/sde-dpmsolver++",
+                                     "DPMSolverMultistepScheduler/sde-dpmsolver++/heun",
                                      "UniPCMultistepScheduler", "UniPCMultistepScheduler/bh1"])
 def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side, layouts, prediction_type, dtype,
                                                                           sampler, monkeypatch):
@@ -1165,8 +1171,9 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
 
     launched = CountedLaunches(step_kernel.guided_step_kernel)
     monkeypatch.setattr(step_kernel, "guided_step_kernel", launched)
-    name, _, solver_type = sampler.partition("/")
-    extra = {"solver_type": solver_type} if solver_type else {}
+    name, *options = sampler.split("/")  # a solver_type, or an SDE algorithm_type
+    extra = {("algorithm_type" if o.startswith("sde") else "solver_type"): o for o in options}
+    sde = extra.get("algorithm_type", "").startswith("sde")
     s, w = SCHEDULERS[name].from_config(SD_SCHEDULER, prediction_type=prediction_type, **extra), 7.5  # SD's, no clipping
     s.set_timesteps(50)
     multistep = hasattr(s, "model_outputs")
@@ -1176,8 +1183,10 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
     m1 = torch.randn(b, 4, side, side, generator=g, dtype=torch.float64).to(KDEV)  # a previous step's x_0 prediction
     m2 = torch.randn(b, 4, side, side, generator=g, dtype=torch.float64).to(KDEV)  # the one before (UniPC's corrector)
     last = torch.randn(b, 4, side, side, generator=g, dtype=torch.float64).to(KDEV)  # UniPC's sample a step ago
-    z = torch.randn(b, 4, side, side, generator=g, dtype=torch.float64).to(KDEV)  # Euler a's noise, in every run
-    if name == "EulerAncestralDiscreteScheduler":  # its step draws z in the model output's dtype, as the fused loop hands it to the kernel
+    z = torch.randn(b, 4, side, side, generator=g, dtype=torch.float64).to(KDEV)  # the noise, in every run
+    if sde:  # its step draws z in float32, in every run (the float64 one too), as the fused loop hands it to the kernel
+        z = z.float().double()
+    if name == "EulerAncestralDiscreteScheduler" or sde:  # Euler a's step draws z in the model output's dtype
         monkeypatch.setitem(type(s).step.__globals__, "randn_tensor", lambda shape, gen, device, dtype: z.to(device, dtype))
     fmt = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
     eps_d = eps.to(dtype).contiguous(memory_format=fmt[layouts[0]])
@@ -1232,21 +1241,27 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
             start_terms = abs(q_l) * last.abs() + abs(q_1) * m1.abs() + abs(q_2) * m2.abs() + abs(q_m) * m_terms
             torch.testing.assert_close(start, stepper.last_sample, rtol=1e-6, atol=1e-6 * float(start_terms.max()))
         terms = abs(step.c_x) * start_terms + abs(step.c_m) * m_terms
-        third = m1 if step.addend is not None else z if step.draws else None  # the solvers' m1, Euler a's z
+        assert step.draws == (name == "EulerAncestralDiscreteScheduler" or sde)
+        third = m1 if step.addend is not None else None  # the multistep solvers' m1
         if third is not None:
             terms = terms + abs(step.c_add) * third.abs()
+        if step.draws:  # Euler a's and the SDE's noise
+            terms = terms + abs(step.c_noise) * z.abs()
         scale = float(terms.max())
-        algebra = step.c_x * start + step.c_m * m + (step.c_add * third if third is not None else 0)
+        algebra = (step.c_x * start + step.c_m * m + (step.c_add * third if third is not None else 0)
+                   + (step.c_noise * z if step.draws else 0))
         torch.testing.assert_close(algebra, exact, rtol=1e-6, atol=1e-5 + 1e-6 * scale)  # float32 sigmas there
         if multistep:
             torch.testing.assert_close(m, stepper.model_outputs[-1], rtol=1e-6, atol=1e-6 * float(m.abs().max()))
         if exact_next is not None:
             torch.testing.assert_close(step.next_scale * exact, exact_next, rtol=1e-6, atol=1e-6)
-        third_d = m1_d if step.addend is not None else z.to(dtype) if step.draws else None
+        third_d = m1_d if step.addend is not None else None
+        noise_d = z.to(step.noise_dtype or dtype) if step.draws else None
         correct = None
         if step.correct is not None:  # in the dtype
             correct = (last_d, m2_d if step.correct[1] is not None else None, step.correct[2])
-        kw = {"convert": step.convert, "addend": third_d, "c_add": step.c_add, "correct": correct}
+        kw = {"convert": step.convert, "addend": third_d, "c_add": step.c_add, "correct": correct, "noise": noise_d,
+              "c_noise": step.c_noise}
         ours, stacked, kept, corrected = step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m,
                                                                  next_scale=step.next_scale, **kw)
         assert (corrected is not None) == (correct is not None)

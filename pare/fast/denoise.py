@@ -4,17 +4,17 @@ Replaces: `pare/pipelines/stable_diffusion.py StableDiffusionPipeline.denoise` (
 `pipeline_stable_diffusion.py __call__`) inside the loop graph (`loop.py`, and its step-by-step entry, taken with a
 step callback), for the five samplers SD folders name most, under classifier-free guidance: DDIM with eta = 0 (SD
 1.x's and 2.x's pipelines), Euler without churn (SDXL's folders), Euler ancestral ("Euler a", A1111's default),
-DPM-Solver++ (2M) ("DPM++ 2M" and "DPM++ 2M Karras" in the UIs) and UniPC ("UniPC", its default: second order, the
+DPM-Solver++ (2M) and its SDE ("DPM++ 2M (SDE) (Karras)" in the UIs) and UniPC ("UniPC", its default: second order, the
 data prediction, bh2 or bh1). The UNet call is the reference loop's; what follows it, guidance (Ho & Salimans, arXiv
 2207.12598, eq. 6) and the step (DDIM's eq. 12, Song et al., arXiv 2010.02502, with sigma_t = 0; Euler's
 Algorithm 2, Karras et al., arXiv 2206.00364, with gamma = 0, and its ancestral form, k-diffusion's; DPM-Solver++'s
-Algorithm 2, Lu et al., arXiv 2211.01095; UniPC's corrector and predictor, Zhao et al., arXiv 2302.04867), is
-`kernels/guided_step.py`: x' = c_x x + c_m m (+ c_a a), with m the guided output eps_u + w (eps_c - eps_u)
-(DPM-Solver++ and UniPC: their data prediction, a the previous step's; Euler a: a its noise, drawn as its step draws
-it; UniPC: x first corrected, from its last sample and history), the coefficients solved on the host in float64 from
+Algorithm 2 and its SDE, Lu et al., arXiv 2211.01095; UniPC's corrector and predictor, Zhao et al., arXiv 2302.04867), is
+`kernels/guided_step.py`: x' = c_x x + c_m m (+ c_a a) (+ c_z z), with m the guided output eps_u + w (eps_c - eps_u)
+(DPM-Solver++ and UniPC: their data prediction, a the previous step's; Euler a and the SDE: z their noise, drawn as
+their steps draw it; UniPC: x first corrected, from its last sample and history), the coefficients solved on the host in float64 from
 the scheduler's own schedule (DDIM's alpha_bar and previous timestep, the Euler, DPM-Solver and UniPC sigmas, and
 the multistep solvers' orders at that step), and the next input x' / sqrt(sigma'^2 + 1) for the Euler samplers.
-Every other loop (another scheduler, eta > 0, churn, an SDE or third-order solver, UniPC's noise prediction,
+Every other loop (another scheduler, eta > 0, churn, a noise-prediction or third-order solver,
 clipping or thresholding, guidance rescale, no guidance) is the reference's, unchanged.
 
 Since the kernel writes both halves of the next UNet input from one value, they are equal by construction, and the
@@ -38,7 +38,7 @@ from ..schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
 from ..schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
 from .graph import replayable
 from .kernels.guided_step import (ancestral_coefficients, ddim_coefficients, dpm_coefficients, euler_coefficients,
-                                  data_prediction, guided_step, unipc_coefficients)
+                                  data_prediction, guided_step, sde_dpm_coefficients, unipc_coefficients)
 from .noise import step_draw
 from .transformer import hold_context
 from .unet import FastUNet2DConditionModel
@@ -52,8 +52,8 @@ FUSED = (DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
 
 
 def fusable(pipe, latents, guidance_scale: float, guidance_rescale: float, step_kwargs: dict | None) -> bool:
-    """Whether this loop's steps are guidance and a DDIM (eta 0), Euler (no churn), Euler ancestral, DPM-Solver++ (2M)
-    or UniPC (2M, data prediction) step, nothing more."""
+    """Whether this loop's steps are guidance and a DDIM (eta 0), Euler (no churn), Euler ancestral, DPM-Solver++ (2M,
+    or its SDE) or UniPC (2M, data prediction) step, nothing more."""
     s, loop = pipe.scheduler, type(pipe).denoise
     # the loop this file twins, named (pare/fast sits below pare/pipelines, and does not import it): a subclass's
     # own loop (ControlNet's, inpainting's) is not this one
@@ -68,9 +68,9 @@ def fusable(pipe, latents, guidance_scale: float, guidance_rescale: float, step_
     steps.pop("generator", None)  # with eta = 0, no churn, or an ODE solver, nothing is drawn; Euler a draws from it
     if type(s) is EulerAncestralDiscreteScheduler:  # its noise drawn from the generator, as its step draws it
         return not steps
-    if type(s) is DPMSolverMultistepScheduler:  # DPM-Solver++ to second order, the history of x_0 predictions
-        return (not steps and c.algorithm_type == "dpmsolver++" and c.solver_order <= 2 and not c.thresholding
-                and c.variance_type not in LEARNED_VARIANCE_TYPES)
+    if type(s) is DPMSolverMultistepScheduler:  # DPM-Solver++ (2M, its SDE too), the history of x_0 predictions
+        return (not steps and c.algorithm_type in ("dpmsolver++", "sde-dpmsolver++") and c.solver_order <= 2
+                and not c.thresholding and c.variance_type not in LEARNED_VARIANCE_TYPES)
     if type(s) is UniPCMultistepScheduler:  # UniC then UniP to second order, the history of x_0 predictions
         return not steps and c.solver_order <= 2 and s.predict_x0 and not c.thresholding
     if type(s) is EulerDiscreteScheduler:  # s_tmin, s_tmax and s_noise matter only with churn
@@ -90,7 +90,7 @@ def shares_prefix(unet) -> bool:
 
 
 class Step(NamedTuple):
-    """One fused step's coefficients: x' = c_x x + c_m m + c_add addend, m the guided output (with `convert`
+    """One fused step's coefficients: x' = c_x x + c_m m + c_add addend (+ c_noise z), m the guided output (with `convert`
     = (p_x, p_g): p_x x + p_g times it, which the scheduler keeps), and the next UNet input next_scale x'."""
     c_x: float
     c_m: float
@@ -98,7 +98,9 @@ class Step(NamedTuple):
     convert: tuple[float, float] | None = None
     addend: torch.Tensor | None = None  # DPM-Solver's and UniPC's last kept output
     c_add: float = 0.0
-    draws: bool = False  # the addend is noise the loop draws (Euler a), as the scheduler's step would
+    draws: bool = False  # the loop draws noise z (Euler a, SDE DPM-Solver), as the scheduler's step would
+    c_noise: float = 0.0  # x' gains c_noise z
+    noise_dtype: torch.dtype | None = None  # the dtype its step draws z in (None: the model output's)
     correct: tuple | None = None  # UniPC's corrector: (last sample, the output before the last or None, coefficients)
     keeps_sample: bool = False  # UniPC: the sample the predictor starts from is kept (`last_sample`)
 
@@ -109,10 +111,10 @@ def step_coefficients(scheduler, timestep) -> Step:
     DDIM: steps 1 and 2 of `DDIMScheduler.step` (its checks included), then `ddim_coefficients`; the next input is
     x' itself. Euler (and Euler a, whose noise the loop draws): sigma and the next sigma at its step index; the next
     input is its `scale_model_input` at the next sigma. DPM-Solver++: its step index, the order `order_of_step`
-    gives, the sigmas about it, then `dpm_coefficients`; its last kept output is m1 at second order. UniPC: its step
-    index, whether it corrects (`corrects`) and at what order (the last step's), its predictor's order
-    (`order_of_step`), then `unipc_coefficients`; m1 where either uses it, m2 where the corrector does, and its last
-    sample to correct."""
+    gives, the sigmas about it, then `dpm_coefficients` (`sde_dpm_coefficients` for its SDE, whose noise the loop
+    draws at every step, in float32); its last kept output is m1 at second order. UniPC: its step index, whether it
+    corrects (`corrects`) and at what order (the last step's), its predictor's order (`order_of_step`), then
+    `unipc_coefficients`; m1 where either uses it, m2 where the corrector does, and its last sample to correct."""
     c = scheduler.config
     if isinstance(scheduler, (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler)):
         if scheduler.step_index is None:
@@ -123,19 +125,23 @@ def step_coefficients(scheduler, timestep) -> Step:
         next_scale = 1.0 / math.sqrt(sigma_next**2 + 1)
         if isinstance(scheduler, EulerAncestralDiscreteScheduler):
             c_x, c_m, c_z = ancestral_coefficients(sigma, sigma_next, c.prediction_type)
-            return Step(c_x, c_m, next_scale, c_add=c_z, draws=True)
+            return Step(c_x, c_m, next_scale, draws=True, c_noise=c_z)
         return Step(*euler_coefficients(sigma, sigma_next, c.prediction_type), next_scale)
     if isinstance(scheduler, DPMSolverMultistepScheduler):
         i, n = scheduler._start_step(timestep)
         order = scheduler.order_of_step(i, n)
         sigmas = scheduler.sigmas  # (n + 1,), CPU
-        convert, c_x, c_m, c_add = dpm_coefficients(float(sigmas[i]), float(sigmas[i + 1]),
-                                                    float(sigmas[i - 1]) if order == 2 else None, order,
-                                                    c.solver_type, c.prediction_type)
+        levels = (float(sigmas[i]), float(sigmas[i + 1]), float(sigmas[i - 1]) if order == 2 else None)
+        sde = c.algorithm_type == "sde-dpmsolver++"
+        if sde:  # its noise drawn at every step (order 0 too), in float32, as its step draws it
+            convert, c_x, c_m, c_add, c_z = sde_dpm_coefficients(*levels, order, c.solver_type, c.prediction_type)
+        else:
+            (convert, c_x, c_m, c_add), c_z = dpm_coefficients(*levels, order, c.solver_type, c.prediction_type), 0.0
         if scheduler.lower_order_nums < c.solver_order:
             scheduler.lower_order_nums += 1
         scheduler._step_index += 1
-        return Step(c_x, c_m, 1.0, convert, scheduler.model_outputs[-1] if order == 2 else None, c_add)
+        return Step(c_x, c_m, 1.0, convert, scheduler.model_outputs[-1] if order == 2 else None, c_add,
+                    draws=sde, c_noise=c_z, noise_dtype=torch.float32 if sde else None)
     if isinstance(scheduler, UniPCMultistepScheduler):
         i, n = scheduler._start_step(timestep)
         corrector_order = scheduler.this_order if scheduler.corrects(i) else 0
@@ -176,13 +182,16 @@ def denoise(pipe, latents, timesteps, prompt_embeds, guidance_scale: float, guid
             noise_pred = pipe.unet(model_input, t, encoder_hidden_states=prompt_embeds,
                                    added_cond_kwargs=added_cond_kwargs, **halves)  # (2B, 4, h, w)
             step = step_coefficients(pipe.scheduler, t)
-            addend = step.addend
-            if step.draws:  # Euler a's noise, drawn as its step draws it (the loop graph's tape stands in: noise.py)
-                addend = step_draw(pipe.scheduler)(latents.shape, generator, noise_pred.device, noise_pred.dtype)
+            noise = None
+            if step.draws:  # Euler a's and SDE DPM-Solver's noise, drawn as their steps draw it (in the loop graph,
+                # the tape stands in: noise.py)
+                noise = step_draw(pipe.scheduler)(latents.shape, generator, noise_pred.device,
+                                                  step.noise_dtype or noise_pred.dtype)
             before = latents
             latents, model_input, kept, corrected = guided_step(
                 noise_pred, latents, guidance_scale, step.c_x, step.c_m, next_input=i + 1 < len(timesteps),
-                next_scale=step.next_scale, convert=step.convert, addend=addend, c_add=step.c_add, correct=step.correct)
+                next_scale=step.next_scale, convert=step.convert, addend=step.addend, c_add=step.c_add,
+                correct=step.correct, noise=noise, c_noise=step.c_noise)
             if kept is not None:  # DPM-Solver's and UniPC's history of x_0 predictions, newest last, as their steps keep it
                 pipe.scheduler.model_outputs = pipe.scheduler.model_outputs[1:] + [kept]
             if step.keeps_sample:  # UniPC's: the sample its predictor stepped from, corrected or not

@@ -6,7 +6,8 @@ Replaces, in the denoising loop (`pare/pipelines/stable_diffusion.py denoise`, t
 - `pare/schedulers/scheduling_ddim.py DDIMScheduler.step` with eta = 0 (Song et al., arXiv 2010.02502, eq. 12),
   `scheduling_euler_discrete.py EulerDiscreteScheduler.step` without churn (Karras et al., arXiv 2206.00364,
   Algorithm 2 with gamma = 0), or `scheduling_dpmsolver_multistep.py DPMSolverMultistepScheduler.step` of
-  DPM-Solver++ to second order (Lu et al., arXiv 2211.01095, section 4 and Algorithm 2), midpoint or heun, or
+  DPM-Solver++ to second order (Lu et al., arXiv 2211.01095, section 4 and Algorithm 2, and its SDE of section 5),
+  midpoint or heun, or
   `scheduling_euler_ancestral_discrete.py EulerAncestralDiscreteScheduler.step` (k-diffusion's ancestral Euler), or
   `scheduling_unipc_multistep.py UniPCMultistepScheduler.step` to second order with its data prediction (Zhao et
   al., arXiv 2302.04867: the corrector UniC, then the predictor UniP);
@@ -29,6 +30,9 @@ e^-h = sigma' / sigma):
     first order:         x' = (sigma_t' / sigma_t) x + b m0,                   b = alpha_t' (1 - e^-h)
     2M, midpoint:        x' = (sigma_t' / sigma_t) x + b m0 + (b / 2) D1,      D1 = (m0 - m1) / r0, r0 = h_prev / h
     2M, heun:            x' = (sigma_t' / sigma_t) x + b m0 + alpha_t' ((e^-h - 1) / h + 1) D1
+    2M SDE ("DPM++ 2M SDE"): x' = (sigma_t' / sigma_t) e^-h x + b m0 + d D1 + sigma_t' sqrt(1 - e^-2h) z,
+                         b = alpha_t' (1 - e^-2h), d = b / 2 (midpoint) or alpha_t' ((1 - e^-2h) / (-2h) + 1) (heun),
+                         z drawn as its step draws it (float32)
 The kernel writes m0 too, in the sample's dtype as the scheduler's history keeps it (`model_outputs`), and reads m1
 from there. A UniPC step (data prediction m0 as above; e^-h, alpha_t and sigma_t as for DPM-Solver; B(h) = -h for
 "bh1", e^-h - 1 for "bh2", at the step's h) is two such maps. Its corrector first redoes the last step, from the
@@ -41,8 +45,8 @@ b_k = (k-1)! phi_k(-h) / B(h), at order 2. Its predictor steps from x_c, with rh
     x' = (sigma_t' / sigma_t) x_c - alpha_t' (e^-h - 1) m0 - alpha_t' B(h) (m1 - m0) / (2 r).
 m0 is converted at the uncorrected sample, as UniPC's step converts it. The kernel writes x_c too: the scheduler's
 `last_sample`, which the next corrector starts from.
-`ddim_coefficients`, `euler_coefficients`, `dpm_coefficients` and `unipc_coefficients` solve the coefficients in
-float64 on the host; the kernel reads each value once, in float32 registers.
+`ddim_coefficients`, `euler_coefficients`, `ancestral_coefficients`, `dpm_coefficients`, `sde_dpm_coefficients` and
+`unipc_coefficients` solve the coefficients in float64 on the host; the kernel reads each value once, in float32 registers.
 
 Why a kernel: the reference spends about ten launches a step on (B, 4, h, w) latents (guidance's subtract,
 multiply and add; the step's six multiplies, adds and divides; the next input's cat), each a few microseconds of
@@ -64,6 +68,7 @@ if TRITON:  # at import, not in the call: torch.compile cannot trace an import
 
     from ._guided_step_triton import guided_step as guided_step_kernel
 
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)  # the noise's dtypes the kernel reads
 BLOCK = 1024  # values per program: SD1.5's 512-px latents (16384 a half) in 16 programs
 TRITON_STEP = 1  # 0: the same arithmetic by PyTorch ops (the A/B's switch)
 
@@ -127,6 +132,30 @@ def dpm_coefficients(sigma: float, sigma_next: float, sigma_prev: float | None, 
     return convert, c_x, b + k, -k
 
 
+def sde_dpm_coefficients(sigma: float, sigma_next: float, sigma_prev: float | None, order: int, solver_type: str,
+                         prediction_type: str) -> tuple[tuple[float, float], float, float, float, float]:
+    """((p_x, p_g), c_x, c_m, c_p, c_z) of an SDE DPM-Solver++ step (DPM-Solver++, arXiv 2211.01095, section 5: the
+    2M SDE) from sigma to sigma_next, of order 0 (a step of zero or negative length: the ODE's first-order step, no
+    noise), 1 or 2: m0 = p_x x + p_g m, then x' = c_x x + c_m m0 + c_p m1 + c_z z, in float64 (see the module
+    docstring)."""
+    if order == 0:
+        return (*dpm_coefficients(sigma, sigma_next, sigma_prev, 0, solver_type, prediction_type), 0.0)
+    alpha_next = 1 / math.sqrt(sigma_next**2 + 1)
+    convert = data_prediction(sigma, prediction_type)
+    decay = sigma_next / sigma  # e^-h
+    c_x = (sigma_next * alpha_next) / (sigma * 1 / math.sqrt(sigma**2 + 1)) * decay  # sigma_t' / sigma_t e^-h
+    b = alpha_next * (1 - decay**2)  # alpha_t' (1 - e^-2h)
+    c_z = sigma_next * alpha_next * math.sqrt(1 - decay**2)  # sigma_t' sqrt(1 - e^-2h)
+    if order == 1:
+        return convert, c_x, b, 0.0, c_z
+    if order != 2:
+        raise ValueError(f"sde_dpm_coefficients: order {order}; the fused step takes orders 0, 1 and 2")
+    h, h_prev = math.log(sigma / sigma_next), math.log(sigma_prev / sigma)
+    d1 = 0.5 * b if solver_type == "midpoint" else alpha_next * ((1 - decay**2) / (-2 * h) + 1)  # D1's coefficient
+    k = d1 * h / h_prev  # d1 / r0: D1 = (m0 - m1) / r0
+    return convert, c_x, b + k, -k, c_z
+
+
 def unipc_coefficients(sigmas: tuple[float, float, float, float], corrector_order: int, order: int,
                        solver_type: str) -> tuple[tuple[float, float, float, float] | None, tuple[float, float, float]]:
     """(q, (c_x, c_m, c_p)) of a UniPC step at sigma = sigmas[2] (data prediction, B(h) = h for "bh1", e^h - 1 for
@@ -178,14 +207,15 @@ class Stepped(NamedTuple):
 def guided_step(noise_pred: torch.Tensor, sample: torch.Tensor, guidance_scale: float, c_x: float, c_m: float,
                 next_input: bool = True, next_scale: float = 1.0, convert: tuple[float, float] | None = None,
                 addend: torch.Tensor | None = None, c_add: float = 0.0,
-                correct: tuple[torch.Tensor, torch.Tensor | None, tuple[float, float, float, float]] | None = None
-                ) -> Stepped:
+                correct: tuple[torch.Tensor, torch.Tensor | None, tuple[float, float, float, float]] | None = None,
+                noise: torch.Tensor | None = None, c_noise: float = 0.0) -> Stepped:
     """(2B, C, h, w) UNet output (unconditional half first) and (B, C, h, w) sample -> the stepped sample, in the
     sample's dtype and layout; (next_input) the next UNet input (2B, C, h, w): the stepped sample twice, times
     `next_scale` (the next step's `scale_model_input`), as the reference's cat and scaling make it; and with
     `convert` = (p_x, p_g) the converted output m0 = p_x x + p_g m of the guided output m (a multistep solver's data
     prediction, in the sample's dtype), else None. The step is c_x x + c_m m0 (m0 = m without `convert`), plus
-    c_add `addend` where given (DPM-Solver's and UniPC's previous m0, Euler a's noise), of the sample's shape.
+    c_add `addend` where given (DPM-Solver's and UniPC's previous m0), plus c_noise `noise` where given (Euler a's
+    and SDE DPM-Solver's, drawn as their steps draw it: in any floating dtype), each of the sample's shape.
     correct = (L, m2, (q_l, q_1, q_2, q_m)), UniPC's corrector (needs `convert` and the addend m1): the sample is
     first replaced by x_c = q_l L + q_1 m1 + q_2 m2 + q_m m0 (L the last sample before the last predictor, m2 the
     output before m1, or None where q_2 = 0), which is written too (as the sample's dtype rounds it, the value the
@@ -198,7 +228,7 @@ def guided_step(noise_pred: torch.Tensor, sample: torch.Tensor, guidance_scale: 
     last, m2, (q_l, q_1, q_2, q_m) = correct if correct is not None else (None, None, (0.0, 0.0, 0.0, 0.0))
     if correct is not None and (convert is None or addend is None or (m2 is None) != (q_2 == 0.0)):
         raise ValueError("guided_step: a correction needs convert, the addend m1, and m2 exactly where q_2 != 0")
-    for name, t in (("addend", addend), ("last sample", last), ("m2", m2)):
+    for name, t in (("addend", addend), ("last sample", last), ("m2", m2), ("noise", noise)):
         if t is not None and t.shape != sample.shape:
             raise ValueError(f"guided_step: {name} {tuple(t.shape)} is not of the sample's shape {tuple(sample.shape)}")
     out = torch.empty_like(sample)  # the sample's layout
@@ -206,21 +236,23 @@ def guided_step(noise_pred: torch.Tensor, sample: torch.Tensor, guidance_scale: 
     corrected = torch.empty_like(sample) if correct is not None else None
     p_x, p_g = convert if convert is not None else (0.0, 1.0)
     inputs = [t for t in (noise_pred, addend, last, m2) if t is not None]
-    if TRITON_STEP and triton_ready(sample) and all(t.dtype == sample.dtype and t.device == sample.device for t in inputs):
+    if (TRITON_STEP and triton_ready(sample) and all(t.dtype == sample.dtype and t.device == sample.device for t in inputs)
+            and (noise is None or (noise.device == sample.device and noise.dtype in FLOATS))):
         stacked = sample.new_empty((2 * b, *sample.shape[1:])) if next_input else None  # (2B, C, h, w), contiguous
         n = sample.numel()
         dst = stacked if next_input else out  # unused without a next input (STACK off): only its strides are read
         add = addend if addend is not None else sample  # dummy pointers where a term is off (ADDEND, CORRECT)
         last_ = last if last is not None else sample
         m2_ = m2 if m2 is not None else add  # q_2 = 0 then: read, times 0
+        noise_ = noise if noise is not None else sample
         guided_step_kernel[(triton.cdiv(n, BLOCK),)](
             noise_pred, sample, out, dst, add, converted if converted is not None else out, last_, m2_,
-            corrected if corrected is not None else out, n, b, *sample.shape[1:],
+            corrected if corrected is not None else out, noise_, n, b, *sample.shape[1:],
             *noise_pred.stride(), *sample.stride(), *out.stride(), *dst.stride(), *add.stride(), *last_.stride(),
-            *m2_.stride(), float(guidance_scale), float(c_x), float(c_m), float(next_scale), float(p_x), float(p_g),
-            float(c_add), float(q_l), float(q_1), float(q_2), float(q_m),
+            *m2_.stride(), *noise_.stride(), float(guidance_scale), float(c_x), float(c_m), float(next_scale),
+            float(p_x), float(p_g), float(c_add), float(q_l), float(q_1), float(q_2), float(q_m), float(c_noise),
             BLOCK=BLOCK, STACK=next_input, CONVERT=convert is not None, ADDEND=addend is not None,
-            CORRECT=correct is not None, num_warps=4)
+            CORRECT=correct is not None, NOISE=noise is not None, num_warps=4)
         return Stepped(out, stacked, converted, corrected)
     compute = torch.float32 if sample.dtype in (torch.float16, torch.bfloat16) else sample.dtype
     uncond, text = noise_pred.to(compute).chunk(2)  # (2B, ...) -> 2 x (B, ...)
@@ -237,6 +269,8 @@ def guided_step(noise_pred: torch.Tensor, sample: torch.Tensor, guidance_scale: 
     stepped = c_x * x + c_m * guided
     if addend is not None:
         stepped = stepped + c_add * addend.to(compute)
+    if noise is not None:
+        stepped = stepped + c_noise * noise.to(compute)
     out.copy_(stepped)
     if not next_input:
         return Stepped(out, None, converted, corrected)
