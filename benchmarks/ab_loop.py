@@ -36,7 +36,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--scheduler", default=None, help="a pare scheduler class name (default: the workload's DDIM)")
+    parser.add_argument("--scheduler", default=None, help="a pare scheduler class name, or a web-UI sampler name "
+                        "such as 'DPM++ 2M SDE Karras' (default: the workload's DDIM)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     ref, device = import_reference(None), torch.device("cuda")
@@ -47,9 +48,11 @@ def main() -> None:
         w = workloads.build(ref, family, "pipeline", device, torch.float16, steps=args.steps)
         pipe = w.ours
         if args.scheduler:
-            from pare.schedulers import SCHEDULERS
+            from pare.schedulers import get_scheduler_class
+            from pare.schedulers.samplers import resolve
 
-            pipe.scheduler = SCHEDULERS[args.scheduler].from_config(pipe.scheduler.config)
+            sampler = resolve(args.scheduler)  # a class name, or a web-UI sampler name (its class and options)
+            pipe.scheduler = get_scheduler_class(sampler.class_name).from_config(pipe.scheduler.config, **sampler.options)
         pipe.enable_fast()
         graphed = vars(pipe)["denoise"]
 

@@ -201,3 +201,19 @@ def test_controlnet_component_compares_every_block_of_the_published_config(tmp_p
     assert {c for c, _ in report.rows} == {"controlnet"}
     with pytest.raises(SystemExit, match="no published ControlNet config for --config sd21"):
         report_for(tmp_path, "--components", "controlnet", "--config", "sd21")
+
+
+def test_schedulers_takes_web_ui_sampler_names_and_refuses_unknown_ones(tmp_path, capsys):
+    """--schedulers "DPM++ 2M SDE Karras": its class with the options the name sets, on both sides (the label keeps
+    the name); a name that is neither a class nor a sampler is refused, naming both lists."""
+    report = report_for(tmp_path, "--components", "scheduler", "--schedulers", "DPM++ 2M SDE Karras,UniPC",
+                        "--steps", "4")
+    names = [row.name for _, row in report.rows]
+    assert names[0] == "DPM++ 2M SDE Karras.timesteps (4 steps)" and "UniPC.timesteps (4 steps)" in names
+    assert report.passed
+    from pare.schedulers.samplers import resolve
+
+    assert resolve("DPM++ 2M SDE Karras").options["algorithm_type"] == "sde-dpmsolver++"
+    assert resolve("EulerDiscreteScheduler").options == {}
+    with pytest.raises(SystemExit, match="neither a pare scheduler class .* nor a sampler name"):
+        report_for(tmp_path, "--components", "scheduler", "--schedulers", "Euler b")

@@ -7,7 +7,8 @@
 # tests: test_fast.py's GPU tier (TESTS_K, a -k expression, say "loop or guided", to pick; TESTS_ARGS for more pytest
 # options, split on spaces); its log starts with the device, the code's hash (scripts/tree_id.sh) and the date.
 # suite: the whole parity suite's GPU tier on the fast path (SUITE_ARGS, say "-k sd15", to split it over calls).
-# parity-samplers: the --fast pipeline parity over the fused samplers (PARITY_SCHEDULERS to pick them).
+# parity-samplers: the --fast pipeline parity over the fused samplers (PARITY_SCHEDULERS to pick them: class names or
+# web-UI sampler names, comma-separated). ab-loop takes AB_SCHEDULER (either kind of name, spaces kept).
 # Diagnostics: ab (benchmarks/ab_fast.py: the fast path's options, A/B in one run), ab-loop (benchmarks/ab_loop.py:
 # the loop graph against the stepping loop), gemm (benchmarks/gemm_geglu.py: the fused GEGLU GEMM's tiles, per
 # shape, against cuBLAS and the gate kernel; GEMM_ARGS="--cold" with the operands out of L2), syncs (benchmarks/sync_points.py:
@@ -27,10 +28,10 @@ for step in ${STEPS:-tests profile parity}; do
       timeout ${T_PARITY:-150} python3 -m pare.cli parity --fast --config sd15 --device cuda --dtype fp16 --components unet,vae,pipeline --steps 50 --out "$OUT/parity-fast-sd15" 2>&1 | tail -4
       timeout ${T_PARITY:-150} python3 -m pare.cli parity --fast --config sdxl --device cuda --dtype fp16 --components unet,vae --out "$OUT/parity-fast-sdxl" 2>&1 | tail -4 ;;
     parity-samplers)  # the fused samplers' 50-step SD1.5 image against diffusers (docs/parity/parity-fast-sd15-samplers.md)
-      timeout ${T_PARITY:-300} python3 -m pare.cli parity --fast --config sd15 --device cuda --dtype fp16 --components pipeline --schedulers ${PARITY_SCHEDULERS:-DPMSolverMultistepScheduler,EulerDiscreteScheduler} --steps 50 --out "$OUT/parity-fast-sd15-samplers" 2>&1 | tail -4 ;;
+      timeout ${T_PARITY:-300} python3 -m pare.cli parity --fast --config sd15 --device cuda --dtype fp16 --components pipeline --schedulers "${PARITY_SCHEDULERS:-DPMSolverMultistepScheduler,EulerDiscreteScheduler}" --steps 50 --out "$OUT/parity-fast-sd15-samplers" 2>&1 | tail -4 ;;
     ab) timeout ${T_AB:-200} python3 benchmarks/ab_fast.py --models ${AB_MODELS:-sd15,sdxl} ${AB_ARGS:-} --out "$OUT" 2>&1 | quiet | tail -4 ;;
     gemm) timeout ${T_GEMM:-200} python3 benchmarks/gemm_geglu.py ${GEMM_ARGS:-} --out "$OUT" 2>&1 | grep -v Warn | tail -16 ;;
-    ab-loop) timeout ${T_AB:-200} python3 benchmarks/ab_loop.py --models ${AB_MODELS:-sd15} ${AB_ARGS:-} --out "$OUT" 2>&1 | quiet | tail -3 ;;
+    ab-loop) timeout ${T_AB:-200} python3 benchmarks/ab_loop.py --models ${AB_MODELS:-sd15} ${AB_SCHEDULER:+--scheduler "$AB_SCHEDULER"} ${AB_ARGS:-} --out "$OUT" 2>&1 | quiet | tail -3 ;;
     syncs) timeout ${T_SYNCS:-120} python3 benchmarks/sync_points.py --model sd15 --steps 5 2>&1 | quiet | tail -25 ;;
     suite) { cat "$OUT/device.txt"; echo "tree $(bash scripts/tree_id.sh)"; timeout ${T_SUITE:-540} python3 -m pytest parity_tests --device cuda --dtype fp16 --fast -q -p no:cacheprovider -rfE ${SUITE_ARGS:-} 2>&1; } | tee "$OUT/suite_fast.log" | tail -15 ;;
     sd15-pipeline) timeout ${T_SD15:-150} python3 -m pare.cli bench --models sd15 --cases pipeline --modes fast --out "$OUT" --stem sd15-pipeline-fast 2>&1 | quiet | tail -8 ;;

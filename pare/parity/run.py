@@ -180,11 +180,12 @@ def pipeline_rows(reference, folder, device, dtype, seed, with64, steps, schedul
     """The whole text-to-image loop on both sides (prompt, seeded noise, CFG 7.5, `steps` steps), step by step.
 
     Each step is compared locally (pare's step from diffusers' latents, see `_generate`'s replay)
-    and accumulated (pare's own trajectory). `scheduler`: the class to run, built on both sides
-    from the folder's scheduler config (default: the class the folder names).
+    and accumulated (pare's own trajectory). `scheduler`: the class (or web-UI sampler name) to run, built on both
+    sides from the folder's scheduler config (default: the class the folder names).
     """
     import pare
     from ..schedulers import get_scheduler_class
+    from ..schedulers.samplers import resolve
 
     index = json.loads((folder / "model_index.json").read_text())
     xl = "text_encoder_2" in index
@@ -195,9 +196,11 @@ def pipeline_rows(reference, folder, device, dtype, seed, with64, steps, schedul
     name = scheduler or scheduler_config.get("_class_name")
     scheduler_config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
 
+    sampler = resolve(name)  # a class, or a sampler name's class and options
+
     def load(cls, torch_dtype):
-        scheduler = (get_scheduler_class(name) if cls is ours_cls else getattr(reference, name)).from_config(
-            scheduler_config)
+        scheduler = (get_scheduler_class(sampler.class_name) if cls is ours_cls
+                     else getattr(reference, sampler.class_name)).from_config(scheduler_config, **sampler.options)
         pipe = cls.from_pretrained(folder, torch_dtype=torch_dtype, scheduler=scheduler,
                                    **(extra if cls is theirs_cls else {})).to(device)
         pipe.set_progress_bar_config(disable=True)
@@ -255,16 +258,20 @@ def default_dtype(args: argparse.Namespace) -> str:
 
 
 def scheduler_names(args: argparse.Namespace, folder: Path) -> list[str]:
-    """--schedulers: the folder's own scheduler (default), a comma list of class names, or every one pare has."""
+    """--schedulers: the folder's own scheduler (default), a comma list of class names or web-UI sampler names
+    ("DPM++ 2M SDE Karras": a class and its options, `pare/schedulers/samplers.py`), or every class pare has."""
     from ..schedulers import SCHEDULERS
+    from ..schedulers.samplers import resolve
 
     if args.schedulers is None:
         config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         return [config.get("_class_name", "DDIMScheduler")]
     names = sorted(SCHEDULERS) if args.schedulers == "all" else args.schedulers.split(",")
-    unknown = [n for n in names if n not in SCHEDULERS]
-    if unknown:
-        raise SystemExit(f"pare parity: --schedulers {unknown} are not pare schedulers; choose from {sorted(SCHEDULERS)}")
+    for n in names:
+        try:
+            resolve(n)
+        except ValueError as e:
+            raise SystemExit(f"pare parity: --schedulers: {e}") from None
     return names
 
 

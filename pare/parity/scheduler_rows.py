@@ -22,6 +22,7 @@ from types import ModuleType
 import torch
 
 from ..schedulers import get_scheduler_class
+from ..schedulers.samplers import resolve
 from .compare import Comparison, Row, compare
 from .tolerances import Tolerance, tolerance_for
 
@@ -61,8 +62,9 @@ def scheduler_rows(reference: ModuleType, config: dict, *, steps: int = 50, devi
     """Rows for scheduler `name` (default: the config's `_class_name`, else DDIM) built from `config` on both sides."""
     name = name or config.get("_class_name", "DDIMScheduler")
     config = {k: v for k, v in config.items() if not k.startswith("_")}
-    make_ours = lambda: get_scheduler_class(name).from_config(config)  # noqa: E731
-    make_theirs = lambda: getattr(reference, name).from_config(config)  # noqa: E731
+    sampler = resolve(name)  # a class, or a web-UI sampler name's class and options
+    make_ours = lambda: get_scheduler_class(sampler.class_name).from_config(config, **sampler.options)  # noqa: E731
+    make_theirs = lambda: getattr(reference, sampler.class_name).from_config(config, **sampler.options)  # noqa: E731
     ours, ours_local, theirs = make_ours(), make_ours(), make_theirs()
     stochastic = is_stochastic(make_theirs, steps, shape, device, eta)
     # A stochastic step cannot have a float64 twin: its noise is drawn in the sample's dtype, so a float64 run

@@ -100,6 +100,19 @@ def get_sampler(name: str) -> Sampler:
     raise ValueError(f"unknown sampler {name!r}; known samplers: {known}")
 
 
+def resolve(name: str) -> Sampler:
+    """A scheduler class name (no options) or a web-UI sampler name (its class and options): what `pare parity
+    --schedulers` and the benchmarks take. Anything else is refused, naming both lists."""
+    from . import SCHEDULERS
+
+    if name in SCHEDULERS:
+        return Sampler(name, {})
+    if name in SAMPLERS:
+        return SAMPLERS[name]
+    raise ValueError(f"{name!r} is neither a pare scheduler class ({', '.join(sorted(SCHEDULERS))}) nor a sampler "
+                     f"name ({', '.join(repr(n) for n in SAMPLERS)})")
+
+
 def make_scheduler(name: str, config: dict | str):
     """The scheduler for sampler `name`, built from `config` (a pipeline's scheduler config, dict or folder)."""
     sampler = get_sampler(name)
