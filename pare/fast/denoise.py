@@ -2,20 +2,21 @@
 
 Replaces: `pare/pipelines/stable_diffusion.py StableDiffusionPipeline.denoise` (diffusers: the loop of
 `pipeline_stable_diffusion.py __call__`) inside the loop graph (`loop.py`, and its step-by-step entry, taken with a
-step callback), for the five samplers SD folders name most, under classifier-free guidance: DDIM with eta = 0 (SD
-1.x's and 2.x's pipelines), Euler without churn (SDXL's folders), Euler ancestral ("Euler a", A1111's default),
-DPM-Solver++ (2M) and its SDE ("DPM++ 2M (SDE) (Karras)" in the UIs) and UniPC ("UniPC", its default: second order, the
-data prediction, bh2 or bh1). The UNet call is the reference loop's; what follows it, guidance (Ho & Salimans, arXiv
-2207.12598, eq. 6) and the step (DDIM's eq. 12, Song et al., arXiv 2010.02502, with sigma_t = 0; Euler's
+step callback), for the samplers SD folders name most, under classifier-free guidance: DDIM with eta = 0 (SD 1.x's
+and 2.x's pipelines), Euler without churn (SDXL's folders), Euler ancestral ("Euler a", A1111's default),
+DPM-Solver++ (2M) and its SDE ("DPM++ 2M (SDE) (Karras)" in the UIs) and UniPC ("UniPC", its default: second order,
+the data prediction, bh2 or bh1). The UNet call is the reference loop's; what follows it, guidance (Ho & Salimans,
+arXiv 2207.12598, eq. 6) and the step (DDIM's eq. 12, Song et al., arXiv 2010.02502, with sigma_t = 0; Euler's
 Algorithm 2, Karras et al., arXiv 2206.00364, with gamma = 0, and its ancestral form, k-diffusion's; DPM-Solver++'s
-Algorithm 2 and its SDE, Lu et al., arXiv 2211.01095; UniPC's corrector and predictor, Zhao et al., arXiv 2302.04867), is
-`kernels/guided_step.py`: x' = c_x x + c_m m (+ c_a a) (+ c_z z), with m the guided output eps_u + w (eps_c - eps_u)
-(DPM-Solver++ and UniPC: their data prediction, a the previous step's; Euler a and the SDE: z their noise, drawn as
-their steps draw it; UniPC: x first corrected, from its last sample and history), the coefficients solved on the host in float64 from
-the scheduler's own schedule (DDIM's alpha_bar and previous timestep, the Euler, DPM-Solver and UniPC sigmas, and
-the multistep solvers' orders at that step), and the next input x' / sqrt(sigma'^2 + 1) for the Euler samplers.
-Every other loop (another scheduler, eta > 0, churn, a noise-prediction or third-order solver,
-clipping or thresholding, guidance rescale, no guidance) is the reference's, unchanged.
+Algorithm 2 and its SDE, Lu et al., arXiv 2211.01095; UniPC's corrector and predictor, Zhao et al., arXiv
+2302.04867), is `kernels/guided_step.py`: x' = c_x x + c_m m (+ c_a a) (+ c_z z), with m the guided output
+eps_u + w (eps_c - eps_u) (DPM-Solver++ and UniPC: their data prediction, a the previous step's; Euler a and the
+SDE: z their noise, drawn as their steps draw it; UniPC: x first corrected, from its last sample and history), the
+coefficients solved on the host in float64 from the scheduler's own schedule (DDIM's alpha_bar and previous
+timestep, the Euler, DPM-Solver and UniPC sigmas, and the multistep solvers' orders at that step), and the next
+input x' / sqrt(sigma'^2 + 1) for the Euler samplers. Every other loop (another scheduler, eta > 0, churn, a
+noise-prediction or third-order solver, clipping or thresholding, guidance rescale, no guidance) is the
+reference's, unchanged.
 
 Since the kernel writes both halves of the next UNet input from one value, they are equal by construction, and the
 fast UNet is told so (`same_halves`, `unet.py`): it runs the text-free prefix of its first block on one half.
@@ -90,8 +91,8 @@ def shares_prefix(unet) -> bool:
 
 
 class Step(NamedTuple):
-    """One fused step's coefficients: x' = c_x x + c_m m + c_add addend (+ c_noise z), m the guided output (with `convert`
-    = (p_x, p_g): p_x x + p_g times it, which the scheduler keeps), and the next UNet input next_scale x'."""
+    """One fused step's coefficients: x' = c_x x + c_m m + c_add addend (+ c_noise z), m the guided output (with
+    `convert` = (p_x, p_g): p_x x + p_g times it, which the scheduler keeps), and the next UNet input next_scale x'."""
     c_x: float
     c_m: float
     next_scale: float = 1.0

@@ -158,8 +158,8 @@ def sde_dpm_coefficients(sigma: float, sigma_next: float, sigma_prev: float | No
 
 def unipc_coefficients(sigmas: tuple[float, float, float, float], corrector_order: int, order: int,
                        solver_type: str) -> tuple[tuple[float, float, float, float] | None, tuple[float, float, float]]:
-    """(q, (c_x, c_m, c_p)) of a UniPC step at sigma = sigmas[2] (data prediction, B(h) = h for "bh1", e^h - 1 for
-    "bh2"; see the module docstring), in float64. sigmas: (sigma_{i-2}, sigma_{i-1}, sigma_i, sigma_{i+1}), the
+    """(q, (c_x, c_m, c_p)) of a UniPC step at sigma = sigmas[2] (data prediction, B(h) = -h for "bh1", e^-h - 1 for
+    "bh2", at the step's h; see the module docstring), in float64. sigmas: (sigma_{i-2}, sigma_{i-1}, sigma_i, sigma_{i+1}), the
     Karras levels about the step (the first two unused where no order reaches them). corrector_order: 0 (no
     corrector), 1 or 2; order: the predictor's, 1 or 2. q = (q_l, q_1, q_2, q_m): the corrected sample
     q_l L + q_1 m1 + q_2 m2 + q_m m0, or None where nothing is corrected; then x' = c_x x + c_m m0 + c_p m1."""
