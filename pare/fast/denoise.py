@@ -39,7 +39,7 @@ from ..schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
 from ..schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
 from .graph import replayable
 from .kernels.guided_step import (ancestral_coefficients, ddim_coefficients, dpm_coefficients, euler_coefficients,
-                                  data_prediction, guided_step, sde_dpm_coefficients, unipc_coefficients)
+                                  data_prediction, guided_step, unipc_coefficients)
 from .noise import step_draw
 from .transformer import hold_context
 from .unet import FastUNet2DConditionModel
@@ -112,8 +112,8 @@ def step_coefficients(scheduler, timestep) -> Step:
     DDIM: steps 1 and 2 of `DDIMScheduler.step` (its checks included), then `ddim_coefficients`; the next input is
     x' itself. Euler (and Euler a, whose noise the loop draws): sigma and the next sigma at its step index; the next
     input is its `scale_model_input` at the next sigma. DPM-Solver++: its step index, the order `order_of_step`
-    gives, the sigmas about it, then `dpm_coefficients` (`sde_dpm_coefficients` for its SDE, whose noise the loop
-    draws at every step, in float32); its last kept output is m1 at second order. UniPC: its step index, whether it
+    gives, the sigmas about it, then `dpm_coefficients` (its SDE's too, whose noise the loop draws at every step,
+    in float32); its last kept output is m1 at second order. UniPC: its step index, whether it
     corrects (`corrects`) and at what order (the last step's), its predictor's order (`order_of_step`), then
     `unipc_coefficients`; m1 where either uses it, m2 where the corrector does, and its last sample to correct."""
     c = scheduler.config
@@ -133,11 +133,8 @@ def step_coefficients(scheduler, timestep) -> Step:
         order = scheduler.order_of_step(i, n)
         sigmas = scheduler.sigmas  # (n + 1,), CPU
         levels = (float(sigmas[i]), float(sigmas[i + 1]), float(sigmas[i - 1]) if order == 2 else None)
-        sde = c.algorithm_type == "sde-dpmsolver++"
-        if sde:  # its noise drawn at every step (order 0 too), in float32, as its step draws it
-            convert, c_x, c_m, c_add, c_z = sde_dpm_coefficients(*levels, order, c.solver_type, c.prediction_type)
-        else:
-            (convert, c_x, c_m, c_add), c_z = dpm_coefficients(*levels, order, c.solver_type, c.prediction_type), 0.0
+        sde = c.algorithm_type == "sde-dpmsolver++"  # its noise drawn at every step (order 0 too), in float32
+        convert, c_x, c_m, c_add, c_z = dpm_coefficients(*levels, order, c.solver_type, c.prediction_type, sde)
         if scheduler.lower_order_nums < c.solver_order:
             scheduler.lower_order_nums += 1
         scheduler._step_index += 1
@@ -153,8 +150,10 @@ def step_coefficients(scheduler, timestep) -> Step:
         if scheduler.lower_order_nums < c.solver_order:
             scheduler.lower_order_nums += 1
         scheduler._step_index += 1
-        m1, m2 = scheduler.model_outputs[-1], scheduler.model_outputs[-2] if c.solver_order == 2 else None
-        correct = (scheduler.last_sample, m2 if q[2] != 0.0 else None, q) if q is not None else None
+        m1 = scheduler.model_outputs[-1]
+        correct = None
+        if q is not None:  # m2 only where the corrector is of order 2 (q_2 != 0)
+            correct = (scheduler.last_sample, scheduler.model_outputs[-2] if q[2] != 0.0 else None, q)
         return Step(c_x, c_m, 1.0, data_prediction(sigmas[2], c.prediction_type),
                     m1 if (order == 2 or correct is not None) else None, c_add, correct=correct, keeps_sample=True)
     t = scheduler._check_timestep(timestep)

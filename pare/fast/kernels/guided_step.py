@@ -45,7 +45,7 @@ b_k = (k-1)! phi_k(-h) / B(h), at order 2. Its predictor steps from x_c, with rh
     x' = (sigma_t' / sigma_t) x_c - alpha_t' (e^-h - 1) m0 - alpha_t' B(h) (m1 - m0) / (2 r).
 m0 is converted at the uncorrected sample, as UniPC's step converts it. The kernel writes x_c too: the scheduler's
 `last_sample`, which the next corrector starts from.
-`ddim_coefficients`, `euler_coefficients`, `ancestral_coefficients`, `dpm_coefficients`, `sde_dpm_coefficients` and
+`ddim_coefficients`, `euler_coefficients`, `ancestral_coefficients`, `dpm_coefficients` (the SDE's too) and
 `unipc_coefficients` solve the coefficients in float64 on the host; the kernel reads each value once, in float32 registers.
 
 Why a kernel: the reference spends about ten launches a step on (B, 4, h, w) latents (guidance's subtract,
@@ -113,45 +113,28 @@ def data_prediction(sigma: float, prediction_type: str) -> tuple[float, float]:
 
 
 def dpm_coefficients(sigma: float, sigma_next: float, sigma_prev: float | None, order: int, solver_type: str,
-                     prediction_type: str) -> tuple[tuple[float, float], float, float, float]:
-    """((p_x, p_g), c_x, c_m, c_p) of a DPM-Solver++ step from sigma to sigma_next (Karras noise levels) of order 0
-    (a step of zero length), 1 or 2 (from the previous level sigma_prev): m0 = p_x x + p_g m, then
-    x' = c_x x + c_m m0 + c_p m1 (see the module docstring), in float64."""
+                     prediction_type: str, sde: bool = False) -> tuple[tuple[float, float], float, float, float, float]:
+    """((p_x, p_g), c_x, c_m, c_p, c_z) of a DPM-Solver++ step from sigma to sigma_next (Karras noise levels) of order
+    0 (a step of zero length, or for the SDE of negative length: the ODE's first-order step), 1 or 2 (from the
+    previous level sigma_prev): m0 = p_x x + p_g m, then x' = c_x x + c_m m0 + c_p m1 + c_z z (see the module
+    docstring), in float64. sde: the 2M SDE (section 5), which is the ODE's step with e^-2h for e^-h, c_x times
+    e^-h, and the noise z; c_z = 0 otherwise."""
     alpha, alpha_next = 1 / math.sqrt(sigma**2 + 1), 1 / math.sqrt(sigma_next**2 + 1)  # VP alpha_t
     convert = data_prediction(sigma, prediction_type)
     decay = sigma_next / sigma  # e^-h
     c_x = (sigma_next * alpha_next) / (sigma * alpha)  # sigma_t' / sigma_t
-    b = alpha_next * (1 - decay)
+    sde = sde and order > 0
+    e, c_z = decay, 0.0  # the ODE's e^-h
+    if sde:  # e^-2h; sigma_t' / sigma_t e^-h; sigma_t' sqrt(1 - e^-2h)
+        e, c_x, c_z = decay**2, c_x * decay, sigma_next * alpha_next * math.sqrt(1 - decay**2)
+    b = alpha_next * (1 - e)
     if order <= 1:
-        return convert, c_x, b, 0.0
+        return convert, c_x, b, 0.0, c_z
     if order != 2:
         raise ValueError(f"dpm_coefficients: order {order}; the fused step takes orders 0, 1 and 2")
     h, h_prev = math.log(sigma / sigma_next), math.log(sigma_prev / sigma)
-    d1 = 0.5 * b if solver_type == "midpoint" else alpha_next * ((decay - 1) / h + 1)  # D1's coefficient
-    k = d1 * h / h_prev  # d1 / r0: D1 = (m0 - m1) / r0
-    return convert, c_x, b + k, -k
-
-
-def sde_dpm_coefficients(sigma: float, sigma_next: float, sigma_prev: float | None, order: int, solver_type: str,
-                         prediction_type: str) -> tuple[tuple[float, float], float, float, float, float]:
-    """((p_x, p_g), c_x, c_m, c_p, c_z) of an SDE DPM-Solver++ step (DPM-Solver++, arXiv 2211.01095, section 5: the
-    2M SDE) from sigma to sigma_next, of order 0 (a step of zero or negative length: the ODE's first-order step, no
-    noise), 1 or 2: m0 = p_x x + p_g m, then x' = c_x x + c_m m0 + c_p m1 + c_z z, in float64 (see the module
-    docstring)."""
-    if order == 0:
-        return (*dpm_coefficients(sigma, sigma_next, sigma_prev, 0, solver_type, prediction_type), 0.0)
-    alpha_next = 1 / math.sqrt(sigma_next**2 + 1)
-    convert = data_prediction(sigma, prediction_type)
-    decay = sigma_next / sigma  # e^-h
-    c_x = (sigma_next * alpha_next) / (sigma * 1 / math.sqrt(sigma**2 + 1)) * decay  # sigma_t' / sigma_t e^-h
-    b = alpha_next * (1 - decay**2)  # alpha_t' (1 - e^-2h)
-    c_z = sigma_next * alpha_next * math.sqrt(1 - decay**2)  # sigma_t' sqrt(1 - e^-2h)
-    if order == 1:
-        return convert, c_x, b, 0.0, c_z
-    if order != 2:
-        raise ValueError(f"sde_dpm_coefficients: order {order}; the fused step takes orders 0, 1 and 2")
-    h, h_prev = math.log(sigma / sigma_next), math.log(sigma_prev / sigma)
-    d1 = 0.5 * b if solver_type == "midpoint" else alpha_next * ((1 - decay**2) / (-2 * h) + 1)  # D1's coefficient
+    hk = 2 * h if sde else h  # the exponent's step: 2h for the SDE
+    d1 = 0.5 * b if solver_type == "midpoint" else alpha_next * ((e - 1) / hk + 1)  # D1's coefficient
     k = d1 * h / h_prev  # d1 / r0: D1 = (m0 - m1) / r0
     return convert, c_x, b + k, -k, c_z
 
