@@ -23,6 +23,7 @@ import pare.fast
 import pare.fast.denoise
 import pare.fast.unet
 from pare.configs import TINY_SD_UNET, TINY_SDXL_UNET, TINY_VAE
+from pare.fast.kernels import attention as attention_kernel
 from pare.fast.kernels import concat as concat_kernel
 from pare.fast.kernels import geglu as geglu_kernel
 from pare.fast.kernels import group_norm as gn_kernel
@@ -1048,6 +1049,61 @@ def test_geglu_linear_runs_the_two_steps_where_the_gemm_does_not_apply(monkeypat
         x = torch.randn(2, 24, 64, generator=g, device=KDEV).to(dtype)  # 48 rows
         weight, b = torch.randn(128, 64, generator=g, device=KDEV).to(dtype), torch.randn(128, generator=g, device=KDEV).to(dtype)
         assert torch.equal(geglu_kernel.geglu_linear(x, weight, b), geglu_kernel.geglu(F.linear(x, weight, b)))
+
+
+ATTENTION_SHAPES = [gpu_size(2, 4096, 0, 8, 40), gpu_size(2, 1024, 77, 20, 64), gpu_size(2, 256, 0, 8, 160),
+                    gpu_size(1, 4096, 0, 10, 64), (2, 100, 77, 2, 40), (1, 130, 0, 2, 64), (1, 64, 200, 1, 80)]
+
+
+@pytest.mark.kernel
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("poly", [0, 1])
+@pytest.mark.parametrize("b,n,m,heads,d", ATTENTION_SHAPES)  # m = 0: self-attention, q, k, v views of one tensor
+def test_the_attention_kernel_is_as_accurate_as_sdpa(b, n, m, heads, d, poly, dtype, monkeypatch):
+    if INTERPRET and dtype == torch.bfloat16:
+        pytest.skip("Triton 3.6's interpreter multiplies bfloat16 tiles wrongly in tl.dot; bfloat16 runs on the GPU")
+    launched = CountedLaunches(attention_kernel.attention_kernel)
+    monkeypatch.setattr(attention_kernel, "attention_kernel", launched)
+    g = torch.Generator(KDEV).manual_seed(n + m + d + poly)
+    inner = heads * d
+    if m == 0:
+        q, k, v = (torch.randn(b, n, 3 * inner, generator=g, device=KDEV) * 2).to(dtype).chunk(3, dim=-1)
+    else:
+        q = (torch.randn(b, n, inner, generator=g, device=KDEV) * 2).to(dtype)
+        k, v = torch.randn(b, m, 2 * inner, generator=g, device=KDEV).to(dtype).chunk(2, dim=-1)
+    exact = attention_kernel.reference(q.double(), k.double(), v.double(), heads)
+    ours = attention_kernel.attention(q, k, v, heads, poly=poly, block_m=64 if INTERPRET else None)
+    torchs = attention_kernel.reference(q, k, v, heads)
+    assert launched.calls == 1, "the kernel did not run"
+    assert ours.shape == exact.shape and ours.dtype == dtype and ours.is_contiguous()
+    assert rel(ours, exact) <= BUDGET * rel(torchs, exact) + FLOOR[dtype], (rel(ours, exact), rel(torchs, exact))
+
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    from pare.fast.kernels._attention_triton import exp2_poly
+
+    @triton.jit
+    def apply_exp2_poly(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + i, exp2_poly(tl.load(x_ptr + i, mask=i < n)), mask=i < n)
+
+
+@pytest.mark.kernel
+@needs_triton
+def test_the_polynomial_exponential_is_within_3e_6_of_exp2():
+    """`exp2_poly`, the FMA units' 2^x, over [-125, 0]: within 3e-6 relative everywhere, exact at the integers."""
+    x = torch.cat([-torch.rand(100_000, generator=torch.Generator().manual_seed(0)) * 125,
+                   -torch.arange(126.0), torch.tensor([-0.5, -1.5, -1e-7, 0.0])]).to(KDEV)
+    y = torch.empty_like(x)
+    apply_exp2_poly[(-(-x.numel() // 1024),)](x, y, x.numel(), BLOCK=1024)
+    exact = torch.exp2(x.double())
+    assert ((y.double() - exact).abs() / exact).max() <= 3e-6
+    integers = slice(100_000, 100_126)
+    assert torch.equal(y[integers].double(), exact[integers])
 
 
 @pytest.mark.kernel

@@ -11,7 +11,8 @@
 # web-UI sampler names, comma-separated). ab-loop takes AB_SCHEDULER (either kind of name, spaces kept).
 # Diagnostics: ab (benchmarks/ab_fast.py: the fast path's options, A/B in one run), ab-loop (benchmarks/ab_loop.py:
 # the loop graph against the stepping loop), gemm (benchmarks/gemm_geglu.py: the fused GEGLU GEMM's tiles, per
-# shape, against cuBLAS and the gate kernel; GEMM_ARGS="--cold" with the operands out of L2), syncs (benchmarks/sync_points.py:
+# shape, against cuBLAS and the gate kernel; GEMM_ARGS="--cold" with the operands out of L2), attention
+# (benchmarks/attention.py: the attention kernel's tiles, per shape, against SDPA; ATTN_ARGS for its options), syncs (benchmarks/sync_points.py:
 # the host syncs of a fast pipeline call), sd15-pipeline and sdxl-pipeline (a text-to-image call on the fast path
 # alone, with its stages).
 source scripts/gpu_prelude.sh
@@ -30,6 +31,7 @@ for step in ${STEPS:-tests profile parity}; do
     parity-samplers)  # the fused samplers' 50-step SD1.5 image against diffusers (docs/parity/parity-fast-sd15-samplers.md)
       timeout ${T_PARITY:-300} python3 -m pare.cli parity --fast --config sd15 --device cuda --dtype fp16 --components pipeline --schedulers "${PARITY_SCHEDULERS:-DPMSolverMultistepScheduler,EulerDiscreteScheduler}" --steps 50 --out "$OUT/parity-fast-sd15-samplers" 2>&1 | tail -4 ;;
     ab) timeout ${T_AB:-200} python3 benchmarks/ab_fast.py --models ${AB_MODELS:-sd15,sdxl} ${AB_ARGS:-} --out "$OUT" 2>&1 | quiet | tail -4 ;;
+    attention) timeout ${T_ATTN:-300} python3 benchmarks/attention.py ${ATTN_ARGS:-} --out "$OUT" 2>&1 | grep -v Warn | tail -24 ;;
     gemm) timeout ${T_GEMM:-200} python3 benchmarks/gemm_geglu.py ${GEMM_ARGS:-} --out "$OUT" 2>&1 | grep -v Warn | tail -16 ;;
     ab-loop) timeout ${T_AB:-200} python3 benchmarks/ab_loop.py --models ${AB_MODELS:-sd15} ${AB_SCHEDULER:+--scheduler "$AB_SCHEDULER"} ${AB_ARGS:-} --out "$OUT" 2>&1 | quiet | tail -3 ;;
     syncs) timeout ${T_SYNCS:-120} python3 benchmarks/sync_points.py --model sd15 --steps 5 2>&1 | quiet | tail -25 ;;
