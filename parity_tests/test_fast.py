@@ -1058,14 +1058,14 @@ ATTENTION_SHAPES = [gpu_size(2, 4096, 0, 8, 40), gpu_size(2, 1024, 77, 20, 64), 
 @pytest.mark.kernel
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("poly", [0, 1])
 @pytest.mark.parametrize("b,n,m,heads,d", ATTENTION_SHAPES)  # m = 0: self-attention, q, k, v views of one tensor
-def test_the_attention_kernel_is_as_accurate_as_sdpa(b, n, m, heads, d, poly, dtype, monkeypatch):
+def test_the_attention_kernel_is_as_accurate_as_sdpa(b, n, m, heads, d, dtype, monkeypatch):
+    """At every shape, the many-key ones too (MAX_KEYS lifted): the kernel must be right wherever it is used."""
     if INTERPRET and dtype == torch.bfloat16:
         pytest.skip("Triton 3.6's interpreter multiplies bfloat16 tiles wrongly in tl.dot; bfloat16 runs on the GPU")
     launched = CountedLaunches(attention_kernel.attention_kernel)
     monkeypatch.setattr(attention_kernel, "attention_kernel", launched)
-    g = torch.Generator(KDEV).manual_seed(n + m + d + poly)
+    g = torch.Generator(KDEV).manual_seed(n + m + d)
     inner = heads * d
     if m == 0:
         q, k, v = (torch.randn(b, n, 3 * inner, generator=g, device=KDEV) * 2).to(dtype).chunk(3, dim=-1)
@@ -1073,37 +1073,28 @@ def test_the_attention_kernel_is_as_accurate_as_sdpa(b, n, m, heads, d, poly, dt
         q = (torch.randn(b, n, inner, generator=g, device=KDEV) * 2).to(dtype)
         k, v = torch.randn(b, m, 2 * inner, generator=g, device=KDEV).to(dtype).chunk(2, dim=-1)
     exact = attention_kernel.reference(q.double(), k.double(), v.double(), heads)
-    ours = attention_kernel.attention(q, k, v, heads, poly=poly, block_m=64 if INTERPRET else None)
+    ours = attention_kernel.attention(q, k, v, heads, max_keys=1 << 30)
     torchs = attention_kernel.reference(q, k, v, heads)
     assert launched.calls == 1, "the kernel did not run"
     assert ours.shape == exact.shape and ours.dtype == dtype and ours.is_contiguous()
     assert rel(ours, exact) <= BUDGET * rel(torchs, exact) + FLOOR[dtype], (rel(ours, exact), rel(torchs, exact))
 
 
-if triton_available():
-    import triton
-    import triton.language as tl
-
-    from pare.fast.kernels._attention_triton import exp2_poly
-
-    @triton.jit
-    def apply_exp2_poly(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
-        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(y_ptr + i, exp2_poly(tl.load(x_ptr + i, mask=i < n)), mask=i < n)
-
-
 @pytest.mark.kernel
 @needs_triton
-def test_the_polynomial_exponential_is_within_3e_6_of_exp2():
-    """`exp2_poly`, the FMA units' 2^x, over [-125, 0]: within 3e-6 relative everywhere, exact at the integers."""
-    x = torch.cat([-torch.rand(100_000, generator=torch.Generator().manual_seed(0)) * 125,
-                   -torch.arange(126.0), torch.tensor([-0.5, -1.5, -1e-7, 0.0])]).to(KDEV)
-    y = torch.empty_like(x)
-    apply_exp2_poly[(-(-x.numel() // 1024),)](x, y, x.numel(), BLOCK=1024)
-    exact = torch.exp2(x.double())
-    assert ((y.double() - exact).abs() / exact).max() <= 3e-6
-    integers = slice(100_000, 100_126)
-    assert torch.equal(y[integers].double(), exact[integers])
+def test_attention_over_many_keys_or_in_float32_is_sdpa(monkeypatch):
+    launched = CountedLaunches(attention_kernel.attention_kernel)
+    monkeypatch.setattr(attention_kernel, "attention_kernel", launched)
+    g = torch.Generator(KDEV).manual_seed(0)
+    q = torch.randn(1, 40, 80, generator=g, device=KDEV)
+    for m, dtype in ((attention_kernel.MAX_KEYS + 1, torch.float16), (77, torch.float32)):
+        k, v = torch.randn(2, 1, m, 80, generator=g, device=KDEV).to(dtype)
+        assert torch.equal(attention_kernel.attention(q.to(dtype), k, v, 2),
+                           attention_kernel.reference(q.to(dtype), k, v, 2))
+    assert launched.calls == 0
+    k, v = torch.randn(2, 1, attention_kernel.MAX_KEYS, 80, generator=g, device=KDEV).half()
+    attention_kernel.attention(q.half(), k, v, 2)
+    assert launched.calls == 1
 
 
 @pytest.mark.kernel

@@ -13,6 +13,9 @@ hook belongs to the module's own call), under torch.compile (which fuses on its 
 trace the data-pointer check), and when the fused weights no longer back the parameters (after
 `.to(dtype)`, say): then the fusion is redone on the next call outside graph capture.
 
+Attention itself runs `kernels/attention.py`: its Triton kernel over few keys (the text's, a small map's), SDPA
+(cuDNN's kernel) over many, or with a mask.
+
 `attend` stops before the output projection: `FastBasicTransformerBlock` runs the projection itself
 and leaves the residual add to the LayerNorm kernel that follows it.
 """
@@ -27,6 +30,7 @@ from torch import nn
 
 from ..models.attention import Attention
 from ..models.lora_scale import lora_call
+from .kernels.attention import attention
 from .kernels.group_norm import group_norm
 from .resnet import plain
 
@@ -90,9 +94,10 @@ class FastAttention(Attention):
             q, k, v = self.projections(hidden_states, context, lora_scale)
         else:
             q, (k, v) = lora_call(self.to_q, hidden_states, lora_scale), kv
+        if attention_mask is None:  # few keys: the Triton kernel; else SDPA
+            return attention(q, k, v, heads)  # (B, N, heads*d)
         q, k, v = (x.view(batch, -1, heads, d).transpose(1, 2) for x in (q, k, v))  # (B, heads, N or M, d), strided views
-        if attention_mask is not None:
-            attention_mask = self._check_mask(attention_mask, k.shape[2])
+        attention_mask = self._check_mask(attention_mask, k.shape[2])
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)  # (B, heads, N, d)
         return out.transpose(1, 2).reshape(batch, -1, self.inner_dim)  # (B, N, heads*d)
 
