@@ -41,7 +41,7 @@ for step in ${STEPS:-tests profile parity}; do
     bench)  # the README's benchmark table: three commands, about 430 s in all
       timeout 140 python3 -m pare.cli bench --models sdxl --cases unet,vae-decode --batches 2 --modes eager,graph,fast --out "$OUT" --stem bench-h200-sdxl 2>&1 | quiet | tail -9
       timeout 320 python3 -m pare.cli bench --models sd15 --cases unet,vae-decode,pipeline --batches 2 --modes eager,graph,compile-graph,fast --out "$OUT" --stem bench-h200-sd15 2>&1 | quiet | tail -20
-      timeout 110 python3 -m pare.cli bench --models sdxl --cases pipeline --modes eager,fast --steps 30 --iters 5 --warmup 2 --out "$OUT" --stem bench-h200-sdxl-pipeline 2>&1 | quiet | tail -8 ;;
+      timeout ${T_SDXL_PIPE:-160} python3 -m pare.cli bench --models sdxl --cases pipeline --modes eager,fast --steps 30 --iters 5 --warmup 2 --out "$OUT" --stem bench-h200-sdxl-pipeline 2>&1 | quiet | tail -8 ;;
   esac
 done
 # The device returns at most 8 files: everything in one archive; the Markdown and logs also stay loose.
