@@ -7,10 +7,10 @@ softmax(Q K^T / sqrt(d)) V per head (Vaswani et al., "Attention Is All You Need"
 FlashAttention-2's online softmax (Dao, arXiv 2307.08691).
 
 Why a kernel: PyTorch runs cuDNN's flash kernel for every UNet shape here (benchmarks/NOTES.md, change 14). Over
-77 keys that kernel is not bound by its arithmetic but by its fixed costs, and a plain Triton kernel with small
-tiles takes 0.63-0.81x its time at every cross-attention shape of SD1.5 and SDXL, and 0.83x on SD1.5's 256-token
-self-attention (change 39, benchmarks/attention.py). Over thousands of keys cuDNN's is 1.27-1.33x faster than
-this one, so those stay with SDPA.
+77 keys that kernel is not bound by its arithmetic but by its fixed costs, and this plain Triton kernel with small
+tiles takes 0.64-0.82x its time at every cross-attention shape of SD1.5 and SDXL, and 0.89x on SD1.5's 256-token
+self-attention (H200, batch 2; change 39, benchmarks/attention.py). Over thousands of keys cuDNN's is 1.08-1.33x
+faster than this one at its best tile, so those stay with SDPA.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ if TRITON:  # at import, not in the call: torch.compile cannot trace an import
 
     from ._attention_triton import attention_kernel
 
-# Queries a program, keys a step, warps, pipeline stages: the best of 13 tiles at the shapes it runs
+# Queries a program, keys a step, warps, pipeline stages: of the 14 tiles tried, the best at the shapes it runs
 # (benchmarks/attention.py; NOTES.md, change 39).
 BLOCK_M, BLOCK_N, WARPS, STAGES = 64, 32, 4, 3
 MAX_KEYS = 256  # more keys than this: SDPA (read at call time: ab_fast.py --set attention.MAX_KEYS=0)
