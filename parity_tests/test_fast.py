@@ -519,13 +519,14 @@ def test_the_loop_graph_captures_replays_and_falls_back_as_designed_with_graphs_
 
 @torch.no_grad()
 def test_the_fused_step_loop_gives_the_class_loops_latents_and_leaves_every_other_loop_to_it(monkeypatch):
-    """pare/fast/denoise.py: a plain DDIM loop (eta 0, no clipping), Euler, Euler ancestral or DPM-Solver++ (2M) loop
+    """pare/fast/denoise.py: a plain DDIM loop (eta 0, no clipping), Euler, Euler ancestral, DPM-Solver++ (2M, 3M, SDE)
+    or UniPC loop
     under guidance, epsilon or v prediction, runs one fused step a UNet call; its latents are the class loop's (float64
     here: within the float32 rounding of the reference's alpha_bar roots and sigmas; Euler a's noise drawn from the
     call's generator as its step draws it, so the same noise), a step callback's seen and its
     replaced latents used, and the scheduler is left in the class loop's state (its step index, DPM-Solver's order
-    count and history of x_0 predictions). Any other loop (eta > 0, clipping, guidance rescale, no guidance, an SDE,
-    noise-prediction or third-order DPM-Solver, thresholding, another scheduler) is the class's own: no fused step,
+    count and history of x_0 predictions). Any other loop (eta > 0, clipping, guidance rescale, no guidance, a
+    noise-prediction DPM-Solver, thresholding, a third-order UniPC, another scheduler) is the class's own: no fused step,
     the same latents to the bit."""
     import pare.fast.denoise as fast_denoise
     from parity_tests.tiny_components import build_diffusers_pipeline
@@ -540,13 +541,13 @@ def test_the_fused_step_loop_gives_the_class_loops_latents_and_leaves_every_othe
     monkeypatch.setattr(fast_denoise, "guided_step", lambda *a, **k: fused_steps.append(1) or step(*a, **k))
     latents = torch.randn(ours.latent_shape(1, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
-    def run(fused: bool, **kwargs):
+    def run(fused: bool, num_inference_steps=3, **kwargs):
         if fused:
             vars(ours)["denoise"] = functools.partial(fast_denoise.denoise, ours)
         else:
             vars(ours).pop("denoise", None)
-        return ours(prompt="a cat", num_inference_steps=3, height=32, width=32, output_type="latent", latents=latents,
-                    generator=torch.Generator().manual_seed(1), **kwargs).images
+        return ours(prompt="a cat", num_inference_steps=num_inference_steps, height=32, width=32, output_type="latent",
+                    latents=latents, generator=torch.Generator().manual_seed(1), **kwargs).images
 
     config, seen = ours.scheduler.config, []
     halve = lambda pipe, i, t, tensors: {"latents": tensors["latents"] / 2} if i == 1 else {}  # noqa: E731
@@ -570,7 +571,13 @@ def test_the_fused_step_loop_gives_the_class_loops_latents_and_leaves_every_othe
              {"callback_on_step_end": halve}, True),
             (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"}, {}, False),
             (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}, {}, False),
-            (DPMSolverMultistepScheduler, {"solver_order": 3}, {}, False),
+            (DPMSolverMultistepScheduler, {"solver_order": 3}, {}, True),  # orders 1, 2, 1: 3M needs 5 steps
+            (DPMSolverMultistepScheduler, {"solver_order": 3}, {"num_inference_steps": 5}, True),  # 1, 2, 3, 2, 1
+            (DPMSolverMultistepScheduler, {"solver_order": 3, "algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True,
+                                           "prediction_type": "v_prediction"},
+             {"num_inference_steps": 5, "callback_on_step_end": halve}, True),
+            (DPMSolverMultistepScheduler, {"solver_order": 3, "lower_order_final": False}, {"num_inference_steps": 4},
+             True),  # 1, 2, 3, 1 (the last: final sigma 0)
             (DPMSolverMultistepScheduler, {"thresholding": True}, {}, False),
             (UniPCMultistepScheduler, {}, {}, True),  # corrector orders 0, 1, 2 with predictor orders 1, 2, 1
             (UniPCMultistepScheduler, {"prediction_type": "v_prediction", "solver_type": "bh1",
@@ -586,7 +593,7 @@ def test_the_fused_step_loop_gives_the_class_loops_latents_and_leaves_every_othe
         got = run(True, **kwargs)
         state, history = plain_state(ours.scheduler), list(getattr(ours.scheduler, "model_outputs", []))
         last = getattr(ours.scheduler, "last_sample", None)  # UniPC's
-        assert len(fused_steps) == (3 if fused else 0), (cls.__name__, overrides, kwargs)
+        assert len(fused_steps) == (kwargs.get("num_inference_steps", 3) if fused else 0), (cls.__name__, overrides, kwargs)
         expected = run(False, **kwargs)
         assert state == plain_state(ours.scheduler), (cls.__name__, overrides, kwargs)
         if fused:
@@ -1195,13 +1202,14 @@ def test_the_timestep_features_kernel_is_the_reference(dim, flip, shift, dtype, 
 @pytest.mark.parametrize("sampler", ["DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
                                      "DPMSolverMultistepScheduler", "DPMSolverMultistepScheduler/heun",
                                      "DPMSolverMultistepScheduler/sde-dpmsolver++",
-                                     "DPMSolverMultistepScheduler/sde-dpmsolver++/heun",
+                                     "DPMSolverMultistepScheduler/sde-dpmsolver++/heun", "DPMSolverMultistepScheduler/3",
+                                     "DPMSolverMultistepScheduler/sde-dpmsolver++/3",
                                      "UniPCMultistepScheduler", "UniPCMultistepScheduler/bh1"])
 def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side, layouts, prediction_type, dtype,
                                                                           sampler, monkeypatch):
     """Guidance, DDIM's step (eta 0), Euler's (no churn), Euler ancestral's (its noise given), DPM-Solver++'s (2M,
-    midpoint or heun: first order at the first and last steps, second order between) or UniPC's (bh2 or bh1: the
-    predictor alone at the first step; then the corrector of order 2 before a predictor of order 2, and of order 1)
+    midpoint or heun, or 3M: first order at the first and last steps, second or third order between) or UniPC's
+    (bh2 or bh1: the predictor alone at the first step; then the corrector of order 2 before a predictor of order 2, and of order 1)
     and the next UNet input in one launch: the PyTorch twin's values
     (within an ulp of the dtype and float32's rounding of the terms), no further from float64 than guidance and the
     scheduler's `step` run in the dtype (the reference loop's ops; bounded as the parity suite bounds a block), at
@@ -1218,8 +1226,9 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
 
     launched = CountedLaunches(step_kernel.guided_step_kernel)
     monkeypatch.setattr(step_kernel, "guided_step_kernel", launched)
-    name, *options = sampler.split("/")  # a solver_type, or an SDE algorithm_type
-    extra = {("algorithm_type" if o.startswith("sde") else "solver_type"): o for o in options}
+    name, *options = sampler.split("/")  # a solver_type, an SDE algorithm_type, or a solver_order
+    extra = {("algorithm_type" if o.startswith("sde") else "solver_order" if o.isdigit() else "solver_type"):
+             int(o) if o.isdigit() else o for o in options}
     sde = extra.get("algorithm_type", "").startswith("sde")
     s, w = SCHEDULERS[name].from_config(SD_SCHEDULER, prediction_type=prediction_type, **extra), 7.5  # SD's, no clipping
     s.set_timesteps(50)
@@ -1240,6 +1249,7 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
     x_d = x.to(dtype).contiguous(memory_format=fmt[layouts[1]])
     m1_d, m2_d, last_d = m1.to(dtype), m2.to(dtype), last.to(dtype)  # contiguous: need not be the latents' layout
     unipc = name == "UniPCMultistepScheduler"
+    third = extra.get("solver_order") == 3  # DPM-Solver++ 3M: m2 before m1 in its history
     orders = []
     for i in (0, 30, len(s.timesteps) - 1):
         t = s.timesteps[i]
@@ -1251,7 +1261,8 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
             orders.append(at.order_of_step(i, len(s.timesteps)))
         if unipc and i:  # the corrector's: the last step (of order 2 but at step 1) started at `last`
             at.this_order = min(i, 2)
-        history = lambda m, m_: ([m_, m] if unipc else [None, m]) if i else [None, None]  # noqa: E731
+        history = lambda m, m_: ([m_, m] if unipc else [None, m_, m] if third else [None, m]) if i else (  # noqa: E731
+            [None] * (3 if third else 2))
 
         def keep(scheduler, m, m_, sample):  # the history and UniPC's last sample, in a run's dtype
             scheduler.model_outputs = history(m, m_)
@@ -1262,8 +1273,8 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
         stepper = copying.deepcopy(at)
         if multistep:
             keep(stepper, m1, m2, last)
-        if unipc:  # its coefficients from float64 levels: in float32, phi_2(-h) = (e^-h - 1) / -h - 1 cancels
-            stepper.sigmas = stepper.sigmas.double()
+        if unipc or third:  # their coefficients from float64 levels: in float32, UniPC's phi_2(-h) = (e^-h - 1) / -h - 1
+            stepper.sigmas = stepper.sigmas.double()  # cancels, and 3M's (e^-h - 1 + h) / h^2 - 1/2
         exact = stepper.step(guided, t, x).prev_sample  # float64
         exact_next = stepper.scale_model_input(exact, s.timesteps[i + 1]) if i + 1 < len(s.timesteps) else None
         before = copying.deepcopy(at)
@@ -1272,7 +1283,7 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
         step = step_coefficients(before, t)
         assert getattr(before, "_step_index", None) == getattr(stepper, "_step_index", None)  # advanced as `step` does
         if multistep:
-            assert (step.addend is not None) == (orders[-1] == 2 or step.correct is not None) and step.convert is not None
+            assert (step.addend is not None) == (orders[-1] >= 2 or step.correct is not None) and step.convert is not None
             assert before.lower_order_nums == stepper.lower_order_nums
             numbers = lambda sch: {k: v for k, v in plain_state(sch).items() if k != "last_sample"}  # noqa: E731
             assert numbers(before) == numbers(stepper)  # UniPC's last sample: the loop keeps the kernel's
@@ -1289,26 +1300,30 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
             torch.testing.assert_close(start, stepper.last_sample, rtol=1e-6, atol=1e-6 * float(start_terms.max()))
         terms = abs(step.c_x) * start_terms + abs(step.c_m) * m_terms
         assert step.draws == (name == "EulerAncestralDiscreteScheduler" or sde)
-        third = m1 if step.addend is not None else None  # the multistep solvers' m1
-        if third is not None:
-            terms = terms + abs(step.c_add) * third.abs()
+        prev = m1 if step.addend is not None else None  # the multistep solvers' m1
+        prev2 = m2 if step.addend2 is not None else None  # and 3M's m2
+        assert (prev2 is not None) == (third and i == 30)
+        if prev is not None:
+            terms = terms + abs(step.c_add) * prev.abs()
+        if prev2 is not None:
+            terms = terms + abs(step.c_add2) * prev2.abs()
         if step.draws:  # Euler a's and the SDE's noise
             terms = terms + abs(step.c_noise) * z.abs()
         scale = float(terms.max())
-        algebra = (step.c_x * start + step.c_m * m + (step.c_add * third if third is not None else 0)
-                   + (step.c_noise * z if step.draws else 0))
+        algebra = (step.c_x * start + step.c_m * m + (step.c_add * prev if prev is not None else 0)
+                   + (step.c_add2 * prev2 if prev2 is not None else 0) + (step.c_noise * z if step.draws else 0))
         torch.testing.assert_close(algebra, exact, rtol=1e-6, atol=1e-5 + 1e-6 * scale)  # float32 sigmas there
         if multistep:
             torch.testing.assert_close(m, stepper.model_outputs[-1], rtol=1e-6, atol=1e-6 * float(m.abs().max()))
         if exact_next is not None:
             torch.testing.assert_close(step.next_scale * exact, exact_next, rtol=1e-6, atol=1e-6)
-        third_d = m1_d if step.addend is not None else None
+        prev_d = m1_d if step.addend is not None else None
         noise_d = z.to(step.noise_dtype or dtype) if step.draws else None
         correct = None
         if step.correct is not None:  # in the dtype
             correct = (last_d, m2_d if step.correct[1] is not None else None, step.correct[2])
-        kw = {"convert": step.convert, "addend": third_d, "c_add": step.c_add, "correct": correct, "noise": noise_d,
-              "c_noise": step.c_noise}
+        kw = {"convert": step.convert, "addend": prev_d, "c_add": step.c_add, "correct": correct, "noise": noise_d,
+              "c_noise": step.c_noise, "addend2": m2_d if prev2 is not None else None, "c_add2": step.c_add2}
         ours, stacked, kept, corrected = step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m,
                                                                  next_scale=step.next_scale, **kw)
         assert (corrected is not None) == (correct is not None)
@@ -1353,13 +1368,16 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
             torch.testing.assert_close(kept, twin_kept, rtol=ulp, atol=ulp + 4 * ulp32 * float(m_terms.max()))
     assert launched.calls == 3
     if multistep:
-        assert orders == [1, 2, 1]  # the first step has no history; the last (final sigma 0) is first order
+        assert orders == [1, 3 if third else 2, 1]  # the first step has no history; the last (final sigma 0) is first
+        # order
     final, none, _, _ = step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m, next_input=False, **kw)  # no next input
     assert none is None and torch.equal(final, ours) and launched.calls == 4
     with pytest.raises(ValueError, match=r"a \(2B, C, h, w\) UNet output"):
         step_kernel.guided_step(eps_d[:b], x_d, w, step.c_x, step.c_m)
     with pytest.raises(ValueError, match=r"addend \(.*\) is not of the sample's shape"):
         step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m, addend=m1_d[:, :, :, 0])
+    with pytest.raises(ValueError, match="a second addend needs the first, and no correction"):
+        step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m, addend2=m2_d)
     with pytest.raises(ValueError, match="a correction needs convert, the addend m1"):
         step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m, correct=(last_d, None, (1.0, 0.0, 0.0, 0.0)))
 
@@ -1488,6 +1506,8 @@ LOOP_CASES = (
     ("PNDMScheduler", {}, {}, True),
     ("DPMSolverMultistepScheduler", {}, {}, True),
     ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}, True),
+    ("DPMSolverMultistepScheduler", {"solver_order": 3, "lower_order_final": False}, {}, True),  # 3M fused (step 3 of
+    # 4 at third order); added 2026-12-03, not yet run on a GPU
     ("DPMSolverSinglestepScheduler", {}, {}, True),
     ("UniPCMultistepScheduler", {}, {}, True),
     ("DEISMultistepScheduler", {}, {}, True),

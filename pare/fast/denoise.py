@@ -4,7 +4,7 @@ Replaces: `pare/pipelines/stable_diffusion.py StableDiffusionPipeline.denoise` (
 `pipeline_stable_diffusion.py __call__`) inside the loop graph (`loop.py`, and its step-by-step entry, taken with a
 step callback), for the samplers SD folders name most, under classifier-free guidance: DDIM with eta = 0 (SD 1.x's
 and 2.x's pipelines), Euler without churn (SDXL's folders), Euler ancestral ("Euler a", A1111's default),
-DPM-Solver++ (2M) and its SDE ("DPM++ 2M (SDE) (Karras)" in the UIs) and UniPC ("UniPC", its default: second order,
+DPM-Solver++ (2M or 3M) and its SDE ("DPM++ 2M (SDE) (Karras)" in the UIs) and UniPC ("UniPC", its default: second order,
 the data prediction, bh2 or bh1). The UNet call is the reference loop's; what follows it, guidance (Ho & Salimans,
 arXiv 2207.12598, eq. 6) and the step (DDIM's eq. 12, Song et al., arXiv 2010.02502, with sigma_t = 0; Euler's
 Algorithm 2, Karras et al., arXiv 2206.00364, with gamma = 0, and its ancestral form, k-diffusion's; DPM-Solver++'s
@@ -15,7 +15,7 @@ SDE: z their noise, drawn as their steps draw it; UniPC: x first corrected, from
 coefficients solved on the host in float64 from the scheduler's own schedule (DDIM's alpha_bar and previous
 timestep, the Euler, DPM-Solver and UniPC sigmas, and the multistep solvers' orders at that step), and the next
 input x' / sqrt(sigma'^2 + 1) for the Euler samplers. Every other loop (another scheduler, eta > 0, churn, a
-noise-prediction or third-order solver, clipping or thresholding, guidance rescale, no guidance) is the
+noise-prediction DPM-Solver, a third-order UniPC, clipping or thresholding, guidance rescale, no guidance) is the
 reference's, unchanged.
 
 Since the kernel writes both halves of the next UNet input from one value, they are equal by construction, and the
@@ -53,8 +53,8 @@ FUSED = (DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
 
 
 def fusable(pipe, latents, guidance_scale: float, guidance_rescale: float, step_kwargs: dict | None) -> bool:
-    """Whether this loop's steps are guidance and a DDIM (eta 0), Euler (no churn), Euler ancestral, DPM-Solver++ (2M,
-    or its SDE) or UniPC (2M, data prediction) step, nothing more."""
+    """Whether this loop's steps are guidance and a DDIM (eta 0), Euler (no churn), Euler ancestral, DPM-Solver++ (2M
+    or 3M, or its SDE) or UniPC (2M, data prediction) step, nothing more."""
     s, loop = pipe.scheduler, type(pipe).denoise
     # the loop this file twins, named (pare/fast sits below pare/pipelines, and does not import it): a subclass's
     # own loop (ControlNet's, inpainting's) is not this one
@@ -70,7 +70,7 @@ def fusable(pipe, latents, guidance_scale: float, guidance_rescale: float, step_
     if type(s) is EulerAncestralDiscreteScheduler:  # its noise drawn from the generator, as its step draws it
         return not steps
     if type(s) is DPMSolverMultistepScheduler:  # DPM-Solver++ (2M, its SDE too), the history of x_0 predictions
-        return (not steps and c.algorithm_type in ("dpmsolver++", "sde-dpmsolver++") and c.solver_order <= 2
+        return (not steps and c.algorithm_type in ("dpmsolver++", "sde-dpmsolver++") and c.solver_order <= 3
                 and not c.thresholding and c.variance_type not in LEARNED_VARIANCE_TYPES)
     if type(s) is UniPCMultistepScheduler:  # UniC then UniP to second order, the history of x_0 predictions
         return not steps and c.solver_order <= 2 and s.predict_x0 and not c.thresholding
@@ -99,6 +99,8 @@ class Step(NamedTuple):
     convert: tuple[float, float] | None = None
     addend: torch.Tensor | None = None  # DPM-Solver's and UniPC's last kept output
     c_add: float = 0.0
+    addend2: torch.Tensor | None = None  # DPM-Solver's (3M) output before that
+    c_add2: float = 0.0
     draws: bool = False  # the loop draws noise z (Euler a, SDE DPM-Solver), as the scheduler's step would
     c_noise: float = 0.0  # x' gains c_noise z
     noise_dtype: torch.dtype | None = None  # the dtype its step draws z in (None: the model output's)
@@ -113,7 +115,7 @@ def step_coefficients(scheduler, timestep) -> Step:
     x' itself. Euler (and Euler a, whose noise the loop draws): sigma and the next sigma at its step index; the next
     input is its `scale_model_input` at the next sigma. DPM-Solver++: its step index, the order `order_of_step`
     gives, the sigmas about it, then `dpm_coefficients` (its SDE's too, whose noise the loop draws at every step,
-    in float32); its last kept output is m1 at second order. UniPC: its step index, whether it
+    in float32); its last kept output is m1 at second order, and m1, m2 at third. UniPC: its step index, whether it
     corrects (`corrects`) and at what order (the last step's), its predictor's order (`order_of_step`), then
     `unipc_coefficients`; m1 where either uses it, m2 where the corrector does, and its last sample to correct."""
     c = scheduler.config
@@ -132,14 +134,16 @@ def step_coefficients(scheduler, timestep) -> Step:
         i, n = scheduler._start_step(timestep)
         order = scheduler.order_of_step(i, n)
         sigmas = scheduler.sigmas  # (n + 1,), CPU
-        levels = (float(sigmas[i]), float(sigmas[i + 1]), float(sigmas[i - 1]) if order == 2 else None)
+        levels = (float(sigmas[i]), float(sigmas[i + 1]), float(sigmas[i - 1]) if order >= 2 else None)
         sde = c.algorithm_type == "sde-dpmsolver++"  # its noise drawn at every step (order 0 too), in float32
-        convert, c_x, c_m, c_add, c_z = dpm_coefficients(*levels, order, c.solver_type, c.prediction_type, sde)
+        convert, c_x, c_m, c_add, c_add2, c_z = dpm_coefficients(
+            *levels, order, c.solver_type, c.prediction_type, sde, float(sigmas[i - 2]) if order == 3 else None)
         if scheduler.lower_order_nums < c.solver_order:
             scheduler.lower_order_nums += 1
         scheduler._step_index += 1
-        return Step(c_x, c_m, 1.0, convert, scheduler.model_outputs[-1] if order == 2 else None, c_add,
-                    draws=sde, c_noise=c_z, noise_dtype=torch.float32 if sde else None)
+        return Step(c_x, c_m, 1.0, convert, scheduler.model_outputs[-1] if order >= 2 else None, c_add,
+                    scheduler.model_outputs[-2] if order == 3 else None, c_add2, draws=sde, c_noise=c_z,
+                    noise_dtype=torch.float32 if sde else None)
     if isinstance(scheduler, UniPCMultistepScheduler):
         i, n = scheduler._start_step(timestep)
         corrector_order = scheduler.this_order if scheduler.corrects(i) else 0
@@ -191,7 +195,7 @@ def denoise(pipe, latents, timesteps, prompt_embeds, guidance_scale: float, guid
             latents, model_input, kept, corrected = guided_step(
                 noise_pred, latents, guidance_scale, step.c_x, step.c_m, next_input=i + 1 < len(timesteps),
                 next_scale=step.next_scale, convert=step.convert, addend=step.addend, c_add=step.c_add,
-                correct=step.correct, noise=noise, c_noise=step.c_noise)
+                correct=step.correct, noise=noise, c_noise=step.c_noise, addend2=step.addend2, c_add2=step.c_add2)
             if kept is not None:  # DPM-Solver's and UniPC's history of x_0 predictions, newest last, as their steps keep it
                 pipe.scheduler.model_outputs = pipe.scheduler.model_outputs[1:] + [kept]
             if step.keeps_sample:  # UniPC's: the sample its predictor stepped from, corrected or not

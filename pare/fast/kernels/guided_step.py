@@ -1,4 +1,4 @@
-"""Classifier-free guidance and a DDIM, Euler, Euler ancestral, DPM-Solver++ (2M) or UniPC (2M) step in one launch,
+"""Classifier-free guidance and a DDIM, Euler, Euler ancestral, DPM-Solver++ (2M, 3M) or UniPC (2M) step in one launch,
 which also writes the next UNet input.
 
 Replaces, in the denoising loop (`pare/pipelines/stable_diffusion.py denoise`, through `pare/fast/denoise.py`):
@@ -6,7 +6,7 @@ Replaces, in the denoising loop (`pare/pipelines/stable_diffusion.py denoise`, t
 - `pare/schedulers/scheduling_ddim.py DDIMScheduler.step` with eta = 0 (Song et al., arXiv 2010.02502, eq. 12),
   `scheduling_euler_discrete.py EulerDiscreteScheduler.step` without churn (Karras et al., arXiv 2206.00364,
   Algorithm 2 with gamma = 0), or `scheduling_dpmsolver_multistep.py DPMSolverMultistepScheduler.step` of
-  DPM-Solver++ to second order (Lu et al., arXiv 2211.01095, section 4 and Algorithm 2, and its SDE of section 5),
+  DPM-Solver++ to third order (Lu et al., arXiv 2211.01095, section 4 and Algorithm 2, and its SDE of section 5),
   midpoint or heun, or
   `scheduling_euler_ancestral_discrete.py EulerAncestralDiscreteScheduler.step` (k-diffusion's ancestral Euler), or
   `scheduling_unipc_multistep.py UniPCMultistepScheduler.step` to second order with its data prediction (Zhao et
@@ -33,8 +33,11 @@ e^-h = sigma' / sigma):
     2M SDE ("DPM++ 2M SDE"): x' = (sigma_t' / sigma_t) e^-h x + b m0 + d D1 + sigma_t' sqrt(1 - e^-2h) z,
                          b = alpha_t' (1 - e^-2h), d = b / 2 (midpoint) or alpha_t' ((1 - e^-2h) / (-2h) + 1) (heun),
                          z drawn as its step draws it (float32)
+    3M (and 3M SDE):     x' = c_x x + b m0 + d1 D1 + d2 D2 (+ the SDE's noise), with D1, D2 the divided differences of
+                         (m0, m1, m2) that the scheduler's third-order update forms (r1 = h_prev2 / h), and d1, d2 that
+                         update's coefficients; still linear, in x, m0, m1 and m2
 The kernel writes m0 too, in the sample's dtype as the scheduler's history keeps it (`model_outputs`), and reads m1
-from there. A UniPC step (data prediction m0 as above; e^-h, alpha_t and sigma_t as for DPM-Solver; B(h) = -h for
+(and m2) from there. A UniPC step (data prediction m0 as above; e^-h, alpha_t and sigma_t as for DPM-Solver; B(h) = -h for
 "bh1", e^-h - 1 for "bh2", at the step's h) is two such maps. Its corrector first redoes the last step, from the
 sample L it started at (sigma_{i-1}) to sigma_i, with m0 as one more point, r = 1, and m2 before m1 at order 2
 (r1 = (lambda_{i-2} - lambda_{i-1}) / h):
@@ -113,12 +116,14 @@ def data_prediction(sigma: float, prediction_type: str) -> tuple[float, float]:
 
 
 def dpm_coefficients(sigma: float, sigma_next: float, sigma_prev: float | None, order: int, solver_type: str,
-                     prediction_type: str, sde: bool = False) -> tuple[tuple[float, float], float, float, float, float]:
-    """((p_x, p_g), c_x, c_m, c_p, c_z) of a DPM-Solver++ step from sigma to sigma_next (Karras noise levels) of order
-    0 (a step of zero length, or for the SDE of negative length: the ODE's first-order step), 1 or 2 (from the
-    previous level sigma_prev): m0 = p_x x + p_g m, then x' = c_x x + c_m m0 + c_p m1 + c_z z (see the module
-    docstring), in float64. sde: the 2M SDE (section 5), which is the ODE's step with e^-2h for e^-h, c_x times
-    e^-h, and the noise z; c_z = 0 otherwise."""
+                     prediction_type: str, sde: bool = False, sigma_prev2: float | None = None
+                     ) -> tuple[tuple[float, float], float, float, float, float, float]:
+    """((p_x, p_g), c_x, c_m, c_p, c_q, c_z) of a DPM-Solver++ step from sigma to sigma_next (Karras noise levels) of
+    order 0 (a step of zero length, or for the SDE of negative length: the ODE's first-order step), 1, 2 (from the
+    previous level sigma_prev) or 3 (and the one before, sigma_prev2): m0 = p_x x + p_g m, then
+    x' = c_x x + c_m m0 + c_p m1 + c_q m2 + c_z z (see the module docstring), in float64. sde: the SDE (section 5),
+    which is the ODE's step with e^-2h for e^-h, c_x times e^-h, and the noise z; c_z = 0 otherwise. c_q = 0 below
+    third order; c_p = 0 below second."""
     alpha, alpha_next = 1 / math.sqrt(sigma**2 + 1), 1 / math.sqrt(sigma_next**2 + 1)  # VP alpha_t
     convert = data_prediction(sigma, prediction_type)
     decay = sigma_next / sigma  # e^-h
@@ -129,14 +134,23 @@ def dpm_coefficients(sigma: float, sigma_next: float, sigma_prev: float | None, 
         e, c_x, c_z = decay**2, c_x * decay, sigma_next * alpha_next * math.sqrt(1 - decay**2)
     b = alpha_next * (1 - e)
     if order <= 1:
-        return convert, c_x, b, 0.0, c_z
-    if order != 2:
-        raise ValueError(f"dpm_coefficients: order {order}; the fused step takes orders 0, 1 and 2")
+        return convert, c_x, b, 0.0, 0.0, c_z
+    if order not in (2, 3):
+        raise ValueError(f"dpm_coefficients: order {order}; the fused step takes orders 0 to 3")
     h, h_prev = math.log(sigma / sigma_next), math.log(sigma_prev / sigma)
     hk = 2 * h if sde else h  # the exponent's step: 2h for the SDE
-    d1 = 0.5 * b if solver_type == "midpoint" else alpha_next * ((e - 1) / hk + 1)  # D1's coefficient
-    k = d1 * h / h_prev  # d1 / r0: D1 = (m0 - m1) / r0
-    return convert, c_x, b + k, -k, c_z
+    if order == 2:
+        d1 = 0.5 * b if solver_type == "midpoint" else alpha_next * ((e - 1) / hk + 1)  # D1's coefficient
+        k = d1 * h / h_prev  # d1 / r0: D1 = (m0 - m1) / r0
+        return convert, c_x, b + k, -k, 0.0, c_z
+    # 3M: x' = c_x x + b D0 + d1 D1 + d2 D2, D1 = (1 + f) D1_0 - f D1_1, D2 = g (D1_0 - D1_1), f = r0 / (r0 + r1),
+    # g = 1 / (r0 + r1), D1_0 = (m0 - m1) / r0, D1_1 = (m1 - m2) / r1 (its step's divided differences, as written there)
+    r0, r1 = h_prev / h, math.log(sigma_prev2 / sigma_prev) / h
+    d1 = alpha_next * ((e - 1) / hk + 1)
+    d2 = alpha_next * ((1 - e - hk) / hk**2 - 0.5) if sde else -alpha_next * ((e - 1 + h) / h**2 - 0.5)
+    f, g = r0 / (r0 + r1), 1 / (r0 + r1)
+    k0, k1 = (d1 * (1 + f) + d2 * g) / r0, (d1 * f + d2 * g) / r1  # of D1_0 and D1_1, divided by r0 and r1
+    return convert, c_x, b + k0, -k0 - k1, k1, c_z
 
 
 def unipc_coefficients(sigmas: tuple[float, float, float, float], corrector_order: int, order: int,
@@ -191,13 +205,15 @@ def guided_step(noise_pred: torch.Tensor, sample: torch.Tensor, guidance_scale: 
                 next_input: bool = True, next_scale: float = 1.0, convert: tuple[float, float] | None = None,
                 addend: torch.Tensor | None = None, c_add: float = 0.0,
                 correct: tuple[torch.Tensor, torch.Tensor | None, tuple[float, float, float, float]] | None = None,
-                noise: torch.Tensor | None = None, c_noise: float = 0.0) -> Stepped:
+                noise: torch.Tensor | None = None, c_noise: float = 0.0, addend2: torch.Tensor | None = None,
+                c_add2: float = 0.0) -> Stepped:
     """(2B, C, h, w) UNet output (unconditional half first) and (B, C, h, w) sample -> the stepped sample, in the
     sample's dtype and layout; (next_input) the next UNet input (2B, C, h, w): the stepped sample twice, times
     `next_scale` (the next step's `scale_model_input`), as the reference's cat and scaling make it; and with
     `convert` = (p_x, p_g) the converted output m0 = p_x x + p_g m of the guided output m (a multistep solver's data
     prediction, in the sample's dtype), else None. The step is c_x x + c_m m0 (m0 = m without `convert`), plus
-    c_add `addend` where given (DPM-Solver's and UniPC's previous m0), plus c_noise `noise` where given (Euler a's
+    c_add `addend` where given (DPM-Solver's and UniPC's previous m0), plus c_add2 `addend2` where given (the m0
+    before that: DPM-Solver's at third order; with `addend`, not with `correct`), plus c_noise `noise` where given (Euler a's
     and SDE DPM-Solver's, drawn as their steps draw it: in any floating dtype), each of the sample's shape.
     correct = (L, m2, (q_l, q_1, q_2, q_m)), UniPC's corrector (needs `convert` and the addend m1): the sample is
     first replaced by x_c = q_l L + q_1 m1 + q_2 m2 + q_m m0 (L the last sample before the last predictor, m2 the
@@ -211,14 +227,16 @@ def guided_step(noise_pred: torch.Tensor, sample: torch.Tensor, guidance_scale: 
     last, m2, (q_l, q_1, q_2, q_m) = correct if correct is not None else (None, None, (0.0, 0.0, 0.0, 0.0))
     if correct is not None and (convert is None or addend is None or (m2 is None) != (q_2 == 0.0)):
         raise ValueError("guided_step: a correction needs convert, the addend m1, and m2 exactly where q_2 != 0")
-    for name, t in (("addend", addend), ("last sample", last), ("m2", m2), ("noise", noise)):
+    if addend2 is not None and (addend is None or correct is not None):
+        raise ValueError("guided_step: a second addend needs the first, and no correction")
+    for name, t in (("addend", addend), ("addend2", addend2), ("last sample", last), ("m2", m2), ("noise", noise)):
         if t is not None and t.shape != sample.shape:
             raise ValueError(f"guided_step: {name} {tuple(t.shape)} is not of the sample's shape {tuple(sample.shape)}")
     out = torch.empty_like(sample)  # the sample's layout
     converted = torch.empty_like(sample) if convert is not None else None
     corrected = torch.empty_like(sample) if correct is not None else None
     p_x, p_g = convert if convert is not None else (0.0, 1.0)
-    inputs = [t for t in (noise_pred, addend, last, m2) if t is not None]
+    inputs = [t for t in (noise_pred, addend, addend2, last, m2) if t is not None]
     if (TRITON_STEP and triton_ready(sample) and all(t.dtype == sample.dtype and t.device == sample.device for t in inputs)
             and (noise is None or (noise.device == sample.device and noise.dtype in FLOATS))):
         stacked = sample.new_empty((2 * b, *sample.shape[1:])) if next_input else None  # (2B, C, h, w), contiguous
@@ -226,16 +244,17 @@ def guided_step(noise_pred: torch.Tensor, sample: torch.Tensor, guidance_scale: 
         dst = stacked if next_input else out  # unused without a next input (STACK off): only its strides are read
         add = addend if addend is not None else sample  # dummy pointers where a term is off (ADDEND, CORRECT)
         last_ = last if last is not None else sample
-        m2_ = m2 if m2 is not None else add  # q_2 = 0 then: read, times 0
+        # the corrector's m2, or addend2; else a dummy (read by a corrector with q_2 = 0, times 0)
+        m2_ = m2 if m2 is not None else addend2 if addend2 is not None else add
         noise_ = noise if noise is not None else sample
         guided_step_kernel[(triton.cdiv(n, BLOCK),)](
             noise_pred, sample, out, dst, add, converted if converted is not None else out, last_, m2_,
             corrected if corrected is not None else out, noise_, n, b, *sample.shape[1:],
             *noise_pred.stride(), *sample.stride(), *out.stride(), *dst.stride(), *add.stride(), *last_.stride(),
             *m2_.stride(), *noise_.stride(), float(guidance_scale), float(c_x), float(c_m), float(next_scale),
-            float(p_x), float(p_g), float(c_add), float(q_l), float(q_1), float(q_2), float(q_m), float(c_noise),
+            float(p_x), float(p_g), float(c_add), float(c_add2), float(q_l), float(q_1), float(q_2), float(q_m), float(c_noise),
             BLOCK=BLOCK, STACK=next_input, CONVERT=convert is not None, ADDEND=addend is not None,
-            CORRECT=correct is not None, NOISE=noise is not None, num_warps=4)
+            ADDEND2=addend2 is not None, CORRECT=correct is not None, NOISE=noise is not None, num_warps=4)
         return Stepped(out, stacked, converted, corrected)
     compute = torch.float32 if sample.dtype in (torch.float16, torch.bfloat16) else sample.dtype
     uncond, text = noise_pred.to(compute).chunk(2)  # (2B, ...) -> 2 x (B, ...)
@@ -252,6 +271,8 @@ def guided_step(noise_pred: torch.Tensor, sample: torch.Tensor, guidance_scale: 
     stepped = c_x * x + c_m * guided
     if addend is not None:
         stepped = stepped + c_add * addend.to(compute)
+    if addend2 is not None:
+        stepped = stepped + c_add2 * addend2.to(compute)
     if noise is not None:
         stepped = stepped + c_noise * noise.to(compute)
     out.copy_(stepped)
