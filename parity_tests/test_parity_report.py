@@ -217,3 +217,28 @@ def test_schedulers_takes_web_ui_sampler_names_and_refuses_unknown_ones(tmp_path
     assert resolve("EulerDiscreteScheduler").options == {}
     with pytest.raises(SystemExit, match="neither a pare scheduler class .* nor a sampler name"):
         report_for(tmp_path, "--components", "scheduler", "--schedulers", "Euler b")
+
+
+def test_schedulers_takes_a_class_with_options_as_describe_writes_it(tmp_path):
+    """--schedulers "DPMSolverMultistepScheduler(solver_order=3, lower_order_final=False),UniPC": the options reach
+    both sides through `resolve` (the rows exist and pass), the commas inside brackets do not split the list, and
+    `resolve(describe(s))` gives s back for every web-UI name. Options the class does not take, positional values
+    and non-literals are refused by name."""
+    from pare.schedulers.samplers import SAMPLERS, describe, resolve, split_names
+
+    third = "DPMSolverMultistepScheduler(solver_order=3, lower_order_final=False)"
+    assert split_names(f"{third},UniPC, Euler a") == [third, "UniPC", "Euler a"]
+    report = report_for(tmp_path, "--components", "scheduler", "--schedulers", f"{third},UniPC", "--steps", "5")
+    names = [row.name for _, row in report.rows]
+    assert f"{third}.timesteps (5 steps)" in names and "UniPC.timesteps (5 steps)" in names
+    assert report.passed
+    assert resolve(third).options == {"solver_order": 3, "lower_order_final": False}
+    for sampler in SAMPLERS.values():
+        assert resolve(describe(sampler)) == sampler
+    for bad, why in (("DPMSolverMultistepScheduler(order=3)", "takes no option order"),
+                     ("DPMSolverMultistepScheduler(3)", "keywords"),
+                     ("DPMSolverMultistepScheduler(solver_order=three)", "Python literals")):
+        with pytest.raises(ValueError, match=why):
+            resolve(bad)
+        with pytest.raises(SystemExit, match=why):
+            report_for(tmp_path, "--components", "scheduler", "--schedulers", bad)

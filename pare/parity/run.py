@@ -258,15 +258,16 @@ def default_dtype(args: argparse.Namespace) -> str:
 
 
 def scheduler_names(args: argparse.Namespace, folder: Path) -> list[str]:
-    """--schedulers: the folder's own scheduler (default), a comma list of class names or web-UI sampler names
-    ("DPM++ 2M SDE Karras": a class and its options, `pare/schedulers/samplers.py`), or every class pare has."""
+    """--schedulers: the folder's own scheduler (default), a comma list of class names (bare, or with options:
+    "DPMSolverMultistepScheduler(solver_order=3)") or web-UI sampler names ("DPM++ 2M SDE Karras": a class and its
+    options, `pare/schedulers/samplers.py`), or every class pare has."""
     from ..schedulers import SCHEDULERS
-    from ..schedulers.samplers import resolve
+    from ..schedulers.samplers import resolve, split_names
 
     if args.schedulers is None:
         config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         return [config.get("_class_name", "DDIMScheduler")]
-    names = sorted(SCHEDULERS) if args.schedulers == "all" else args.schedulers.split(",")
+    names = sorted(SCHEDULERS) if args.schedulers == "all" else split_names(args.schedulers)
     for n in names:
         try:
             resolve(n)

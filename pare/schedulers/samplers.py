@@ -101,16 +101,56 @@ def get_sampler(name: str) -> Sampler:
 
 
 def resolve(name: str) -> Sampler:
-    """A scheduler class name (no options) or a web-UI sampler name (its class and options): what `pare parity
-    --schedulers` and the benchmarks take. Anything else is refused, naming both lists."""
+    """A scheduler class name, alone or with options as `describe` writes them
+    ('DPMSolverMultistepScheduler(solver_order=3, lower_order_final=False)': Python literals, keywords only), or a
+    web-UI sampler name (its class and options): what `pare parity --schedulers` and the benchmarks take. Anything
+    else is refused, naming both lists; an option the class's constructor does not take is refused by name."""
     from . import SCHEDULERS
 
     if name in SCHEDULERS:
         return Sampler(name, {})
     if name in SAMPLERS:
         return SAMPLERS[name]
+    if name.endswith(")") and "(" in name and name[:name.index("(")].strip() in SCHEDULERS:
+        return _with_options(name)
     raise ValueError(f"{name!r} is neither a pare scheduler class ({', '.join(sorted(SCHEDULERS))}) nor a sampler "
                      f"name ({', '.join(repr(n) for n in SAMPLERS)})")
+
+
+def _with_options(text: str) -> Sampler:
+    """'Class(key=literal, ...)' -> Sampler(Class, {key: literal}), each key checked against the constructor."""
+    import ast
+    import inspect
+
+    try:
+        call = ast.parse(text.strip(), mode="eval").body
+        if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) or call.args:
+            raise SyntaxError("options are keywords: Class(key=value, ...)")
+        options = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+        if None in options:
+            raise SyntaxError("no ** in options")
+    except (SyntaxError, ValueError) as e:
+        raise ValueError(f"{text!r}: a scheduler with options is written Class(key=value, ...) with Python literals "
+                         f"as values ({e})") from None
+    cls = get_scheduler_class(call.func.id)
+    taken = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = sorted(set(options) - taken)
+    if unknown:
+        raise ValueError(f"{text!r}: {call.func.id} takes no option {', '.join(unknown)}; its options: "
+                         f"{', '.join(sorted(taken))}")
+    return Sampler(call.func.id, options)
+
+
+def split_names(text: str) -> list[str]:
+    """A comma list of scheduler names, where a name's options (in brackets) may hold commas of their own."""
+    names, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            names.append(text[start:i].strip())
+            start = i + 1
+    names.append(text[start:].strip())
+    return [n for n in names if n]
 
 
 def make_scheduler(name: str, config: dict | str):
