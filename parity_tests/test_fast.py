@@ -1507,7 +1507,7 @@ LOOP_CASES = (
     ("DPMSolverMultistepScheduler", {}, {}, True),
     ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}, True),
     ("DPMSolverMultistepScheduler", {"solver_order": 3, "lower_order_final": False}, {}, True),  # 3M fused (step 3 of
-    # 4 at third order); added 2026-12-03, not yet run on a GPU
+    # 4 at third order); passed on an H200 2026-12-04
     ("DPMSolverSinglestepScheduler", {}, {}, True),
     ("UniPCMultistepScheduler", {}, {}, True),
     ("DEISMultistepScheduler", {}, {}, True),
@@ -1516,7 +1516,7 @@ LOOP_CASES = (
     ("HeunDiscreteScheduler", {}, {}, True),
     ("KDPM2DiscreteScheduler", {}, {}, True),
     ("LMSDiscreteScheduler", {}, {}, True),
-    ("DDPMScheduler", {}, {}, True),  # its step read the schedule from the GPU until 2026-12-03 (not yet run since)
+    ("DDPMScheduler", {}, {}, True),  # its step read the schedule from the GPU until 2026-12-03 (passed since, 2026-12-04)
 )
 
 
