@@ -12,6 +12,8 @@ groups) matrix, tried first, is C_P x G_P values a program, and spilled register
 import triton
 import triton.language as tl
 
+from ._pdl_triton import begin
+
 
 @triton.jit
 def load_tile(x_ptr, add_ptr, cadd_ptr, b, tile, HW, C, add_stride,
@@ -39,10 +41,11 @@ def load_tile(x_ptr, add_ptr, cadd_ptr, b, tile, HW, C, add_stride,
 @triton.jit
 def stats(x_ptr, add_ptr, cadd_ptr, part_ptr, HW, C, CPG, n_tiles, add_stride,
           G: tl.constexpr, G_P: tl.constexpr, C_P: tl.constexpr, CPG_P: tl.constexpr, BLOCK_HW: tl.constexpr,
-          HAS_ADD: tl.constexpr, HAS_CADD: tl.constexpr):
+          HAS_ADD: tl.constexpr, HAS_CADD: tl.constexpr, PDL: tl.constexpr):
     """Pass 1: (mean, M2) of every group over BLOCK_HW pixels. The tile is (pixels, channels), as in `apply`:
     each channel's (mean, M2) over the tile's pixels, gathered into (groups, channels of a group) and merged
     along the group's channels exactly (Chan et al.)."""
+    begin(PDL)
     tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     x, offs, mask, c, cm = load_tile(x_ptr, add_ptr, cadd_ptr, b, tile, HW, C, add_stride, C_P, BLOCK_HW,
@@ -71,8 +74,9 @@ def stats(x_ptr, add_ptr, cadd_ptr, part_ptr, HW, C, CPG, n_tiles, add_stride,
 
 @triton.jit
 def finalize(part_ptr, stat_ptr, HW, CPG, n_tiles, eps,
-             G: tl.constexpr, G_P: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_T: tl.constexpr):
+             G: tl.constexpr, G_P: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr):
     """Pass 2: merge the tiles of one (image, group) exactly (Chan et al.) -> mean and 1/sqrt(var + eps)."""
+    begin(PDL)
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     total = (HW * CPG).to(tl.float32)
@@ -100,8 +104,9 @@ def finalize(part_ptr, stat_ptr, HW, CPG, n_tiles, eps,
 @triton.jit
 def apply(x_ptr, add_ptr, cadd_ptr, stat_ptr, w_ptr, bias_ptr, y_ptr, HW, C, CPG, add_stride,
           G: tl.constexpr, C_P: tl.constexpr, BLOCK_HW: tl.constexpr, HAS_ADD: tl.constexpr, HAS_CADD: tl.constexpr,
-          SILU: tl.constexpr):
+          SILU: tl.constexpr, PDL: tl.constexpr):
     """Pass 3: y = (x + add) * (rstd * w) + (bias - mean * rstd * w), then y * sigmoid(y), over (pixels, channels)."""
+    begin(PDL)
     tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     x, offs, mask, c, cm = load_tile(x_ptr, add_ptr, cadd_ptr, b, tile, HW, C, add_stride, C_P, BLOCK_HW,
@@ -119,9 +124,10 @@ def apply(x_ptr, add_ptr, cadd_ptr, stat_ptr, w_ptr, bias_ptr, y_ptr, HW, C, CPG
 
 @triton.jit
 def add_bias_residual(x_ptr, r_ptr, bias_ptr, bias2_ptr, rows, C, C_P: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                      HAS_BIAS2: tl.constexpr):
+                      HAS_BIAS2: tl.constexpr, PDL: tl.constexpr):
     """x <- x + r + bias[c] (+ bias2[c]), in place, over (rows, channels): the convs' biases and the residual add
     in one pass."""
+    begin(PDL)
     r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     c = tl.arange(0, C_P)
     cm = c < C

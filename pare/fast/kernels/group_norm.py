@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import TRITON, triton_ready
+from . import TRITON, pdl, triton_ready
 
 if TRITON:  # at import, not in the call: torch.compile cannot trace an import
     import triton
@@ -80,13 +80,13 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     warps = lambda values: 4 if values <= 4096 else 8  # noqa: E731
     stats[(n_tiles, b)](x, add_, cadd, partial, hw, c, cpg, n_tiles, add_stride, G=num_groups, G_P=g_p, C_P=c_p,
                         CPG_P=cpg_p, BLOCK_HW=rows_stats, HAS_ADD=add is not None, HAS_CADD=channel_add is not None,
-                        num_warps=STATS_WARPS if rows_stats * c_p > 4096 else 4)
+                        num_warps=STATS_WARPS if rows_stats * c_p > 4096 else 4, **pdl(x))
     finalize[(b, num_groups)](partial, stat, hw, cpg, n_tiles, eps, G=num_groups, G_P=g_p, BLOCK_HW=rows_stats,
-                              BLOCK_T=min(1024, triton.next_power_of_2(n_tiles)), num_warps=4)
+                              BLOCK_T=min(1024, triton.next_power_of_2(n_tiles)), num_warps=4, **pdl(x))
     apply[(triton.cdiv(hw, rows_apply), b)](x, add_, cadd, stat, weight, bias, y, hw, c, cpg, add_stride,
                                             G=num_groups, C_P=c_p, BLOCK_HW=rows_apply, HAS_ADD=add is not None,
                                             HAS_CADD=channel_add is not None, SILU=silu,
-                                            num_warps=warps(rows_apply * c_p))
+                                            num_warps=warps(rows_apply * c_p), **pdl(x))
     return y
 
 
@@ -109,5 +109,6 @@ def add_bias_residual(x: torch.Tensor, residual: torch.Tensor, bias: torch.Tenso
     rows = max(1, TILE // c_p)
     grid = (triton.cdiv(b * h * w, rows),)
     add_bias_residual_kernel[grid](x, residual, bias, bias if bias2 is None else bias2, b * h * w, c, C_P=c_p,
-                                   BLOCK_ROWS=rows, HAS_BIAS2=bias2 is not None, num_warps=4 if rows * c_p <= 4096 else 8)
+                                   BLOCK_ROWS=rows, HAS_BIAS2=bias2 is not None,
+                                   num_warps=4 if rows * c_p <= 4096 else 8, **pdl(x))
     return x
