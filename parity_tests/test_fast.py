@@ -949,6 +949,43 @@ def test_group_norm_kernel_is_as_accurate_as_torch(shape, dtype, add, silu):
     assert rel(ours, exact) <= BUDGET * rel(torchs, exact) + FLOOR[dtype], (rel(ours, exact), rel(torchs, exact))
 
 
+class CountLaunches:
+    """Stands in for a Triton kernel: counts its launches, then launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.kernel
+@needs_triton
+@pytest.mark.parametrize("shape", [(2, 320, 11, 13, 32), (2, 2560, 8, 8, 32), (3, 40, 5, 7, 4),
+                                   gpu_size((2, 640, 32, 32, 32))])
+def test_group_norm_merges_a_small_maps_partials_in_apply_as_finalize_would(shape, monkeypatch):
+    """Where an image has at most MERGE_MAX (tile, group) partials, `apply` merges them itself and `finalize` is not
+    launched; the result is finalize's to float32 rounding (the sums run in another order), with the add and SiLU."""
+    b, c, h, w, groups = shape
+    g = torch.Generator(KDEV).manual_seed(7)
+    x = (torch.randn(b, c, h, w, generator=g, device=KDEV) * 3 + 2).contiguous(memory_format=torch.channels_last)
+    weight, bias, cadd = (torch.randn(c, generator=g, device=KDEV) for _ in range(3))
+    extra = torch.randn(b, c, generator=g, device=KDEV)
+    finalize = CountLaunches(gn_kernel.finalize)
+    monkeypatch.setattr(gn_kernel, "finalize", finalize)
+    run = lambda: gn_kernel.group_norm(x, groups, weight, bias, 1e-6, add=extra, silu=True, channel_add=cadd)  # noqa: E731
+    merged = run()
+    assert finalize.launches == 0
+    monkeypatch.setattr(gn_kernel, "MERGE_MAX", 0)
+    finalized = run()
+    assert finalize.launches == 1
+    exact = gn_kernel.reference(x.double(), groups, weight.double(), bias.double(), 1e-6, extra.double(), True,
+                                cadd.double())
+    assert rel(merged, finalized.double()) <= 1e-6
+    assert rel(merged, exact) <= 1e-6 and rel(finalized, exact) <= 1e-6
+
+
 @pytest.mark.kernel
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

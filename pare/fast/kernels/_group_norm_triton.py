@@ -102,18 +102,45 @@ def finalize(part_ptr, stat_ptr, HW, CPG, n_tiles, eps,
 
 
 @triton.jit
-def apply(x_ptr, add_ptr, cadd_ptr, stat_ptr, w_ptr, bias_ptr, y_ptr, HW, C, CPG, add_stride,
+def image_moments(part_ptr, b, HW, CPG, n_tiles, eps, G: tl.constexpr, G_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+                  BLOCK_T: tl.constexpr):
+    """`finalize` for every group of image b at once, from its (tiles, groups) partials in one (BLOCK_T, G_P) block
+    (all n_tiles <= BLOCK_T of them): (mean, 1/sqrt(var + eps)), each (G_P,). For `apply` on small maps, where the
+    partials are a few KB and a launch of `finalize` costs more than every program merging them again from L2."""
+    t = tl.arange(0, BLOCK_T)
+    g = tl.arange(0, G_P)
+    m = (t[:, None] < n_tiles) & (g[None, :] < G)  # (T, G_P)
+    at = part_ptr + ((b * n_tiles + t[:, None]) * G_P + g[None, :]) * 2
+    mean_t = tl.load(at, mask=m, other=0.0)
+    m2_t = tl.load(at + 1, mask=m, other=0.0)
+    n_t = tl.where(m, tl.minimum(HW - t[:, None] * BLOCK_HW, BLOCK_HW) * CPG, 0).to(tl.float32)
+    total = (HW * CPG).to(tl.float32)
+    mean = tl.sum(n_t * mean_t, axis=0) / total  # (G_P,)
+    d = mean_t - mean[None, :]
+    var = tl.sum(tl.where(m, m2_t + n_t * d * d, 0.0), axis=0) / total
+    return mean, tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
+
+
+@triton.jit
+def apply(x_ptr, add_ptr, cadd_ptr, stat_ptr, w_ptr, bias_ptr, y_ptr, HW, C, CPG, add_stride, n_tiles, eps,
           G: tl.constexpr, C_P: tl.constexpr, BLOCK_HW: tl.constexpr, HAS_ADD: tl.constexpr, HAS_CADD: tl.constexpr,
-          SILU: tl.constexpr, PDL: tl.constexpr):
-    """Pass 3: y = (x + add) * (rstd * w) + (bias - mean * rstd * w), then y * sigmoid(y), over (pixels, channels)."""
+          SILU: tl.constexpr, MERGE: tl.constexpr, G_P: tl.constexpr, STATS_HW: tl.constexpr, BLOCK_T: tl.constexpr,
+          PDL: tl.constexpr):
+    """Pass 3: y = (x + add) * (rstd * w) + (bias - mean * rstd * w), then y * sigmoid(y), over (pixels, channels).
+    MERGE: stat_ptr holds `stats`' partials, merged here (`image_moments`), and no `finalize` ran."""
     begin(PDL)
     tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     x, offs, mask, c, cm = load_tile(x_ptr, add_ptr, cadd_ptr, b, tile, HW, C, add_stride, C_P, BLOCK_HW,
                                      HAS_ADD, HAS_CADD)
-    grp = c // CPG
-    mean = tl.load(stat_ptr + (b * G + grp) * 2, mask=cm, other=0.0)
-    rstd = tl.load(stat_ptr + (b * G + grp) * 2 + 1, mask=cm, other=0.0)
+    grp = tl.where(cm, c // CPG, 0)
+    if MERGE:
+        mean_g, rstd_g = image_moments(stat_ptr, b, HW, CPG, n_tiles, eps, G, G_P, STATS_HW, BLOCK_T)
+        mean = tl.gather(mean_g, grp, 0)
+        rstd = tl.gather(rstd_g, grp, 0)
+    else:
+        mean = tl.load(stat_ptr + (b * G + grp) * 2, mask=cm, other=0.0)
+        rstd = tl.load(stat_ptr + (b * G + grp) * 2 + 1, mask=cm, other=0.0)
     scale = rstd * tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
     shift = tl.load(bias_ptr + c, mask=cm, other=0.0).to(tl.float32) - mean * scale
     y = x * scale[None, :] + shift[None, :]
