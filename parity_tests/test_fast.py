@@ -949,43 +949,6 @@ def test_group_norm_kernel_is_as_accurate_as_torch(shape, dtype, add, silu):
     assert rel(ours, exact) <= BUDGET * rel(torchs, exact) + FLOOR[dtype], (rel(ours, exact), rel(torchs, exact))
 
 
-class CountLaunches:
-    """Stands in for a Triton kernel: counts its launches, then launches it."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
-
-
-@pytest.mark.kernel
-@needs_triton
-@pytest.mark.parametrize("shape", [(2, 320, 11, 13, 32), (2, 2560, 8, 8, 32), (3, 40, 5, 7, 4),
-                                   gpu_size((2, 640, 32, 32, 32))])
-def test_group_norm_merges_a_small_maps_partials_in_apply_as_finalize_would(shape, monkeypatch):
-    """Where an image has at most MERGE_MAX (tile, group) partials, `apply` merges them itself and `finalize` is not
-    launched; the result is finalize's to float32 rounding (the sums run in another order), with the add and SiLU."""
-    b, c, h, w, groups = shape
-    g = torch.Generator(KDEV).manual_seed(7)
-    x = (torch.randn(b, c, h, w, generator=g, device=KDEV) * 3 + 2).contiguous(memory_format=torch.channels_last)
-    weight, bias, cadd = (torch.randn(c, generator=g, device=KDEV) for _ in range(3))
-    extra = torch.randn(b, c, generator=g, device=KDEV)
-    finalize = CountLaunches(gn_kernel.finalize)
-    monkeypatch.setattr(gn_kernel, "finalize", finalize)
-    run = lambda: gn_kernel.group_norm(x, groups, weight, bias, 1e-6, add=extra, silu=True, channel_add=cadd)  # noqa: E731
-    merged = run()
-    assert finalize.launches == 0
-    monkeypatch.setattr(gn_kernel, "MERGE_MAX", 0)
-    finalized = run()
-    assert finalize.launches == 1
-    exact = gn_kernel.reference(x.double(), groups, weight.double(), bias.double(), 1e-6, extra.double(), True,
-                                cadd.double())
-    assert rel(merged, finalized.double()) <= 1e-6
-    assert rel(merged, exact) <= 1e-6 and rel(finalized, exact) <= 1e-6
-
-
 @pytest.mark.kernel
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -1452,55 +1415,6 @@ def test_the_sub_pixel_upsampler_is_as_accurate_as_the_reference(channels, side,
     assert fast.sub_pixel(x, None)
     exact = copy.deepcopy(reference).double()(x.double())
     assert rel(fast(x), exact) <= BUDGET * rel(reference(x), exact) + FLOOR[dtype]
-
-
-def test_programmatic_dependent_launch_is_only_asked_for_where_the_gpu_has_it(monkeypatch):
-    """`kernels.pdl`: off for a CPU tensor (so off under the interpreter), off when `PDL` is turned off, and on a
-    CUDA device exactly when its compute capability is 9.0 or more (Hopper's `griddepcontrol`)."""
-    from pare.fast import kernels
-
-    assert kernels.pdl(torch.zeros(1)) == {"PDL": False, "launch_pdl": False}
-    if torch.cuda.is_available() and not INTERPRET:
-        x = torch.zeros(1, device="cuda")
-        hopper = torch.cuda.get_device_capability() >= (9, 0)
-        assert kernels.pdl(x) == {"PDL": hopper, "launch_pdl": hopper}
-        monkeypatch.setattr(kernels, "PDL", False)
-        assert kernels.pdl(x) == {"PDL": False, "launch_pdl": False}
-
-
-@pytest.mark.cuda
-@torch.no_grad()
-def test_kernels_launched_early_compute_what_they_compute_launched_in_turn(monkeypatch):
-    """With programmatic dependent launch each kernel may start before the one before it ends, and waits in its
-    first statement: the fast UNet and VAE decoder (every kernel of the fast path but the guided step's) give the
-    same values to the bit with it and without it, eagerly and replayed from a CUDA graph (where a kernel that read
-    before waiting would race)."""
-    from pare.fast import kernels
-
-    if not kernels.pdl(torch.zeros(1, device="cuda"))["PDL"]:
-        pytest.skip("programmatic dependent launch needs compute capability 9.0 or more")
-    unet, _ = unet_pair(TINY_SD_UNET, device="cuda", dtype=torch.float16)
-    pare.fast.optimize_model(unet)
-    (x, t, text), _ = unet_inputs(TINY_SD_UNET, 2, 64, 64, device="cuda")
-    x, text = x.half(), text.half()
-    monkeypatch.setattr(fast_resampling, "PHASE_MIN_PIXELS", 0)  # the sub-pixel upsamplers' two kernels too
-    torch.manual_seed(0)
-    vae = AutoencoderKL.from_config(TINY_VAE).to("cuda", torch.float16).eval()
-    pare.fast.optimize(vae)
-    z = torch.randn(2, TINY_VAE["latent_channels"], 32, 32, device="cuda", dtype=torch.float16)
-    run = lambda: (unet(x, t, text), vae.decode(z))  # noqa: E731
-    monkeypatch.setattr(kernels, "PDL", False)
-    in_turn = run()
-    monkeypatch.setattr(kernels, "PDL", True)
-    early = run()
-    run()  # warm: every kernel compiled before the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = run()
-    for _ in range(3):
-        graph.replay()
-        for a, b, c in zip(in_turn, early, captured):
-            assert torch.equal(a, b) and torch.equal(a, c)
 
 
 @pytest.mark.cuda

@@ -6,9 +6,9 @@ the CPU, for tests), and its dtype is one the kernels' float32 arithmetic is exa
 (float16, bfloat16, float32: a float64 tensor runs the PyTorch twin, in float64). The first two
 facts are read once, at import, so that torch.compile can trace the check.
 
-`pdl(x)` gives every launch its programmatic-dependent-launch options (`_pdl_triton.py`): on for a CUDA
-device of compute capability 9.0 or later (Hopper), off elsewhere and under the interpreter. `PDL = False`
-turns it off for all kernels (`ab_fast.py --set kernels.PDL=0` measures what it saves).
+Tried and dropped (benchmarks/NOTES.md, change 41): launching every kernel with programmatic dependent launch
+(Hopper's `griddepcontrol`), so that each may start while the one before it ends. In CUDA graphs it saved nothing
+on SD1.5's UNet and cost up to 1.4% on the VAE.
 """
 
 from __future__ import annotations
@@ -31,18 +31,3 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def triton_ready(x: torch.Tensor) -> bool:
     return TRITON and (x.is_cuda or INTERPRET) and x.dtype in KERNEL_DTYPES
-
-
-PDL = True
-_CAPABLE: dict[int, bool] = {}  # device index -> compute capability >= 9.0
-
-
-def pdl(x: torch.Tensor) -> dict:
-    """The launch options of a kernel reading x: its `PDL` constexpr and Triton's `launch_pdl`, equal."""
-    on = PDL and x.is_cuda and not INTERPRET
-    if on:
-        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        if index not in _CAPABLE:
-            _CAPABLE[index] = torch.cuda.get_device_capability(index) >= (9, 0)
-        on = _CAPABLE[index]
-    return {"PDL": on, "launch_pdl": on}

@@ -3,20 +3,17 @@
 import triton
 import triton.language as tl
 
-from ._pdl_triton import begin
-
 
 @triton.jit
 def attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, N, M, heads, sq_b, sq_n, sk_b, sk_n, sv_b, sv_n, so_b, so_n,
                      scale, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     STAGES: tl.constexpr, PDL: tl.constexpr):
+                     STAGES: tl.constexpr):
     """o = softmax(q k^T * scale) v for one (batch, head) and BLOCK_M queries. q (B, N, heads * D), k and v
     (B, M, heads * D), o (B, N, heads * D): head h is columns [h D, (h+1) D) of each token's row, tokens at the
     given strides (so q, k, v may be views of one fused projection). D is padded to D_PAD with zeros in the loads.
     The online softmax of FlashAttention-2 (Dao, arXiv 2307.08691, Algorithm 1): scores in float32, in base 2
     (scale times log2 e), p rounded to the input dtype for the second product, as cuDNN's and PyTorch's kernels
     do; the row sums l in float32, divided out once at the end."""
-    begin(PDL)
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // heads, bh % heads
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) queries

@@ -5,14 +5,11 @@ by pixel, a's C_a values and then b's C_b."""
 import triton
 import triton.language as tl
 
-from ._pdl_triton import begin
-
 
 @triton.jit
-def concat(a_ptr, b_ptr, y_ptr, rows, CA, CB, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+def concat(a_ptr, b_ptr, y_ptr, rows, CA, CB, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     """y[r, :CA] = a[r], y[r, CA:] = b[r], over (pixels, BLOCK_C channels) tiles. CA is a multiple of BLOCK_C, so
     each tile copies from one of the two maps: a branch per program, not per value."""
-    begin(PDL)
     r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # (R,)
     c0 = tl.program_id(1) * BLOCK_C
     rows_ok = r[:, None] < rows

@@ -3,13 +3,10 @@
 import triton
 import triton.language as tl
 
-from ._pdl_triton import begin
-
 
 @triton.jit
-def geglu_kernel(x_ptr, y_ptr, rows, D, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, PDL: tl.constexpr):
+def geglu_kernel(x_ptr, y_ptr, rows, D, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """y = a * gelu(g), [a, g] = x: x is (rows, 2D) row-major, y is (rows, D)."""
-    begin(PDL)
     r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     c = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     mask = (r[:, None] < rows) & (c[None, :] < D)
@@ -22,15 +19,13 @@ def geglu_kernel(x_ptr, y_ptr, rows, D, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl
 
 @triton.jit
 def geglu_linear_kernel(x_desc, w_desc, b_ptr, y_ptr, M, D, K, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, STAGES: tl.constexpr,
-                        PDL: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, STAGES: tl.constexpr):
     """y = a * gelu(g), [a, g] = x @ w.T + b: x (M, K), w (2D, K) (nn.Linear's weight: rows [0, D) make a, rows
     [D, 2D) make g), y (M, D), all row-major. One program makes a (BLOCK_M, BLOCK_N) tile of y from two float32
     accumulators, the value half's and the gate half's, fed by the same tile of x.
     The tiles of x and w are loaded by the tensor memory accelerator (TMA, Hopper on): x_desc over x in
     (BLOCK_M, BLOCK_K) boxes, w_desc over w in (BLOCK_N, BLOCK_K) boxes. A box past an edge reads zeros, so the
     loads need no masks; a value tile past D reads gate rows, and those columns are not stored."""
-    begin(PDL)
     pid = tl.program_id(0)
     # programs in groups of GROUP_M row tiles, so the weight tiles they read stay in L2 between them
     n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(D, BLOCK_N)

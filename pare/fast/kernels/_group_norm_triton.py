@@ -7,12 +7,12 @@ in a loop by Chan's update, with fewer programs: coalesced, but 1.5x slower than
 groups, channels of a group) tiles that `stats` used then, on SD1.5's UNet, its in-loop reductions
 serialising it. `stats` now merges once per program, with no loop: each tile's channels into groups.
 It gathers the channels' statistics into (groups, channels of a group) to do so: a one-hot (channels,
-groups) matrix, tried first, is C_P x G_P values a program, and spilled registers from C = 1280 on (ptxas)."""
+groups) matrix, tried first, is C_P x G_P values a program, and spilled registers from C = 1280 on (ptxas).
+Also dropped: `apply` merging the tiles' partials itself on small maps, to save `finalize`'s launch (change 42:
+0.05 ms slower on SD1.5's UNet)."""
 
 import triton
 import triton.language as tl
-
-from ._pdl_triton import begin
 
 
 @triton.jit
@@ -41,11 +41,10 @@ def load_tile(x_ptr, add_ptr, cadd_ptr, b, tile, HW, C, add_stride,
 @triton.jit
 def stats(x_ptr, add_ptr, cadd_ptr, part_ptr, HW, C, CPG, n_tiles, add_stride,
           G: tl.constexpr, G_P: tl.constexpr, C_P: tl.constexpr, CPG_P: tl.constexpr, BLOCK_HW: tl.constexpr,
-          HAS_ADD: tl.constexpr, HAS_CADD: tl.constexpr, PDL: tl.constexpr):
+          HAS_ADD: tl.constexpr, HAS_CADD: tl.constexpr):
     """Pass 1: (mean, M2) of every group over BLOCK_HW pixels. The tile is (pixels, channels), as in `apply`:
     each channel's (mean, M2) over the tile's pixels, gathered into (groups, channels of a group) and merged
     along the group's channels exactly (Chan et al.)."""
-    begin(PDL)
     tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     x, offs, mask, c, cm = load_tile(x_ptr, add_ptr, cadd_ptr, b, tile, HW, C, add_stride, C_P, BLOCK_HW,
@@ -74,9 +73,8 @@ def stats(x_ptr, add_ptr, cadd_ptr, part_ptr, HW, C, CPG, n_tiles, add_stride,
 
 @triton.jit
 def finalize(part_ptr, stat_ptr, HW, CPG, n_tiles, eps,
-             G: tl.constexpr, G_P: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr):
+             G: tl.constexpr, G_P: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_T: tl.constexpr):
     """Pass 2: merge the tiles of one (image, group) exactly (Chan et al.) -> mean and 1/sqrt(var + eps)."""
-    begin(PDL)
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     total = (HW * CPG).to(tl.float32)
@@ -102,45 +100,17 @@ def finalize(part_ptr, stat_ptr, HW, CPG, n_tiles, eps,
 
 
 @triton.jit
-def image_moments(part_ptr, b, HW, CPG, n_tiles, eps, G: tl.constexpr, G_P: tl.constexpr, BLOCK_HW: tl.constexpr,
-                  BLOCK_T: tl.constexpr):
-    """`finalize` for every group of image b at once, from its (tiles, groups) partials in one (BLOCK_T, G_P) block
-    (all n_tiles <= BLOCK_T of them): (mean, 1/sqrt(var + eps)), each (G_P,). For `apply` on small maps, where the
-    partials are a few KB and a launch of `finalize` costs more than every program merging them again from L2."""
-    t = tl.arange(0, BLOCK_T)
-    g = tl.arange(0, G_P)
-    m = (t[:, None] < n_tiles) & (g[None, :] < G)  # (T, G_P)
-    at = part_ptr + ((b * n_tiles + t[:, None]) * G_P + g[None, :]) * 2
-    mean_t = tl.load(at, mask=m, other=0.0)
-    m2_t = tl.load(at + 1, mask=m, other=0.0)
-    n_t = tl.where(m, tl.minimum(HW - t[:, None] * BLOCK_HW, BLOCK_HW) * CPG, 0).to(tl.float32)
-    total = (HW * CPG).to(tl.float32)
-    mean = tl.sum(n_t * mean_t, axis=0) / total  # (G_P,)
-    d = mean_t - mean[None, :]
-    var = tl.sum(tl.where(m, m2_t + n_t * d * d, 0.0), axis=0) / total
-    return mean, tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
-
-
-@triton.jit
-def apply(x_ptr, add_ptr, cadd_ptr, stat_ptr, w_ptr, bias_ptr, y_ptr, HW, C, CPG, add_stride, n_tiles, eps,
+def apply(x_ptr, add_ptr, cadd_ptr, stat_ptr, w_ptr, bias_ptr, y_ptr, HW, C, CPG, add_stride,
           G: tl.constexpr, C_P: tl.constexpr, BLOCK_HW: tl.constexpr, HAS_ADD: tl.constexpr, HAS_CADD: tl.constexpr,
-          SILU: tl.constexpr, MERGE: tl.constexpr, G_P: tl.constexpr, STATS_HW: tl.constexpr, BLOCK_T: tl.constexpr,
-          PDL: tl.constexpr):
-    """Pass 3: y = (x + add) * (rstd * w) + (bias - mean * rstd * w), then y * sigmoid(y), over (pixels, channels).
-    MERGE: stat_ptr holds `stats`' partials, merged here (`image_moments`), and no `finalize` ran."""
-    begin(PDL)
+          SILU: tl.constexpr):
+    """Pass 3: y = (x + add) * (rstd * w) + (bias - mean * rstd * w), then y * sigmoid(y), over (pixels, channels)."""
     tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     x, offs, mask, c, cm = load_tile(x_ptr, add_ptr, cadd_ptr, b, tile, HW, C, add_stride, C_P, BLOCK_HW,
                                      HAS_ADD, HAS_CADD)
-    grp = tl.where(cm, c // CPG, 0)
-    if MERGE:
-        mean_g, rstd_g = image_moments(stat_ptr, b, HW, CPG, n_tiles, eps, G, G_P, STATS_HW, BLOCK_T)
-        mean = tl.gather(mean_g, grp, 0)
-        rstd = tl.gather(rstd_g, grp, 0)
-    else:
-        mean = tl.load(stat_ptr + (b * G + grp) * 2, mask=cm, other=0.0)
-        rstd = tl.load(stat_ptr + (b * G + grp) * 2 + 1, mask=cm, other=0.0)
+    grp = c // CPG
+    mean = tl.load(stat_ptr + (b * G + grp) * 2, mask=cm, other=0.0)
+    rstd = tl.load(stat_ptr + (b * G + grp) * 2 + 1, mask=cm, other=0.0)
     scale = rstd * tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
     shift = tl.load(bias_ptr + c, mask=cm, other=0.0).to(tl.float32) - mean * scale
     y = x * scale[None, :] + shift[None, :]
@@ -151,10 +121,9 @@ def apply(x_ptr, add_ptr, cadd_ptr, stat_ptr, w_ptr, bias_ptr, y_ptr, HW, C, CPG
 
 @triton.jit
 def add_bias_residual(x_ptr, r_ptr, bias_ptr, bias2_ptr, rows, C, C_P: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                      HAS_BIAS2: tl.constexpr, PDL: tl.constexpr):
+                      HAS_BIAS2: tl.constexpr):
     """x <- x + r + bias[c] (+ bias2[c]), in place, over (rows, channels): the convs' biases and the residual add
     in one pass."""
-    begin(PDL)
     r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     c = tl.arange(0, C_P)
     cm = c < C

@@ -3,8 +3,6 @@
 import triton
 import triton.language as tl
 
-from ._pdl_triton import begin
-
 
 @triton.jit
 def guided_step(e_ptr, x_ptr, y_ptr, z_ptr, p_ptr, m_ptr, l_ptr, q_ptr, k_ptr, n_ptr, N, B, C, H, W,
@@ -12,7 +10,7 @@ def guided_step(e_ptr, x_ptr, y_ptr, z_ptr, p_ptr, m_ptr, l_ptr, q_ptr, k_ptr, n
                 l0, l1, l2, l3, q0, q1, q2, q3, n0, n1, n2, n3,
                 w, cx, cm, ci, px, pg, cp, cq, kl, kp, kq, km, cn,
                 BLOCK: tl.constexpr, STACK: tl.constexpr, CONVERT: tl.constexpr, ADDEND: tl.constexpr,
-                ADDEND2: tl.constexpr, CORRECT: tl.constexpr, NOISE: tl.constexpr, PDL: tl.constexpr):
+                ADDEND2: tl.constexpr, CORRECT: tl.constexpr, NOISE: tl.constexpr):
     """N = B*C*H*W values of the (B, C, H, W) sample x, in logical order; each tensor read or written at its own
     strides (the UNet's output is channels last, the latents need not be). eps (2B, C, H, W): unconditional rows
     b, text rows B + b. g = u + w (t - u); m = g, or with CONVERT px x + pg g, stored to m_ptr (at y's strides) as
@@ -20,7 +18,6 @@ def guided_step(e_ptr, x_ptr, y_ptr, z_ptr, p_ptr, m_ptr, l_ptr, q_ptr, k_ptr, n
     k_ptr (at y's strides) and read back as stored; y = cx x + cm m (+ cp p with ADDEND: DPM-Solver's and UniPC's
     previous m) (+ cq q with ADDEND2: DPM-Solver's m before that, at third order) (+ cn n with NOISE: Euler a's and SDE DPM-Solver's noise, any dtype), all in float32. With STACK,
     z (2B, C, H, W) gets ci y (y as stored, scaled in float32) at rows b and B + b."""
-    begin(PDL)
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     msk = i < N
     iw = i % W

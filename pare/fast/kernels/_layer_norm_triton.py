@@ -5,16 +5,12 @@ stride along the channels, and a row's statistics are a reduction over the tile'
 import triton
 import triton.language as tl
 
-from ._pdl_triton import begin
-
 
 @triton.jit
 def layer_norm(x_ptr, res_ptr, h_ptr, w_ptr, b_ptr, y_ptr, rows, C, eps,
-               C_P: tl.constexpr, BLOCK_ROWS: tl.constexpr, HAS_RES: tl.constexpr, RES_ROWS: tl.constexpr,
-               PDL: tl.constexpr):
+               C_P: tl.constexpr, BLOCK_ROWS: tl.constexpr, HAS_RES: tl.constexpr, RES_ROWS: tl.constexpr):
     """y = (h - mean) / sqrt(var + eps) * w + b over each row, h = x, or with HAS_RES h = x + res (also written):
     res has the rows of x (RES_ROWS), or is one (C,) row added to every row (a projection's bias)."""
-    begin(PDL)
     r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # (R,)
     c = tl.arange(0, C_P)
     cm = c < C

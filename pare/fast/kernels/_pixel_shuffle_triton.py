@@ -5,15 +5,12 @@ channels) reads and writes with unit stride along the channels."""
 import triton
 import triton.language as tl
 
-from ._pdl_triton import begin
-
 
 @triton.jit
 def interleave(p_ptr, bias_ptr, y_ptr, H, W, C, rows,
-               C_P: tl.constexpr, BLOCK_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+               C_P: tl.constexpr, BLOCK_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr):
     """y[b, 2i + a, 2j + e, :] = p[b, i + a, j + e, k*C:(k+1)*C] + bias, k = 2a + e: p (B, H+1, W+1, 4C) holds the four
     phases of the output as channel blocks, y is (B, 2H, 2W, C); the rows of the tile are y's pixels, flattened."""
-    begin(PDL)
     r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # (R,): output pixels of all images
     c = tl.arange(0, C_P)
     cm = c < C
@@ -31,12 +28,11 @@ def interleave(p_ptr, bias_ptr, y_ptr, H, W, C, rows,
 
 
 @triton.jit
-def phase_weights(w_ptr, out_ptr, O, I, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def phase_weights(w_ptr, out_ptr, O, I, BLOCK: tl.constexpr):
     """The four phases' 2x2 kernels of a 3x3 kernel (see `pare/fast/resampling.py`). w: (O, I, 3, 3) channels last,
     so w[o, i, p, q] sits at (o*9 + 3p + q)*I + i; out: (4 O, I, 2, 2) channels last, phase k = 2a + e first. Tap y of
     phase a sums the rows p from y(1 + a) to 2y + a(1 - y): (0), (1, 2) for a = 0; (0, 1), (2) for a = 1; likewise
     the columns. Sums in float32, rounded once."""
-    begin(PDL)
     n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,): flattened (o, i)
     m = n < O * I
     o, i = (n // I).to(tl.int64), n % I

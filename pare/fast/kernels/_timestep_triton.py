@@ -3,17 +3,13 @@
 import triton
 import triton.language as tl
 
-from ._pdl_triton import begin
-
 
 @triton.jit
-def sinusoids(t_ptr, t_stride, f_ptr, y_ptr, scale, HALF, DIM, BLOCK: tl.constexpr, FLIP: tl.constexpr,
-              PDL: tl.constexpr):
+def sinusoids(t_ptr, t_stride, f_ptr, y_ptr, scale, HALF, DIM, BLOCK: tl.constexpr, FLIP: tl.constexpr):
     """Row n of y (N, DIM), float32: [sin(scale t_n w), cos(scale t_n w)] over the HALF frequencies w (or [cos, sin]
     with FLIP), then zeros up to DIM; the products rounded in the reference's order, sin and cos at full precision
     (Triton lowers them to libdevice's sinf and cosf, as CUDA's own). t_n sits at t_ptr + n * t_stride: a
     timestep broadcast over the batch (stride 0, as the UNet expands it) is read where it is."""
-    begin(PDL)
     n = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BLOCK)
     m = i < HALF

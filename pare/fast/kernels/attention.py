@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import TRITON, pdl, triton_ready
+from . import TRITON, triton_ready
 
 if TRITON:  # at import, not in the call: torch.compile cannot trace an import
     import triton
@@ -57,5 +57,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *, 
     attention_kernel[grid](q, k, v, o, n, m, heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                            v.stride(0), v.stride(1), o.stride(0), o.stride(1), d**-0.5, D=d,
                            D_PAD=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n or BLOCK_N,
-                           STAGES=stages or STAGES, num_warps=warps or WARPS, **pdl(q))
+                           STAGES=stages or STAGES, num_warps=warps or WARPS)
     return o

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import TRITON, pdl, triton_ready
+from . import TRITON, triton_ready
 
 if TRITON:  # at import, not in the call: torch.compile cannot trace an import
     import triton
@@ -41,5 +41,5 @@ def cat_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     rows = n * h * w
     block_rows = TILE // BLOCK_C
     concat_kernel[(triton.cdiv(rows, block_rows), triton.cdiv(ca + cb, BLOCK_C))](
-        a, b, y, rows, ca, cb, BLOCK_ROWS=block_rows, BLOCK_C=BLOCK_C, num_warps=4, **pdl(a))
+        a, b, y, rows, ca, cb, BLOCK_ROWS=block_rows, BLOCK_C=BLOCK_C, num_warps=4)
     return y

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import INTERPRET, TRITON, pdl, triton_ready
+from . import INTERPRET, TRITON, triton_ready
 
 if TRITON:  # at import, not in the call: torch.compile cannot trace an import
     import triton
@@ -60,7 +60,7 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // (2 * d)
     y = torch.empty(*x.shape[:-1], d, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(d, BLOCK_COLS))
-    geglu_kernel[grid](x, y, rows, d, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=BLOCK_COLS, num_warps=4, **pdl(x))
+    geglu_kernel[grid](x, y, rows, d, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=BLOCK_COLS, num_warps=4)
     return y
 
 
@@ -94,5 +94,5 @@ def geglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     w_desc = TensorDescriptor.from_tensor(weight, [bn, bk])  # (BLOCK_N, BLOCK_K) boxes of either half of w
     b_ptr = bias if bias is not None else weight  # a dummy pointer when there is no bias
     geglu_linear_kernel[grid](x_desc, w_desc, b_ptr, y, m, d, k, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn,
-                              BLOCK_K=bk, GROUP_M=GEMM_GROUP_M, STAGES=GEMM_STAGES, num_warps=GEMM_WARPS, **pdl(x))
+                              BLOCK_K=bk, GROUP_M=GEMM_GROUP_M, STAGES=GEMM_STAGES, num_warps=GEMM_WARPS)
     return y

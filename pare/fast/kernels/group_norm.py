@@ -13,14 +13,12 @@ copy in and out, and the SiLU (and the time-embedding add) are more passes over 
 x is read twice and y written once, coalesced over channels, whatever the layout of the convs
 around it wants (channels last: cuDNN's fastest convs on Hopper).
 
-Three launches (two on small maps):
+Three launches:
     1. stats:    one program per BLOCK_HW pixels of one image, a (pixels, channels) tile: each channel's
                  (mean, M2) over the tile's pixels, gathered into (groups, channels of a group) and
                  merged by the same update, with no loop -> (mean, M2) of each group there.
     2. finalize: one program per (image, group): merge the tiles -> (mean, 1/sqrt(var + eps)).
-    3. apply:    y = (x + add - mean) * rstd * weight + bias, then SiLU, in one pass. Where an image has at most
-                 MERGE_MAX (tile, group) partials (SD1.5's 32 x 32 maps and smaller), each apply program merges
-                 them itself, as finalize would, and finalize is not launched.
+    3. apply:    y = (x + add - mean) * rstd * weight + bias, then SiLU, in one pass.
 `add` is the time embedding's projection (B, C) and a conv's bias (C,), read as they are, in any dtype,
 and summed in float32 in the kernel: no pass (or launch) of their own to widen and sum them.
 All arithmetic is float32; the input and output keep their dtype.
@@ -31,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import TRITON, pdl, triton_ready
+from . import TRITON, triton_ready
 
 if TRITON:  # at import, not in the call: torch.compile cannot trace an import
     import triton
@@ -42,7 +40,6 @@ if TRITON:  # at import, not in the call: torch.compile cannot trace an import
 TILE = 4096  # values per program in the apply and bias-residual passes: a few per thread at 4 warps
 STATS_TILE = 32768  # values per program in the stats pass: larger tiles measured faster (benchmarks/NOTES.md)
 STATS_WARPS = 4  # 4 measured faster than 8 or 16 (benchmarks/NOTES.md)
-MERGE_MAX = 1024  # at most this many (tile, group) partials an image: `apply` merges them, and `finalize` is not launched
 
 
 def reference(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
@@ -78,24 +75,18 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     cadd = channel_add.contiguous() if channel_add is not None else x
     add_stride = add.stride(0) if add is not None else 0
     partial = torch.empty(b, n_tiles, g_p, 2, device=x.device, dtype=torch.float32)  # (mean, M2) per tile and group
+    stat = torch.empty(b, num_groups, 2, device=x.device, dtype=torch.float32)  # (mean, rstd) per group
     y = torch.empty_like(x, memory_format=torch.channels_last)
     warps = lambda values: 4 if values <= 4096 else 8  # noqa: E731
     stats[(n_tiles, b)](x, add_, cadd, partial, hw, c, cpg, n_tiles, add_stride, G=num_groups, G_P=g_p, C_P=c_p,
                         CPG_P=cpg_p, BLOCK_HW=rows_stats, HAS_ADD=add is not None, HAS_CADD=channel_add is not None,
-                        num_warps=STATS_WARPS if rows_stats * c_p > 4096 else 4, **pdl(x))
-    block_t = triton.next_power_of_2(n_tiles)
-    merge = block_t * g_p <= MERGE_MAX  # apply merges the partials itself: no finalize launch
-    if merge:
-        stat = partial
-    else:
-        stat = torch.empty(b, num_groups, 2, device=x.device, dtype=torch.float32)  # (mean, rstd) per group
-        finalize[(b, num_groups)](partial, stat, hw, cpg, n_tiles, eps, G=num_groups, G_P=g_p, BLOCK_HW=rows_stats,
-                                  BLOCK_T=min(1024, block_t), num_warps=4, **pdl(x))
-    apply[(triton.cdiv(hw, rows_apply), b)](x, add_, cadd, stat, weight, bias, y, hw, c, cpg, add_stride, n_tiles, eps,
+                        num_warps=STATS_WARPS if rows_stats * c_p > 4096 else 4)
+    finalize[(b, num_groups)](partial, stat, hw, cpg, n_tiles, eps, G=num_groups, G_P=g_p, BLOCK_HW=rows_stats,
+                              BLOCK_T=min(1024, triton.next_power_of_2(n_tiles)), num_warps=4)
+    apply[(triton.cdiv(hw, rows_apply), b)](x, add_, cadd, stat, weight, bias, y, hw, c, cpg, add_stride,
                                             G=num_groups, C_P=c_p, BLOCK_HW=rows_apply, HAS_ADD=add is not None,
-                                            HAS_CADD=channel_add is not None, SILU=silu, MERGE=merge, G_P=g_p,
-                                            STATS_HW=rows_stats, BLOCK_T=block_t,
-                                            num_warps=warps(rows_apply * c_p), **pdl(x))
+                                            HAS_CADD=channel_add is not None, SILU=silu,
+                                            num_warps=warps(rows_apply * c_p))
     return y
 
 
@@ -118,6 +109,5 @@ def add_bias_residual(x: torch.Tensor, residual: torch.Tensor, bias: torch.Tenso
     rows = max(1, TILE // c_p)
     grid = (triton.cdiv(b * h * w, rows),)
     add_bias_residual_kernel[grid](x, residual, bias, bias if bias2 is None else bias2, b * h * w, c, C_P=c_p,
-                                   BLOCK_ROWS=rows, HAS_BIAS2=bias2 is not None,
-                                   num_warps=4 if rows * c_p <= 4096 else 8, **pdl(x))
+                                   BLOCK_ROWS=rows, HAS_BIAS2=bias2 is not None, num_warps=4 if rows * c_p <= 4096 else 8)
     return x

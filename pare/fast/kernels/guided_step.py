@@ -64,7 +64,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import TRITON, pdl, triton_ready
+from . import TRITON, triton_ready
 
 if TRITON:  # at import, not in the call: torch.compile cannot trace an import
     import triton
@@ -254,8 +254,7 @@ def guided_step(noise_pred: torch.Tensor, sample: torch.Tensor, guidance_scale: 
             *m2_.stride(), *noise_.stride(), float(guidance_scale), float(c_x), float(c_m), float(next_scale),
             float(p_x), float(p_g), float(c_add), float(c_add2), float(q_l), float(q_1), float(q_2), float(q_m), float(c_noise),
             BLOCK=BLOCK, STACK=next_input, CONVERT=convert is not None, ADDEND=addend is not None,
-            ADDEND2=addend2 is not None, CORRECT=correct is not None, NOISE=noise is not None, num_warps=4,
-            **pdl(sample))
+            ADDEND2=addend2 is not None, CORRECT=correct is not None, NOISE=noise is not None, num_warps=4)
         return Stepped(out, stacked, converted, corrected)
     compute = torch.float32 if sample.dtype in (torch.float16, torch.bfloat16) else sample.dtype
     uncond, text = noise_pred.to(compute).chunk(2)  # (2B, ...) -> 2 x (B, ...)

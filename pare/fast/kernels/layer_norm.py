@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import TRITON, pdl, triton_ready
+from . import TRITON, triton_ready
 
 if TRITON:  # at import, not in the call: torch.compile cannot trace an import
     import triton
@@ -55,6 +55,5 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     residual = residual.contiguous() if residual is not None else x  # x: a dummy pointer when there is none
     layer_norm_kernel[(triton.cdiv(rows, block_rows),)](
         x, residual, h, weight, bias, y, rows, c, eps,
-        C_P=c_p, BLOCK_ROWS=block_rows, HAS_RES=h is not x, RES_ROWS=residual.shape == x.shape,
-        num_warps=4 if block_rows * c_p <= 4096 else 8, **pdl(x))
+        C_P=c_p, BLOCK_ROWS=block_rows, HAS_RES=h is not x, RES_ROWS=residual.shape == x.shape, num_warps=4 if block_rows * c_p <= 4096 else 8)
     return h, y

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import TRITON, pdl, triton_ready
+from . import TRITON, triton_ready
 
 if TRITON:  # at import, not in the call: torch.compile cannot trace an import
     import triton
@@ -50,7 +50,7 @@ def phase_weight(weight: torch.Tensor) -> torch.Tensor:
     o, i = weight.shape[:2]
     weight = weight.contiguous(memory_format=torch.channels_last)  # a no-op on the fast path
     out = torch.empty((4 * o, i, 2, 2), dtype=weight.dtype, device=weight.device, memory_format=torch.channels_last)
-    phase_weights_kernel[(triton.cdiv(o * i, TILE),)](weight, out, o, i, BLOCK=TILE, num_warps=8, **pdl(weight))
+    phase_weights_kernel[(triton.cdiv(o * i, TILE),)](weight, out, o, i, BLOCK=TILE, num_warps=8)
     return out
 
 
@@ -83,5 +83,5 @@ def interleave_phases(p: torch.Tensor, bias: torch.Tensor | None) -> torch.Tenso
     block_rows = max(1, TILE // c_p)
     interleave_kernel[(triton.cdiv(rows, block_rows),)](
         p, bias if bias is not None else p, y, h, w, c, rows, C_P=c_p, BLOCK_ROWS=block_rows,
-        HAS_BIAS=bias is not None, num_warps=4 if block_rows * c_p <= 4096 else 8, **pdl(p))
+        HAS_BIAS=bias is not None, num_warps=4 if block_rows * c_p <= 4096 else 8)
     return y

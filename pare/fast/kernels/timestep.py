@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from . import TRITON, pdl, triton_ready
+from . import TRITON, triton_ready
 
 if TRITON:  # at import, not in the call: torch.compile cannot trace an import
     import triton
@@ -44,5 +44,5 @@ def sinusoids(timesteps: torch.Tensor, freqs: torch.Tensor, embedding_dim: int, 
     y = torch.empty(n, embedding_dim, dtype=torch.float32, device=timesteps.device)
     sinusoids_kernel[(n,)](timesteps, timesteps.stride(0), freqs, y, float(scale), half, embedding_dim,
                            BLOCK=triton.next_power_of_2(max(half, embedding_dim - 2 * half, 1)), FLIP=flip_sin_to_cos,
-                           num_warps=1 if half <= 128 else 4, **pdl(timesteps))
+                           num_warps=1 if half <= 128 else 4)
     return y
