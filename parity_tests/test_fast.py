@@ -519,8 +519,8 @@ def test_the_loop_graph_captures_replays_and_falls_back_as_designed_with_graphs_
 
 @torch.no_grad()
 def test_the_fused_step_loop_gives_the_class_loops_latents_and_leaves_every_other_loop_to_it(monkeypatch):
-    """pare/fast/denoise.py: a plain DDIM loop (eta 0, no clipping), Euler, Euler ancestral, DPM-Solver++ (2M, 3M, SDE)
-    or UniPC loop
+    """pare/fast/denoise.py: a plain DDIM loop (eta 0, no clipping), Euler, Euler ancestral, DPM-Solver++ (2M, 3M, SDE),
+    UniPC or DEIS loop
     under guidance, epsilon or v prediction, runs one fused step a UNet call; its latents are the class loop's (float64
     here: within the float32 rounding of the reference's alpha_bar roots and sigmas; Euler a's noise drawn from the
     call's generator as its step draws it, so the same noise), a step callback's seen and its
@@ -531,8 +531,8 @@ def test_the_fused_step_loop_gives_the_class_loops_latents_and_leaves_every_othe
     import pare.fast.denoise as fast_denoise
     from parity_tests.tiny_components import build_diffusers_pipeline
     from pare.parity.checkpoint import pare_twin
-    from pare.schedulers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                                 EulerDiscreteScheduler, UniPCMultistepScheduler)
+    from pare.schedulers import (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
+                                 EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler)
 
     ours = pare_twin(build_diffusers_pipeline("tiny-sd"), torch.float64)
     ours.set_progress_bar_config(disable=True)
@@ -587,7 +587,15 @@ def test_the_fused_step_loop_gives_the_class_loops_latents_and_leaves_every_othe
             (UniPCMultistepScheduler, {"solver_order": 1}, {}, True),
             (UniPCMultistepScheduler, {"solver_order": 3}, {}, False),
             (UniPCMultistepScheduler, {"predict_x0": False, "final_sigmas_type": "sigma_min"}, {}, False),
-            (UniPCMultistepScheduler, {"thresholding": True}, {}, False)):
+            (UniPCMultistepScheduler, {"thresholding": True}, {}, False),
+            (DEISMultistepScheduler, {}, {}, True),  # orders 1, 2, 1
+            (DEISMultistepScheduler, {"prediction_type": "v_prediction", "use_karras_sigmas": True},
+             {"callback_on_step_end": halve}, True),
+            (DEISMultistepScheduler, {"solver_order": 3}, {"num_inference_steps": 5}, True),  # 1, 2, 3, 2, 1
+            (DEISMultistepScheduler, {"solver_order": 3, "lower_order_final": False, "prediction_type": "v_prediction"},
+             {"num_inference_steps": 4}, True),  # 1, 2, 3, 3
+            (DEISMultistepScheduler, {"thresholding": True}, {}, False),
+            (DEISMultistepScheduler, {"prediction_type": "sample"}, {}, False)):
         ours.scheduler = cls.from_config(config, **overrides)
         fused_steps.clear()
         got = run(True, **kwargs)
@@ -1204,7 +1212,8 @@ def test_the_timestep_features_kernel_is_the_reference(dim, flip, shift, dtype, 
                                      "DPMSolverMultistepScheduler/sde-dpmsolver++",
                                      "DPMSolverMultistepScheduler/sde-dpmsolver++/heun", "DPMSolverMultistepScheduler/3",
                                      "DPMSolverMultistepScheduler/sde-dpmsolver++/3",
-                                     "UniPCMultistepScheduler", "UniPCMultistepScheduler/bh1"])
+                                     "UniPCMultistepScheduler", "UniPCMultistepScheduler/bh1",
+                                     "DEISMultistepScheduler", "DEISMultistepScheduler/3"])
 def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side, layouts, prediction_type, dtype,
                                                                           sampler, monkeypatch):
     """Guidance, DDIM's step (eta 0), Euler's (no churn), Euler ancestral's (its noise given), DPM-Solver++'s (2M,
@@ -1248,8 +1257,8 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
     eps_d = eps.to(dtype).contiguous(memory_format=fmt[layouts[0]])
     x_d = x.to(dtype).contiguous(memory_format=fmt[layouts[1]])
     m1_d, m2_d, last_d = m1.to(dtype), m2.to(dtype), last.to(dtype)  # contiguous: need not be the latents' layout
-    unipc = name == "UniPCMultistepScheduler"
-    third = extra.get("solver_order") == 3  # DPM-Solver++ 3M: m2 before m1 in its history
+    unipc, deis = name == "UniPCMultistepScheduler", name == "DEISMultistepScheduler"
+    third = extra.get("solver_order") == 3  # DPM-Solver++ 3M and DEIS: m2 before m1 in its history
     orders = []
     for i in (0, 30, len(s.timesteps) - 1):
         t = s.timesteps[i]
@@ -1273,8 +1282,8 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
         stepper = copying.deepcopy(at)
         if multistep:
             keep(stepper, m1, m2, last)
-        if unipc or third:  # their coefficients from float64 levels: in float32, UniPC's phi_2(-h) = (e^-h - 1) / -h - 1
-            stepper.sigmas = stepper.sigmas.double()  # cancels, and 3M's (e^-h - 1 + h) / h^2 - 1/2
+        if unipc or third or deis:  # their coefficients from float64 levels: in float32, UniPC's phi_2(-h) = (e^-h - 1)
+            stepper.sigmas = stepper.sigmas.double()  # / -h - 1 cancels, 3M's (e^-h - 1 + h) / h^2 - 1/2, DEIS's integrals
         exact = stepper.step(guided, t, x).prev_sample  # float64
         exact_next = stepper.scale_model_input(exact, s.timesteps[i + 1]) if i + 1 < len(s.timesteps) else None
         before = copying.deepcopy(at)
@@ -1302,7 +1311,7 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
         assert step.draws == (name == "EulerAncestralDiscreteScheduler" or sde)
         prev = m1 if step.addend is not None else None  # the multistep solvers' m1
         prev2 = m2 if step.addend2 is not None else None  # and 3M's m2
-        assert (prev2 is not None) == (third and i == 30)
+        assert (prev2 is not None) == (multistep and orders[-1] == 3)
         if prev is not None:
             terms = terms + abs(step.c_add) * prev.abs()
         if prev2 is not None:
@@ -1368,8 +1377,8 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
             torch.testing.assert_close(kept, twin_kept, rtol=ulp, atol=ulp + 4 * ulp32 * float(m_terms.max()))
     assert launched.calls == 3
     if multistep:
-        assert orders == [1, 3 if third else 2, 1]  # the first step has no history; the last (final sigma 0) is first
-        # order
+        # the first step has no history; the last (final sigma 0; DEIS's, at 50 steps, no lower_order_final) is first order
+        assert orders == [1, 3 if third else 2, (3 if third else 2) if deis else 1]
     final, none, _, _ = step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m, next_input=False, **kw)  # no next input
     assert none is None and torch.equal(final, ours) and launched.calls == 4
     with pytest.raises(ValueError, match=r"a \(2B, C, h, w\) UNet output"):

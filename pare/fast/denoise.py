@@ -4,16 +4,16 @@ Replaces: `pare/pipelines/stable_diffusion.py StableDiffusionPipeline.denoise` (
 `pipeline_stable_diffusion.py __call__`) inside the loop graph (`loop.py`, and its step-by-step entry, taken with a
 step callback), for the samplers SD folders name most, under classifier-free guidance: DDIM with eta = 0 (SD 1.x's
 and 2.x's pipelines), Euler without churn (SDXL's folders), Euler ancestral ("Euler a", A1111's default),
-DPM-Solver++ (2M or 3M) and its SDE ("DPM++ 2M (SDE) (Karras)" in the UIs) and UniPC ("UniPC", its default: second order,
-the data prediction, bh2 or bh1). The UNet call is the reference loop's; what follows it, guidance (Ho & Salimans,
+DPM-Solver++ (2M or 3M) and its SDE ("DPM++ 2M (SDE) (Karras)" in the UIs), UniPC ("UniPC", its default: second order,
+the data prediction, bh2 or bh1) and DEIS ("DEIS", orders 1 to 3). The UNet call is the reference loop's; what follows it, guidance (Ho & Salimans,
 arXiv 2207.12598, eq. 6) and the step (DDIM's eq. 12, Song et al., arXiv 2010.02502, with sigma_t = 0; Euler's
 Algorithm 2, Karras et al., arXiv 2206.00364, with gamma = 0, and its ancestral form, k-diffusion's; DPM-Solver++'s
 Algorithm 2 and its SDE, Lu et al., arXiv 2211.01095; UniPC's corrector and predictor, Zhao et al., arXiv
-2302.04867), is `kernels/guided_step.py`: x' = c_x x + c_m m (+ c_a a) (+ c_z z), with m the guided output
-eps_u + w (eps_c - eps_u) (DPM-Solver++ and UniPC: their data prediction, a the previous step's; Euler a and the
+2302.04867; DEIS's rhoAB step, Zhang & Chen, arXiv 2204.13902), is `kernels/guided_step.py`: x' = c_x x + c_m m (+ c_a a) (+ c_z z), with m the guided output
+eps_u + w (eps_c - eps_u) (DPM-Solver++ and UniPC: their data prediction, DEIS: its eps, a the previous step's; Euler a and the
 SDE: z their noise, drawn as their steps draw it; UniPC: x first corrected, from its last sample and history), the
 coefficients solved on the host in float64 from the scheduler's own schedule (DDIM's alpha_bar and previous
-timestep, the Euler, DPM-Solver and UniPC sigmas, and the multistep solvers' orders at that step), and the next
+timestep, the Euler, DPM-Solver, UniPC and DEIS sigmas, and the multistep solvers' orders at that step), and the next
 input x' / sqrt(sigma'^2 + 1) for the Euler samplers. Every other loop (another scheduler, eta > 0, churn, a
 noise-prediction DPM-Solver, a third-order UniPC, clipping or thresholding, guidance rescale, no guidance) is the
 reference's, unchanged.
@@ -33,13 +33,14 @@ from typing import NamedTuple
 import torch
 
 from ..schedulers.scheduling_ddim import DDIMScheduler
+from ..schedulers.scheduling_deis_multistep import DEISMultistepScheduler
 from ..schedulers.scheduling_dpmsolver_multistep import LEARNED_VARIANCE_TYPES, DPMSolverMultistepScheduler
 from ..schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteScheduler
 from ..schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
 from ..schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
 from .graph import replayable
-from .kernels.guided_step import (ancestral_coefficients, ddim_coefficients, dpm_coefficients, euler_coefficients,
-                                  data_prediction, guided_step, unipc_coefficients)
+from .kernels.guided_step import (ancestral_coefficients, ddim_coefficients, deis_coefficients, dpm_coefficients,
+                                  euler_coefficients, data_prediction, guided_step, unipc_coefficients)
 from .noise import step_draw
 from .transformer import hold_context
 from .unet import FastUNet2DConditionModel
@@ -49,12 +50,12 @@ HOLD_TEXT = 1  # 0: the text's K and V projected at every step, as in the class'
 
 
 FUSED = (DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler,
-         UniPCMultistepScheduler)  # exactly
+         UniPCMultistepScheduler, DEISMultistepScheduler)  # exactly
 
 
 def fusable(pipe, latents, guidance_scale: float, guidance_rescale: float, step_kwargs: dict | None) -> bool:
     """Whether this loop's steps are guidance and a DDIM (eta 0), Euler (no churn), Euler ancestral, DPM-Solver++ (2M
-    or 3M, or its SDE) or UniPC (2M, data prediction) step, nothing more."""
+    or 3M, or its SDE), UniPC (2M, data prediction) or DEIS step, nothing more."""
     s, loop = pipe.scheduler, type(pipe).denoise
     # the loop this file twins, named (pare/fast sits below pare/pipelines, and does not import it): a subclass's
     # own loop (ControlNet's, inpainting's) is not this one
@@ -74,6 +75,8 @@ def fusable(pipe, latents, guidance_scale: float, guidance_rescale: float, step_
                 and not c.thresholding and c.variance_type not in LEARNED_VARIANCE_TYPES)
     if type(s) is UniPCMultistepScheduler:  # UniC then UniP to second order, the history of x_0 predictions
         return not steps and c.solver_order <= 2 and s.predict_x0 and not c.thresholding
+    if type(s) is DEISMultistepScheduler:  # orders 1 to 3, the history of its eps
+        return not steps and not c.thresholding
     if type(s) is EulerDiscreteScheduler:  # s_tmin, s_tmax and s_noise matter only with churn
         return set(steps) <= {"s_churn", "s_tmin", "s_tmax", "s_noise"} and float(steps.get("s_churn", 0.0)) == 0.0
     return (set(steps) <= {"eta"} and float(steps.get("eta", 0.0)) == 0.0
@@ -97,9 +100,9 @@ class Step(NamedTuple):
     c_m: float
     next_scale: float = 1.0
     convert: tuple[float, float] | None = None
-    addend: torch.Tensor | None = None  # DPM-Solver's and UniPC's last kept output
+    addend: torch.Tensor | None = None  # DPM-Solver's, UniPC's and DEIS's last kept output
     c_add: float = 0.0
-    addend2: torch.Tensor | None = None  # DPM-Solver's (3M) output before that
+    addend2: torch.Tensor | None = None  # DPM-Solver's (3M) and DEIS's (third order) output before that
     c_add2: float = 0.0
     draws: bool = False  # the loop draws noise z (Euler a, SDE DPM-Solver), as the scheduler's step would
     c_noise: float = 0.0  # x' gains c_noise z
@@ -117,7 +120,9 @@ def step_coefficients(scheduler, timestep) -> Step:
     gives, the sigmas about it, then `dpm_coefficients` (its SDE's too, whose noise the loop draws at every step,
     in float32); its last kept output is m1 at second order, and m1, m2 at third. UniPC: its step index, whether it
     corrects (`corrects`) and at what order (the last step's), its predictor's order (`order_of_step`), then
-    `unipc_coefficients`; m1 where either uses it, m2 where the corrector does, and its last sample to correct."""
+    `unipc_coefficients`; m1 where either uses it, m2 where the corrector does, and its last sample to correct. DEIS:
+    its step index, its order (`order_of_step`), the levels of its step and history, then `deis_coefficients`; m1 at
+    second order, m1 and m2 at third."""
     c = scheduler.config
     if isinstance(scheduler, (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler)):
         if scheduler.step_index is None:
@@ -160,6 +165,17 @@ def step_coefficients(scheduler, timestep) -> Step:
             correct = (scheduler.last_sample, scheduler.model_outputs[-2] if q[2] != 0.0 else None, q)
         return Step(c_x, c_m, 1.0, data_prediction(sigmas[2], c.prediction_type),
                     m1 if (order == 2 or correct is not None) else None, c_add, correct=correct, keeps_sample=True)
+    if isinstance(scheduler, DEISMultistepScheduler):
+        i, n = scheduler._start_step(timestep)
+        order = scheduler.order_of_step(i, n)
+        sigmas = scheduler.sigmas  # (n + 1,), CPU
+        convert, c_x, c_m, c_add, c_add2 = deis_coefficients(tuple(float(sigmas[i - j]) for j in range(order)),
+                                                             float(sigmas[i + 1]), c.prediction_type)
+        if scheduler.lower_order_nums < c.solver_order:
+            scheduler.lower_order_nums += 1
+        scheduler._step_index += 1
+        return Step(c_x, c_m, 1.0, convert, scheduler.model_outputs[-1] if order >= 2 else None, c_add,
+                    scheduler.model_outputs[-2] if order == 3 else None, c_add2)
     t = scheduler._check_timestep(timestep)
     prev_t = scheduler.previous_timestep(t)
     alpha_t = float(scheduler.alphas_cumprod[t])
@@ -196,7 +212,7 @@ def denoise(pipe, latents, timesteps, prompt_embeds, guidance_scale: float, guid
                 noise_pred, latents, guidance_scale, step.c_x, step.c_m, next_input=i + 1 < len(timesteps),
                 next_scale=step.next_scale, convert=step.convert, addend=step.addend, c_add=step.c_add,
                 correct=step.correct, noise=noise, c_noise=step.c_noise, addend2=step.addend2, c_add2=step.c_add2)
-            if kept is not None:  # DPM-Solver's and UniPC's history of x_0 predictions, newest last, as their steps keep it
+            if kept is not None:  # DPM-Solver's and UniPC's history of x_0 predictions (DEIS's of eps), newest last
                 pipe.scheduler.model_outputs = pipe.scheduler.model_outputs[1:] + [kept]
             if step.keeps_sample:  # UniPC's: the sample its predictor stepped from, corrected or not
                 pipe.scheduler.last_sample = corrected if corrected is not None else before

@@ -194,6 +194,17 @@ class DEISMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
         alpha, sigma = vp_alpha_sigma(self.sigmas[index])
         return sigma / alpha, alpha
 
+    def order_of_step(self, i: int, n: int) -> int:
+        """The order of step i of n, given the steps taken so far (`lower_order_nums`): the lowest of solver_order;
+        one more than the steps taken; and, with lower_order_final and fewer than 15 steps, 1 at the last step and
+        2 at the one before. `step` and the fast path's fused loop both ask it."""
+        c = self.config
+        if c.solver_order == 1 or self.lower_order_nums < 1 or (i == n - 1 and c.lower_order_final and n < 15):
+            return 1
+        if c.solver_order == 2 or self.lower_order_nums < 2 or (i == n - 2 and c.lower_order_final and n < 15):
+            return 2
+        return 3
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -201,19 +212,12 @@ class DEISMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
         sample: torch.Tensor,
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple:
-        """One multistep DEIS step from sigmas[i] to sigmas[i + 1], i = `step_index`.
-
-        The order is the lowest of: solver_order; one more than the steps taken so far; and, with
-        lower_order_final and fewer than 15 steps, 1 at the last step and 2 at the one before.
-        """
+        """One multistep DEIS step from sigmas[i] to sigmas[i + 1], i = `step_index`, of the order `order_of_step` gives."""
         c = self.config
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output has shape {tuple(model_output.shape)} but sample {tuple(sample.shape)}")
         i, n = self._start_step(timestep)
-
-        # 1. the order of this step
-        lower_order_final = i == n - 1 and c.lower_order_final and n < 15
-        lower_order_second = i == n - 2 and c.lower_order_final and n < 15
+        order = self.order_of_step(i, n)  # 1. the order of this step
 
         # 2. the model's eps, added to the history (newest last)
         model_output = self.convert_model_output(model_output, sample)
@@ -221,11 +225,11 @@ class DEISMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
         m = self.model_outputs
 
         # 3. x_t = alpha_t (x_s / alpha_s0 + sum_j C_j eps_j), C_j = integral_{rho_s0}^{rho_t} l_j d(rho)
-        if c.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
+        if order == 1:
             # order 1: eps constant over the step, x_t = (alpha_t / alpha_s) x_s - sigma_t (e^h - 1) eps (DDIM)
             (alpha_t, sigma_t), (alpha_s, sigma_s) = vp_alpha_sigma(self.sigmas[i + 1]), vp_alpha_sigma(self.sigmas[i])
             prev_sample = first_order_update("dpmsolver", sample, m[-1], alpha_t, sigma_t, alpha_s, sigma_s)
-        elif c.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
+        elif order == 2:
             (rho_t, alpha_t), (rho_s0, alpha_s0), (rho_s1, _) = (self._rho_alpha(j) for j in (i + 1, i, i - 1))
             coef1, coef2 = deis_second_order_coefficients(rho_t, rho_s0, rho_s1)
             prev_sample = alpha_t * (sample / alpha_s0 + coef1 * m[-1] + coef2 * m[-2])

@@ -1,5 +1,5 @@
-"""Classifier-free guidance and a DDIM, Euler, Euler ancestral, DPM-Solver++ (2M, 3M) or UniPC (2M) step in one launch,
-which also writes the next UNet input.
+"""Classifier-free guidance and a DDIM, Euler, Euler ancestral, DPM-Solver++ (2M, 3M), UniPC (2M) or DEIS step in one
+launch, which also writes the next UNet input.
 
 Replaces, in the denoising loop (`pare/pipelines/stable_diffusion.py denoise`, through `pare/fast/denoise.py`):
 - the guidance line eps = eps_u + w (eps_c - eps_u) (Ho & Salimans, arXiv 2207.12598, eq. 6);
@@ -10,7 +10,8 @@ Replaces, in the denoising loop (`pare/pipelines/stable_diffusion.py denoise`, t
   midpoint or heun, or
   `scheduling_euler_ancestral_discrete.py EulerAncestralDiscreteScheduler.step` (k-diffusion's ancestral Euler), or
   `scheduling_unipc_multistep.py UniPCMultistepScheduler.step` to second order with its data prediction (Zhao et
-  al., arXiv 2302.04867: the corrector UniC, then the predictor UniP);
+  al., arXiv 2302.04867: the corrector UniC, then the predictor UniP), or
+  `scheduling_deis_multistep.py DEISMultistepScheduler.step` to third order (Zhang & Chen, arXiv 2204.13902, rhoAB-DEIS);
 - the next step's `torch.cat([latents] * 2)` and `scale_model_input` (Euler's x / sqrt(sigma^2 + 1); DDIM's is 1).
 
 Math. With the guided output m and the sample x, a DDIM step with eta = 0 is linear in (x, m):
@@ -48,8 +49,14 @@ b_k = (k-1)! phi_k(-h) / B(h), at order 2. Its predictor steps from x_c, with rh
     x' = (sigma_t' / sigma_t) x_c - alpha_t' (e^-h - 1) m0 - alpha_t' B(h) (m1 - m0) / (2 r).
 m0 is converted at the uncorrected sample, as UniPC's step converts it. The kernel writes x_c too: the scheduler's
 `last_sample`, which the next corrector starts from.
-`ddim_coefficients`, `euler_coefficients`, `ancestral_coefficients`, `dpm_coefficients` (the SDE's too) and
-`unipc_coefficients` solve the coefficients in float64 on the host; the kernel reads each value once, in float32 registers.
+A DEIS step (rho = sigma_t / alpha_t, which is the Karras sigma) integrates the Lagrange polynomial through the last
+1, 2 or 3 eps, in log rho, over rho: x' = alpha_t' (x / alpha_t + sum_j C_j m_j), C_j = int_{rho}^{rho'} l_j(log r) dr.
+With u = log r the integrand is l_j(u) e^u, and e^u (p - p' + p'' - ...) is an antiderivative of p(u) e^u for any
+polynomial p: so c_x = alpha_t' / alpha_t and the c's of m0, m1, m2 are alpha_t' C_j. Its history keeps eps, which it
+re-derives from its x_0: m0 = m (epsilon prediction), m0 = sigma_t x + alpha_t m (v prediction).
+`ddim_coefficients`, `euler_coefficients`, `ancestral_coefficients`, `dpm_coefficients` (the SDE's too),
+`unipc_coefficients` and `deis_coefficients` solve the coefficients in float64 on the host; the kernel reads each
+value once, in float32 registers.
 
 Why a kernel: the reference spends about ten launches a step on (B, 4, h, w) latents (guidance's subtract,
 multiply and add; the step's six multiplies, adds and divides; the next input's cat), each a few microseconds of
@@ -151,6 +158,47 @@ def dpm_coefficients(sigma: float, sigma_next: float, sigma_prev: float | None, 
     f, g = r0 / (r0 + r1), 1 / (r0 + r1)
     k0, k1 = (d1 * (1 + f) + d2 * g) / r0, (d1 * f + d2 * g) / r1  # of D1_0 and D1_1, divided by r0 and r1
     return convert, c_x, b + k0, -k0 - k1, k1, c_z
+
+
+def deis_coefficients(sigmas: tuple[float, ...], sigma_next: float, prediction_type: str
+                      ) -> tuple[tuple[float, float], float, float, float, float]:
+    """((p_x, p_g), c_x, c_m, c_p, c_q) of a DEIS step (log-rho Lagrange nodes) from sigmas[0] to sigma_next, of order
+    len(sigmas) (1 to 3; sigmas = (sigma_i, sigma_{i-1}, sigma_{i-2}): the levels of m0, m1, m2, Karras sigmas = rho):
+    m0 = p_x x + p_g m (its eps, as its history keeps it), then x' = c_x x + c_m m0 + c_p m1 + c_q m2 (see the module
+    docstring), in float64."""
+    if not 1 <= len(sigmas) <= 3:
+        raise ValueError(f"deis_coefficients: order {len(sigmas)}; the fused step takes orders 1 to 3")
+    alpha, alpha_next = 1 / math.sqrt(sigmas[0] ** 2 + 1), 1 / math.sqrt(sigma_next**2 + 1)  # VP alpha_t
+    if prediction_type == "epsilon":  # eps = (x - alpha_t x_0) / sigma_t with x_0 from eps: eps itself
+        convert = (0.0, 1.0)
+    elif prediction_type == "v_prediction":  # x_0 = alpha_t x - sigma_t v -> eps = sigma_t x + alpha_t v
+        convert = (sigmas[0] * alpha, alpha)
+    else:
+        raise ValueError(f"deis_coefficients: prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
+    nodes = [math.log(r) for r in sigmas]  # u_j = log rho_j
+    c = [alpha_next * exp_poly_integral(lagrange_basis(nodes, j), nodes[0], math.log(sigma_next)) for j in range(3)
+         if j < len(nodes)] + [0.0] * (3 - len(nodes))
+    return convert, alpha_next / alpha, c[0], c[1], c[2]
+
+
+def lagrange_basis(nodes: list[float], j: int) -> list[float]:
+    """l_j(u) = prod_{k != j} (u - u_k) / (u_j - u_k): its coefficients, lowest power first."""
+    poly = [1.0]
+    for k, u_k in enumerate(nodes):
+        if k != j:  # times (u - u_k) / (u_j - u_k)
+            poly = [(up - u_k * same) / (nodes[j] - u_k) for up, same in zip([0.0] + poly, poly + [0.0])]
+    return poly
+
+
+def exp_poly_integral(poly: list[float], a: float, b: float) -> float:
+    """int_a^b p(u) e^u du for a polynomial p (coefficients, lowest power first): e^u (p - p' + p'' - ...) is an
+    antiderivative (its derivative telescopes to p e^u)."""
+    signed, term, sign = [0.0] * len(poly), list(poly), 1.0
+    while term:
+        signed = [acc + sign * t for acc, t in zip(signed, term + [0.0] * (len(signed) - len(term)))]
+        term, sign = [i * t for i, t in enumerate(term)][1:], -sign
+    value = lambda u: math.exp(u) * sum(t * u**i for i, t in enumerate(signed))  # noqa: E731
+    return value(b) - value(a)
 
 
 def unipc_coefficients(sigmas: tuple[float, float, float, float], corrector_order: int, order: int,
