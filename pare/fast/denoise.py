@@ -4,19 +4,20 @@ Replaces: `pare/pipelines/stable_diffusion.py StableDiffusionPipeline.denoise` (
 `pipeline_stable_diffusion.py __call__`) inside the loop graph (`loop.py`, and its step-by-step entry, taken with a
 step callback), for the samplers SD folders name most, under classifier-free guidance: DDIM with eta = 0 (SD 1.x's
 and 2.x's pipelines), Euler without churn (SDXL's folders), Euler ancestral ("Euler a", A1111's default),
-DPM-Solver++ (2M or 3M) and its SDE ("DPM++ 2M (SDE) (Karras)" in the UIs), UniPC ("UniPC", its default: second order,
-the data prediction, bh2 or bh1) and DEIS ("DEIS", orders 1 to 3). The UNet call is the reference loop's; what follows it, guidance (Ho & Salimans,
-arXiv 2207.12598, eq. 6) and the step (DDIM's eq. 12, Song et al., arXiv 2010.02502, with sigma_t = 0; Euler's
-Algorithm 2, Karras et al., arXiv 2206.00364, with gamma = 0, and its ancestral form, k-diffusion's; DPM-Solver++'s
-Algorithm 2 and its SDE, Lu et al., arXiv 2211.01095; UniPC's corrector and predictor, Zhao et al., arXiv
-2302.04867; DEIS's rhoAB step, Zhang & Chen, arXiv 2204.13902), is `kernels/guided_step.py`: x' = c_x x + c_m m (+ c_a a) (+ c_z z), with m the guided output
-eps_u + w (eps_c - eps_u) (DPM-Solver++ and UniPC: their data prediction, DEIS: its eps, a the previous step's; Euler a and the
-SDE: z their noise, drawn as their steps draw it; UniPC: x first corrected, from its last sample and history), the
-coefficients solved on the host in float64 from the scheduler's own schedule (DDIM's alpha_bar and previous
-timestep, the Euler, DPM-Solver, UniPC and DEIS sigmas, and the multistep solvers' orders at that step), and the next
-input x' / sqrt(sigma'^2 + 1) for the Euler samplers. Every other loop (another scheduler, eta > 0, churn, a
-noise-prediction DPM-Solver, a third-order UniPC, clipping or thresholding, guidance rescale, no guidance) is the
-reference's, unchanged.
+DPM-Solver++ (2M or 3M) and its SDE ("DPM++ 2M (SDE) (Karras)" in the UIs), UniPC ("UniPC", its default: second
+order, the data prediction, bh2 or bh1) and DEIS ("DEIS", orders 1 to 3). The UNet call is the reference loop's;
+what follows it, guidance (Ho & Salimans, arXiv 2207.12598, eq. 6) and the step (DDIM's eq. 12, Song et al., arXiv
+2010.02502, with sigma_t = 0; Euler's Algorithm 2, Karras et al., arXiv 2206.00364, with gamma = 0, and its
+ancestral form, k-diffusion's; DPM-Solver++'s Algorithm 2 and its SDE, Lu et al., arXiv 2211.01095; UniPC's
+corrector and predictor, Zhao et al., arXiv 2302.04867; DEIS's rhoAB step, Zhang & Chen, arXiv 2204.13902), is
+`kernels/guided_step.py`: x' = c_x x + c_m m (+ c_a a) (+ c_z z), with m the guided output eps_u + w (eps_c - eps_u)
+(DPM-Solver++ and UniPC: their data prediction, DEIS: its eps, a the previous step's; Euler a and the SDE: z their
+noise, drawn as their steps draw it; UniPC: x first corrected, from its last sample and history), the coefficients
+solved on the host in float64 from the scheduler's own schedule (DDIM's alpha_bar and previous timestep, the Euler,
+DPM-Solver, UniPC and DEIS sigmas, and the multistep solvers' orders at that step), and the next input x' /
+sqrt(sigma'^2 + 1) for the Euler samplers. Every other loop (another scheduler, eta > 0, churn, a noise-prediction
+DPM-Solver, a third-order UniPC, clipping or thresholding, guidance rescale, no guidance) is the reference's,
+unchanged.
 
 Since the kernel writes both halves of the next UNet input from one value, they are equal by construction, and the
 fast UNet is told so (`same_halves`, `unet.py`): it runs the text-free prefix of its first block on one half.

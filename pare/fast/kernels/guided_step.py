@@ -176,8 +176,8 @@ def deis_coefficients(sigmas: tuple[float, ...], sigma_next: float, prediction_t
     else:
         raise ValueError(f"deis_coefficients: prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
     nodes = [math.log(r) for r in sigmas]  # u_j = log rho_j
-    c = [alpha_next * exp_poly_integral(lagrange_basis(nodes, j), nodes[0], math.log(sigma_next)) for j in range(3)
-         if j < len(nodes)] + [0.0] * (3 - len(nodes))
+    c = [alpha_next * exp_poly_integral(lagrange_basis(nodes, j), nodes[0], math.log(sigma_next))
+         for j in range(len(nodes))] + [0.0] * (3 - len(nodes))  # of m0, m1, m2; 0 beyond the order
     return convert, alpha_next / alpha, c[0], c[1], c[2]
 
 
