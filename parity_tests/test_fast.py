@@ -1219,7 +1219,7 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
     """Guidance, DDIM's step (eta 0), Euler's (no churn), Euler ancestral's (its noise given), DPM-Solver++'s (2M,
     midpoint or heun, or 3M: first order at the first and last steps, second or third order between) or UniPC's
     (bh2 or bh1: the predictor alone at the first step; then the corrector of order 2 before a predictor of order 2, and of order 1)
-    and the next UNet input in one launch: the PyTorch twin's values
+    or DEIS's (orders 1, then 2 or 3, its eps history) and the next UNet input in one launch: the PyTorch twin's values
     (within an ulp of the dtype and float32's rounding of the terms), no further from float64 than guidance and the
     scheduler's `step` run in the dtype (the reference loop's ops; bounded as the parity suite bounds a block), at
     every stride of the UNet's output (channels last) and of the latents; the next input is the stepped latents
