@@ -112,6 +112,14 @@ class Step(NamedTuple):
     keeps_sample: bool = False  # UniPC: the sample the predictor starts from is kept (`last_sample`)
 
 
+def advance_multistep(scheduler) -> None:
+    """A multistep solver's state after a step, as its `step` leaves it: one more step of history counted (up to its
+    order), and the step index moved on."""
+    if scheduler.lower_order_nums < scheduler.config.solver_order:
+        scheduler.lower_order_nums += 1
+    scheduler._step_index += 1
+
+
 def step_coefficients(scheduler, timestep) -> Step:
     """The step at `timestep`, its scheduler's state advanced as its `step` advances it (bar the history of outputs,
     which `denoise` adds to).
@@ -144,9 +152,7 @@ def step_coefficients(scheduler, timestep) -> Step:
         sde = c.algorithm_type == "sde-dpmsolver++"  # its noise drawn at every step (order 0 too), in float32
         convert, c_x, c_m, c_add, c_add2, c_z = dpm_coefficients(
             *levels, order, c.solver_type, c.prediction_type, sde, float(sigmas[i - 2]) if order == 3 else None)
-        if scheduler.lower_order_nums < c.solver_order:
-            scheduler.lower_order_nums += 1
-        scheduler._step_index += 1
+        advance_multistep(scheduler)
         return Step(c_x, c_m, 1.0, convert, scheduler.model_outputs[-1] if order >= 2 else None, c_add,
                     scheduler.model_outputs[-2] if order == 3 else None, c_add2, draws=sde, c_noise=c_z,
                     noise_dtype=torch.float32 if sde else None)
@@ -157,9 +163,7 @@ def step_coefficients(scheduler, timestep) -> Step:
         scheduler.this_order = order = scheduler.order_of_step(i, n)
         sigmas = [float(scheduler.sigmas[j]) if j >= 0 else math.nan for j in range(i - 2, i + 2)]  # CPU
         q, (c_x, c_m, c_add) = unipc_coefficients(tuple(sigmas), corrector_order, order, c.solver_type)
-        if scheduler.lower_order_nums < c.solver_order:
-            scheduler.lower_order_nums += 1
-        scheduler._step_index += 1
+        advance_multistep(scheduler)
         m1 = scheduler.model_outputs[-1]
         correct = None
         if q is not None:  # m2 only where the corrector is of order 2 (q_2 != 0)
@@ -172,9 +176,7 @@ def step_coefficients(scheduler, timestep) -> Step:
         sigmas = scheduler.sigmas  # (n + 1,), CPU
         convert, c_x, c_m, c_add, c_add2 = deis_coefficients(tuple(float(sigmas[i - j]) for j in range(order)),
                                                              float(sigmas[i + 1]), c.prediction_type)
-        if scheduler.lower_order_nums < c.solver_order:
-            scheduler.lower_order_nums += 1
-        scheduler._step_index += 1
+        advance_multistep(scheduler)
         return Step(c_x, c_m, 1.0, convert, scheduler.model_outputs[-1] if order >= 2 else None, c_add,
                     scheduler.model_outputs[-2] if order == 3 else None, c_add2)
     t = scheduler._check_timestep(timestep)

@@ -194,8 +194,9 @@ def exp_poly_integral(poly: list[float], a: float, b: float) -> float:
     """int_a^b p(u) e^u du for a polynomial p (coefficients, lowest power first): e^u (p - p' + p'' - ...) is an
     antiderivative (its derivative telescopes to p e^u)."""
     signed, term, sign = [0.0] * len(poly), list(poly), 1.0
-    while term:
-        signed = [acc + sign * t for acc, t in zip(signed, term + [0.0] * (len(signed) - len(term)))]
+    while term:  # term[i]: the coefficient of u^i of the next derivative
+        for i, t in enumerate(term):
+            signed[i] += sign * t
         term, sign = [i * t for i, t in enumerate(term)][1:], -sign
     value = lambda u: math.exp(u) * sum(t * u**i for i, t in enumerate(signed))  # noqa: E731
     return value(b) - value(a)
