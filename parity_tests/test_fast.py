@@ -526,7 +526,7 @@ def test_the_fused_step_loop_gives_the_class_loops_latents_and_leaves_every_othe
     call's generator as its step draws it, so the same noise), a step callback's seen and its
     replaced latents used, and the scheduler is left in the class loop's state (its step index, DPM-Solver's order
     count and history of x_0 predictions). Any other loop (eta > 0, clipping, guidance rescale, no guidance, a
-    noise-prediction DPM-Solver, thresholding, a third-order UniPC, another scheduler) is the class's own: no fused step,
+    noise-prediction DPM-Solver or UniPC, thresholding, another scheduler) is the class's own: no fused step,
     the same latents to the bit."""
     import pare.fast.denoise as fast_denoise
     from parity_tests.tiny_components import build_diffusers_pipeline
@@ -585,7 +585,12 @@ def test_the_fused_step_loop_gives_the_class_loops_latents_and_leaves_every_othe
             (UniPCMultistepScheduler, {"use_karras_sigmas": True, "disable_corrector": [1]},
              {"callback_on_step_end": halve}, True),
             (UniPCMultistepScheduler, {"solver_order": 1}, {}, True),
-            (UniPCMultistepScheduler, {"solver_order": 3}, {}, False),
+            (UniPCMultistepScheduler, {"solver_order": 3}, {"num_inference_steps": 5}, True),  # UniC 0-1-2-3-2, UniP 1-2-3-2-1
+            (UniPCMultistepScheduler, {"solver_order": 3, "lower_order_final": False, "solver_type": "bh1",
+                                       "prediction_type": "v_prediction", "use_karras_sigmas": True,
+                                       "final_sigmas_type": "sigma_min"},
+             {"num_inference_steps": 4, "callback_on_step_end": halve}, True),  # UniC 0-1-2-3, UniP 1-2-3-3
+            (UniPCMultistepScheduler, {"solver_order": 3, "disable_corrector": [2]}, {"num_inference_steps": 5}, True),
             (UniPCMultistepScheduler, {"predict_x0": False, "final_sigmas_type": "sigma_min"}, {}, False),
             (UniPCMultistepScheduler, {"thresholding": True}, {}, False),
             (DEISMultistepScheduler, {}, {}, True),  # orders 1, 2, 1
@@ -1212,13 +1217,14 @@ def test_the_timestep_features_kernel_is_the_reference(dim, flip, shift, dtype, 
                                      "DPMSolverMultistepScheduler/sde-dpmsolver++",
                                      "DPMSolverMultistepScheduler/sde-dpmsolver++/heun", "DPMSolverMultistepScheduler/3",
                                      "DPMSolverMultistepScheduler/sde-dpmsolver++/3",
-                                     "UniPCMultistepScheduler", "UniPCMultistepScheduler/bh1",
+                                     "UniPCMultistepScheduler", "UniPCMultistepScheduler/bh1", "UniPCMultistepScheduler/3",
                                      "DEISMultistepScheduler", "DEISMultistepScheduler/3"])
 def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side, layouts, prediction_type, dtype,
                                                                           sampler, monkeypatch):
     """Guidance, DDIM's step (eta 0), Euler's (no churn), Euler ancestral's (its noise given), DPM-Solver++'s (2M,
     midpoint or heun, or 3M: first order at the first and last steps, second or third order between) or UniPC's
-    (bh2 or bh1: the predictor alone at the first step; then the corrector of order 2 before a predictor of order 2, and of order 1)
+    (bh2 or bh1: the predictor alone at the first step; then the corrector of order 2 before a predictor of order 2,
+    and of order 1; or at third order the corrector of order 3 before a predictor of order 3, then orders 2 and 1)
     or DEIS's (orders 1, then 2 or 3, its eps history) and the next UNet input in one launch: the PyTorch twin's values
     (within an ulp of the dtype and float32's rounding of the terms), no further from float64 than guidance and the
     scheduler's `step` run in the dtype (the reference loop's ops; bounded as the parity suite bounds a block), at
@@ -1246,7 +1252,8 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
     eps = torch.randn(2 * b, 4, side, side, generator=g, dtype=torch.float64).to(KDEV)
     x = torch.randn(b, 4, side, side, generator=g, dtype=torch.float64).to(KDEV)
     m1 = torch.randn(b, 4, side, side, generator=g, dtype=torch.float64).to(KDEV)  # a previous step's x_0 prediction
-    m2 = torch.randn(b, 4, side, side, generator=g, dtype=torch.float64).to(KDEV)  # the one before (UniPC's corrector)
+    m2 = torch.randn(b, 4, side, side, generator=g, dtype=torch.float64).to(KDEV)  # the one before
+    m3 = torch.randn(b, 4, side, side, generator=g, dtype=torch.float64).to(KDEV)  # and before that (UniPC's corrector)
     last = torch.randn(b, 4, side, side, generator=g, dtype=torch.float64).to(KDEV)  # UniPC's sample a step ago
     z = torch.randn(b, 4, side, side, generator=g, dtype=torch.float64).to(KDEV)  # the noise, in every run
     if sde:  # its step draws z in float32, in every run (the float64 one too), as the fused loop hands it to the kernel
@@ -1256,9 +1263,10 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
     fmt = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
     eps_d = eps.to(dtype).contiguous(memory_format=fmt[layouts[0]])
     x_d = x.to(dtype).contiguous(memory_format=fmt[layouts[1]])
-    m1_d, m2_d, last_d = m1.to(dtype), m2.to(dtype), last.to(dtype)  # contiguous: need not be the latents' layout
+    m1_d, m2_d, m3_d, last_d = m1.to(dtype), m2.to(dtype), m3.to(dtype), last.to(dtype)  # contiguous: need not be
+    # the latents' layout
     unipc, deis = name == "UniPCMultistepScheduler", name == "DEISMultistepScheduler"
-    third = extra.get("solver_order") == 3  # DPM-Solver++ 3M and DEIS: m2 before m1 in its history
+    third = extra.get("solver_order") == 3  # DPM-Solver++ 3M, DEIS, UniPC: m2 (UniPC: m3 too) before m1
     orders = []
     for i in (0, 30, len(s.timesteps) - 1):
         t = s.timesteps[i]
@@ -1268,27 +1276,27 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
         if multistep:  # its history: m1 (none before the first step)
             at.lower_order_nums = min(i, at.config.solver_order)
             orders.append(at.order_of_step(i, len(s.timesteps)))
-        if unipc and i:  # the corrector's: the last step (of order 2 but at step 1) started at `last`
-            at.this_order = min(i, 2)
-        history = lambda m, m_: ([m_, m] if unipc else [None, m_, m] if third else [None, m]) if i else (  # noqa: E731
-            [None] * (3 if third else 2))
+        if unipc and i:  # the corrector's: the last step (of order 2 or 3, 2 before the last) started at `last`
+            at.this_order = 3 if third and i == 30 else 2
+        history = lambda m, m_, m__: ([m__, m_, m] if unipc and third else [m_, m] if unipc else [None, m_, m] if third  # noqa: E731
+                                      else [None, m]) if i else [None] * (3 if third else 2)
 
-        def keep(scheduler, m, m_, sample):  # the history and UniPC's last sample, in a run's dtype
-            scheduler.model_outputs = history(m, m_)
+        def keep(scheduler, m, m_, m__, sample):  # the history and UniPC's last sample, in a run's dtype
+            scheduler.model_outputs = history(m, m_, m__)
             if unipc:
                 scheduler.last_sample = sample if i else None
         uncond, text = eps.chunk(2)
         guided = uncond + w * (text - uncond)
         stepper = copying.deepcopy(at)
         if multistep:
-            keep(stepper, m1, m2, last)
+            keep(stepper, m1, m2, m3, last)
         if unipc or third or deis:  # their coefficients from float64 levels: in float32, UniPC's phi_2(-h) = (e^-h - 1)
             stepper.sigmas = stepper.sigmas.double()  # / -h - 1 cancels, 3M's (e^-h - 1 + h) / h^2 - 1/2, DEIS's integrals
         exact = stepper.step(guided, t, x).prev_sample  # float64
         exact_next = stepper.scale_model_input(exact, s.timesteps[i + 1]) if i + 1 < len(s.timesteps) else None
         before = copying.deepcopy(at)
         if multistep:
-            keep(before, m1, m2, last)
+            keep(before, m1, m2, m3, last)
         step = step_coefficients(before, t)
         assert getattr(before, "_step_index", None) == getattr(stepper, "_step_index", None)  # advanced as `step` does
         if multistep:
@@ -1302,16 +1310,18 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
         m_terms = abs(p_x) * x.abs() + abs(p_g) * (uncond.abs() + w * (text - uncond).abs())  # the terms of m
         start, start_terms = x, x.abs()  # UniPC's corrector replaces the sample the step starts from
         if step.correct is not None:
-            q_l, q_1, q_2, q_m = step.correct[2]
-            assert (step.correct[1] is not None) == (q_2 != 0.0)
-            start = q_l * last + q_1 * m1 + q_2 * m2 + q_m * m
-            start_terms = abs(q_l) * last.abs() + abs(q_1) * m1.abs() + abs(q_2) * m2.abs() + abs(q_m) * m_terms
+            q_l, q_1, q_2, q_3, q_m = step.correct[2]
+            assert (step.correct[1] is not None) == (q_3 != 0.0) == (third and i == 30)  # m3: UniC of order 3 only
+            assert q_2 != 0.0 and step.addend2 is not None  # here UniC is of order 2 or 3 wherever it corrects
+            start = q_l * last + q_1 * m1 + q_2 * m2 + q_3 * m3 + q_m * m
+            start_terms = (abs(q_l) * last.abs() + abs(q_1) * m1.abs() + abs(q_2) * m2.abs() + abs(q_3) * m3.abs()
+                           + abs(q_m) * m_terms)
             torch.testing.assert_close(start, stepper.last_sample, rtol=1e-6, atol=1e-6 * float(start_terms.max()))
         terms = abs(step.c_x) * start_terms + abs(step.c_m) * m_terms
         assert step.draws == (name == "EulerAncestralDiscreteScheduler" or sde)
         prev = m1 if step.addend is not None else None  # the multistep solvers' m1
-        prev2 = m2 if step.addend2 is not None else None  # and 3M's m2
-        assert (prev2 is not None) == (multistep and orders[-1] == 3)
+        prev2 = m2 if step.addend2 is not None else None  # and the third order's (and UniC's) m2
+        assert (prev2 is not None) == (multistep and (orders[-1] == 3 or step.correct is not None))
         if prev is not None:
             terms = terms + abs(step.c_add) * prev.abs()
         if prev2 is not None:
@@ -1330,7 +1340,7 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
         noise_d = z.to(step.noise_dtype or dtype) if step.draws else None
         correct = None
         if step.correct is not None:  # in the dtype
-            correct = (last_d, m2_d if step.correct[1] is not None else None, step.correct[2])
+            correct = (last_d, m3_d if step.correct[1] is not None else None, step.correct[2])
         kw = {"convert": step.convert, "addend": prev_d, "c_add": step.c_add, "correct": correct, "noise": noise_d,
               "c_noise": step.c_noise, "addend2": m2_d if prev2 is not None else None, "c_add2": step.c_add2}
         ours, stacked, kept, corrected = step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m,
@@ -1347,7 +1357,7 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
         u, c = eps_d.chunk(2)
         reference = copying.deepcopy(at)  # the reference loop's ops, in dtype
         if multistep:
-            keep(reference, m1_d, m2_d, last_d)
+            keep(reference, m1_d, m2_d, m3_d, last_d)
         theirs = reference.step(u + w * (c - u), t, x_d).prev_sample
         assert rel(ours, exact) <= BUDGET * rel(theirs, exact) + FLOOR[dtype], int(t)
         if multistep:
@@ -1385,10 +1395,13 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
         step_kernel.guided_step(eps_d[:b], x_d, w, step.c_x, step.c_m)
     with pytest.raises(ValueError, match=r"addend \(.*\) is not of the sample's shape"):
         step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m, addend=m1_d[:, :, :, 0])
-    with pytest.raises(ValueError, match="a second addend needs the first, and no correction"):
+    with pytest.raises(ValueError, match="a second addend needs the first"):
         step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m, addend2=m2_d)
     with pytest.raises(ValueError, match="a correction needs convert, the addend m1"):
-        step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m, correct=(last_d, None, (1.0, 0.0, 0.0, 0.0)))
+        step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m, correct=(last_d, None, (1.0, 0.0, 0.0, 0.0, 0.0)))
+    with pytest.raises(ValueError, match="addend2 where q_2 != 0, and m3 exactly where q_3 != 0"):  # m3, no q_3
+        step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m, convert=(1.0, 1.0), addend=m1_d,
+                                correct=(last_d, m3_d, (1.0, 1.0, 0.0, 0.0, 1.0)))
 
 
 @pytest.mark.kernel
@@ -1519,6 +1532,8 @@ LOOP_CASES = (
     # 4 at third order); passed on an H200 2026-12-04
     ("DPMSolverSinglestepScheduler", {}, {}, True),
     ("UniPCMultistepScheduler", {}, {}, True),
+    ("UniPCMultistepScheduler", {"solver_order": 3, "lower_order_final": False, "final_sigmas_type": "sigma_min"}, {},
+     True),  # 4 steps: UniC 0-1-2-3, UniP 1-2-3-3
     ("DEISMultistepScheduler", {}, {}, True),
     ("EulerDiscreteScheduler", {}, {}, True),
     ("EulerAncestralDiscreteScheduler", {}, {}, True),

@@ -4,8 +4,8 @@ Replaces: `pare/pipelines/stable_diffusion.py StableDiffusionPipeline.denoise` (
 `pipeline_stable_diffusion.py __call__`) inside the loop graph (`loop.py`, and its step-by-step entry, taken with a
 step callback), for the samplers SD folders name most, under classifier-free guidance: DDIM with eta = 0 (SD 1.x's
 and 2.x's pipelines), Euler without churn (SDXL's folders), Euler ancestral ("Euler a", A1111's default),
-DPM-Solver++ (2M or 3M) and its SDE ("DPM++ 2M (SDE) (Karras)" in the UIs), UniPC ("UniPC", its default: second
-order, the data prediction, bh2 or bh1) and DEIS ("DEIS", orders 1 to 3). The UNet call is the reference loop's;
+DPM-Solver++ (2M or 3M) and its SDE ("DPM++ 2M (SDE) (Karras)" in the UIs), UniPC ("UniPC": orders 1 to 3, the
+data prediction, bh2 or bh1) and DEIS ("DEIS", orders 1 to 3). The UNet call is the reference loop's;
 what follows it, guidance (Ho & Salimans, arXiv 2207.12598, eq. 6) and the step (DDIM's eq. 12, Song et al., arXiv
 2010.02502, with sigma_t = 0; Euler's Algorithm 2, Karras et al., arXiv 2206.00364, with gamma = 0, and its
 ancestral form, k-diffusion's; DPM-Solver++'s Algorithm 2 and its SDE, Lu et al., arXiv 2211.01095; UniPC's
@@ -16,7 +16,7 @@ noise, drawn as their steps draw it; UniPC: x first corrected, from its last sam
 solved on the host in float64 from the scheduler's own schedule (DDIM's alpha_bar and previous timestep, the Euler,
 DPM-Solver, UniPC and DEIS sigmas, and the multistep solvers' orders at that step), and the next input x' /
 sqrt(sigma'^2 + 1) for the Euler samplers. Every other loop (another scheduler, eta > 0, churn, a noise-prediction
-DPM-Solver, a third-order UniPC, clipping or thresholding, guidance rescale, no guidance) is the reference's,
+DPM-Solver, a noise-prediction UniPC, clipping or thresholding, guidance rescale, no guidance) is the reference's,
 unchanged.
 
 Since the kernel writes both halves of the next UNet input from one value, they are equal by construction, and the
@@ -56,7 +56,7 @@ FUSED = (DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
 
 def fusable(pipe, latents, guidance_scale: float, guidance_rescale: float, step_kwargs: dict | None) -> bool:
     """Whether this loop's steps are guidance and a DDIM (eta 0), Euler (no churn), Euler ancestral, DPM-Solver++ (2M
-    or 3M, or its SDE), UniPC (2M, data prediction) or DEIS step, nothing more."""
+    or 3M, or its SDE), UniPC (to 3M, data prediction) or DEIS step, nothing more."""
     s, loop = pipe.scheduler, type(pipe).denoise
     # the loop this file twins, named (pare/fast sits below pare/pipelines, and does not import it): a subclass's
     # own loop (ControlNet's, inpainting's) is not this one
@@ -74,8 +74,8 @@ def fusable(pipe, latents, guidance_scale: float, guidance_rescale: float, step_
     if type(s) is DPMSolverMultistepScheduler:  # DPM-Solver++ (2M, its SDE too), the history of x_0 predictions
         return (not steps and c.algorithm_type in ("dpmsolver++", "sde-dpmsolver++") and c.solver_order <= 3
                 and not c.thresholding and c.variance_type not in LEARNED_VARIANCE_TYPES)
-    if type(s) is UniPCMultistepScheduler:  # UniC then UniP to second order, the history of x_0 predictions
-        return not steps and c.solver_order <= 2 and s.predict_x0 and not c.thresholding
+    if type(s) is UniPCMultistepScheduler:  # UniC then UniP to third order, the history of x_0 predictions
+        return not steps and c.solver_order <= 3 and s.predict_x0 and not c.thresholding
     if type(s) is DEISMultistepScheduler:  # orders 1 to 3, the history of its eps
         return not steps and not c.thresholding
     if type(s) is EulerDiscreteScheduler:  # s_tmin, s_tmax and s_noise matter only with churn
@@ -108,7 +108,7 @@ class Step(NamedTuple):
     draws: bool = False  # the loop draws noise z (Euler a, SDE DPM-Solver), as the scheduler's step would
     c_noise: float = 0.0  # x' gains c_noise z
     noise_dtype: torch.dtype | None = None  # the dtype its step draws z in (None: the model output's)
-    correct: tuple | None = None  # UniPC's corrector: (last sample, the output before the last or None, coefficients)
+    correct: tuple | None = None  # UniPC's corrector: (last sample, the output before addend2 or None, coefficients)
     keeps_sample: bool = False  # UniPC: the sample the predictor starts from is kept (`last_sample`)
 
 
@@ -129,7 +129,8 @@ def step_coefficients(scheduler, timestep) -> Step:
     gives, the sigmas about it, then `dpm_coefficients` (its SDE's too, whose noise the loop draws at every step,
     in float32); its last kept output is m1 at second order, and m1, m2 at third. UniPC: its step index, whether it
     corrects (`corrects`) and at what order (the last step's), its predictor's order (`order_of_step`), then
-    `unipc_coefficients`; m1 where either uses it, m2 where the corrector does, and its last sample to correct. DEIS:
+    `unipc_coefficients`; m1 and m2 where either uses them, m3 where the corrector does, and its last sample to
+    correct. DEIS:
     its step index, its order (`order_of_step`), the levels of its step and history, then `deis_coefficients`; m1 at
     second order, m1 and m2 at third."""
     c = scheduler.config
@@ -161,15 +162,15 @@ def step_coefficients(scheduler, timestep) -> Step:
         corrector_order = scheduler.this_order if scheduler.corrects(i) else 0
         scheduler.timestep_list = scheduler.timestep_list[1:] + [timestep]
         scheduler.this_order = order = scheduler.order_of_step(i, n)
-        sigmas = [float(scheduler.sigmas[j]) if j >= 0 else math.nan for j in range(i - 2, i + 2)]  # CPU
-        q, (c_x, c_m, c_add) = unipc_coefficients(tuple(sigmas), corrector_order, order, c.solver_type)
+        sigmas = [float(scheduler.sigmas[j]) if j >= 0 else math.nan for j in range(i - 3, i + 2)]  # CPU
+        q, (c_x, c_m, c_add, c_add2) = unipc_coefficients(tuple(sigmas), corrector_order, order, c.solver_type)
         advance_multistep(scheduler)
-        m1 = scheduler.model_outputs[-1]
-        correct = None
-        if q is not None:  # m2 only where the corrector is of order 2 (q_2 != 0)
-            correct = (scheduler.last_sample, scheduler.model_outputs[-2] if q[2] != 0.0 else None, q)
-        return Step(c_x, c_m, 1.0, data_prediction(sigmas[2], c.prediction_type),
-                    m1 if (order == 2 or correct is not None) else None, c_add, correct=correct, keeps_sample=True)
+        history = scheduler.model_outputs  # [..., m3, m2, m1], newest last
+        correct = (scheduler.last_sample, history[-3] if q[3] != 0.0 else None, q) if q is not None else None
+        m1 = history[-1] if order >= 2 or q is not None else None  # the predictor's or UniC's
+        m2 = history[-2] if order == 3 or (q is not None and q[2] != 0.0) else None
+        return Step(c_x, c_m, 1.0, data_prediction(sigmas[3], c.prediction_type), m1, c_add, m2, c_add2,
+                    correct=correct, keeps_sample=True)
     if isinstance(scheduler, DEISMultistepScheduler):
         i, n = scheduler._start_step(timestep)
         order = scheduler.order_of_step(i, n)

@@ -1,4 +1,4 @@
-"""Classifier-free guidance and a DDIM, Euler, Euler ancestral, DPM-Solver++ (2M, 3M), UniPC (2M) or DEIS step in one
+"""Classifier-free guidance and a DDIM, Euler, Euler ancestral, DPM-Solver++ (2M, 3M), UniPC (to 3M) or DEIS step in one
 launch, which also writes the next UNet input.
 
 Replaces, in the denoising loop (`pare/pipelines/stable_diffusion.py denoise`, through `pare/fast/denoise.py`):
@@ -9,7 +9,7 @@ Replaces, in the denoising loop (`pare/pipelines/stable_diffusion.py denoise`, t
   DPM-Solver++ to third order (Lu et al., arXiv 2211.01095, section 4 and Algorithm 2, and its SDE of section 5),
   midpoint or heun, or
   `scheduling_euler_ancestral_discrete.py EulerAncestralDiscreteScheduler.step` (k-diffusion's ancestral Euler), or
-  `scheduling_unipc_multistep.py UniPCMultistepScheduler.step` to second order with its data prediction (Zhao et
+  `scheduling_unipc_multistep.py UniPCMultistepScheduler.step` to third order with its data prediction (Zhao et
   al., arXiv 2302.04867: the corrector UniC, then the predictor UniP), or
   `scheduling_deis_multistep.py DEISMultistepScheduler.step` to third order (Zhang & Chen, arXiv 2204.13902, rhoAB-DEIS);
 - the next step's `torch.cat([latents] * 2)` and `scale_model_input` (Euler's x / sqrt(sigma^2 + 1); DDIM's is 1).
@@ -40,13 +40,13 @@ e^-h = sigma' / sigma):
 The kernel writes m0 too, in the sample's dtype as the scheduler's history keeps it (`model_outputs`), and reads m1
 (and m2) from there. A UniPC step (data prediction m0 as above; e^-h, alpha_t and sigma_t as for DPM-Solver; B(h) = -h for
 "bh1", e^-h - 1 for "bh2", at the step's h) is two such maps. Its corrector first redoes the last step, from the
-sample L it started at (sigma_{i-1}) to sigma_i, with m0 as one more point, r = 1, and m2 before m1 at order 2
-(r1 = (lambda_{i-2} - lambda_{i-1}) / h):
-    x_c = (sigma_t / sigma_s) L - alpha_t (e^-h - 1) m1 - alpha_t B(h) (rho_1 (m2 - m1) / r1 + rho_t (m0 - m1)),
-with rho_t = 1/2 (and no rho_1) at order 1, and (rho_1, rho_t) solving [[1, 1], [r1, 1]] rho = (b_1, b_2),
-b_k = (k-1)! phi_k(-h) / B(h), at order 2. Its predictor steps from x_c, with rho = 1/2 at order 2
-(r = (lambda_{i-1} - lambda_i) / h):
-    x' = (sigma_t' / sigma_t) x_c - alpha_t' (e^-h - 1) m0 - alpha_t' B(h) (m1 - m0) / (2 r).
+sample L it started at (sigma_{i-1}) to sigma_i, with m0 as one more point (r = 1), and m2, m3 before m1 at orders 2
+and 3 (r_k = (lambda_{i-1-k} - lambda_{i-1}) / h):
+    x_c = (sigma_t / sigma_s) L - alpha_t (e^-h - 1) m1 - alpha_t B(h) (sum_k rho_k (m_{k+1} - m1) / r_k + rho_t (m0 - m1)),
+with rho_t = 1/2 at order 1, and (rho_k, rho_t) solving the order conditions R rho = b (R_jk = r_k^(j-1), r = 1 for
+rho_t; b_j = (j-1)! phi_j(-h) / B(h)) at orders 2 and 3. Its predictor steps from x_c, with m1 and m2 before m0
+(r_k = (lambda_{i-k} - lambda_i) / h), rho = 1/2 at order 2 and the first two order conditions at order 3:
+    x' = (sigma_t' / sigma_t) x_c - alpha_t' (e^-h - 1) m0 - alpha_t' B(h) sum_k rho_k (m_k - m0) / r_k.
 m0 is converted at the uncorrected sample, as UniPC's step converts it. The kernel writes x_c too: the scheduler's
 `last_sample`, which the next corrector starts from.
 A DEIS step (rho = sigma_t / alpha_t, which is the Karras sigma) integrates the Lagrange polynomial through the last
@@ -69,6 +69,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from . import TRITON, triton_ready
@@ -202,13 +203,14 @@ def exp_poly_integral(poly: list[float], a: float, b: float) -> float:
     return value(b) - value(a)
 
 
-def unipc_coefficients(sigmas: tuple[float, float, float, float], corrector_order: int, order: int,
-                       solver_type: str) -> tuple[tuple[float, float, float, float] | None, tuple[float, float, float]]:
-    """(q, (c_x, c_m, c_p)) of a UniPC step at sigma = sigmas[2] (data prediction, B(h) = -h for "bh1", e^-h - 1 for
-    "bh2", at the step's h; see the module docstring), in float64. sigmas: (sigma_{i-2}, sigma_{i-1}, sigma_i, sigma_{i+1}), the
-    Karras levels about the step (the first two unused where no order reaches them). corrector_order: 0 (no
-    corrector), 1 or 2; order: the predictor's, 1 or 2. q = (q_l, q_1, q_2, q_m): the corrected sample
-    q_l L + q_1 m1 + q_2 m2 + q_m m0, or None where nothing is corrected; then x' = c_x x + c_m m0 + c_p m1."""
+def unipc_coefficients(sigmas: tuple[float, ...], corrector_order: int, order: int, solver_type: str
+                       ) -> tuple[tuple[float, float, float, float, float] | None, tuple[float, float, float, float]]:
+    """(q, (c_x, c_m, c_p, c_q)) of a UniPC step at sigma = sigmas[3] (data prediction, B(h) = -h for "bh1", e^-h - 1
+    for "bh2", at the step's h; see the module docstring), in float64. sigmas: (sigma_{i-3}, sigma_{i-2},
+    sigma_{i-1}, sigma_i, sigma_{i+1}), the Karras levels about the step (those no order reaches unused).
+    corrector_order: 0 (no corrector) to 3; order: the predictor's, 1 to 3. q = (q_l, q_1, q_2, q_3, q_m): the
+    corrected sample q_l L + q_1 m1 + q_2 m2 + q_3 m3 + q_m m0, or None where nothing is corrected; then
+    x' = c_x x + c_m m0 + c_p m1 + c_q m2."""
     lam = lambda s: math.inf if s == 0 else -math.log(s)  # noqa: E731 (lambda_t = log(alpha_t / sigma_t) = -log sigma)
     vp = lambda s: (1 / math.sqrt(s**2 + 1), s / math.sqrt(s**2 + 1))  # noqa: E731 (alpha_t, sigma_t)
     factor = lambda hh: hh if solver_type == "bh1" else math.expm1(hh)  # noqa: E731 (B(h), at hh = -h)
@@ -218,27 +220,36 @@ def unipc_coefficients(sigmas: tuple[float, float, float, float], corrector_orde
         h = lam(t) - lam(s0)
         return st / ss0, -at * math.expm1(-h), at * factor(-h), h
 
-    s2, s1, s, s_next = sigmas
+    def rhos(rks: list[float], h: float) -> list[float]:
+        """The weights solving R rho = b, R_kj = r_j^(k-1), b_k = (k-1)! phi_k(hh) / B(h) with phi_1's h phi_1(hh) =
+        e^hh - 1 and phi_{k+1}(hh) = (phi_k(hh) - 1 / k!) / hh, k = 1 .. len(rks) (the order conditions)."""
+        hh, b, phi, fact = -h, [], math.expm1(-h) / -h - 1, 1.0  # phi: h phi_2(hh) at first, then the next
+        for k in range(1, len(rks) + 1):
+            b.append(phi * fact / factor(hh))
+            fact *= k + 1
+            phi = phi / hh - 1 / fact
+        return np.linalg.solve(np.array([[r ** k for r in rks] for k in range(len(rks))]), np.array(b)).tolist()
+
+    s3, s2, s1, s, s_next = sigmas
     q = None
-    if corrector_order:  # UniC from sigma_{i-1} to sigma_i: the new m0 at the far end (r = 1) and, at order 2, m2
+    if corrector_order:  # UniC from sigma_{i-1} to sigma_i: the new m0 at the far end (r = 1), m2 and m3 before m1
         q_l, q_1, ab, h = first_order(s1, s)
         if h != 0:  # over a step of zero length there is nothing to correct
-            if corrector_order == 1:  # rho = 1/2: x_c = q_l L + q_1 m1 - ab (m0 - m1) / 2
-                q = (q_l, q_1 + ab / 2, 0.0, -ab / 2)
-            else:  # rho of R rho = b, R = [[1, 1], [r1, 1]], b_k = (k-1)! phi_k(-h) / B(h), solved in closed form
-                hh, r1 = -h, (lam(s2) - lam(s1)) / h
-                phi2 = math.expm1(hh) / hh - 1
-                b1, b2 = phi2 / factor(hh), 2 * (phi2 / hh - 0.5) / factor(hh)
-                rho1, rho_t = (b1 - b2) / (1 - r1), (b2 - r1 * b1) / (1 - r1)
-                # x_c = q_l L + q_1 m1 - ab (rho1 (m2 - m1) / r1 + rho_t (m0 - m1))
-                q = (q_l, q_1 + ab * (rho1 / r1 + rho_t), -ab * rho1 / r1, -ab * rho_t)
+            # x_c = q_l L + q_1 m1 - ab (sum_k rho_k (m_{k+1} - m1) / r_k + rho_t (m0 - m1)), r_k = (lambda_{i-1-k} -
+            # lambda_{i-1}) / h; rho_t = 1/2 at order 1 (the trapezoid), else all weights from the order conditions
+            rks = [(lam(sk) - lam(s1)) / h for sk in (s2, s3)[:corrector_order - 1]]
+            *rho, rho_t = rhos(rks + [1.0], h) if corrector_order > 1 else [0.5]
+            ks = [-ab * r / rk for r, rk in zip(rho, rks)] + [0.0] * (3 - corrector_order)  # of m2, m3
+            q = (q_l, q_1 - sum(ks[:2]) + ab * rho_t, ks[0], ks[1], -ab * rho_t)
     c_x, c_m, ab, h = first_order(s, s_next)  # UniP from sigma_i to sigma_{i+1}
     if h == 0:
-        return q, (1.0, 0.0, 0.0)  # a step of zero length returns its sample
-    if order == 1:
-        return q, (c_x, c_m, 0.0)
-    r = (lam(s1) - lam(s)) / h  # order 2, rho = 1/2: x' = c_x x + c_m m0 - ab (m1 - m0) / (2 r)
-    return q, (c_x, c_m + ab / (2 * r), -ab / (2 * r))
+        return q, (1.0, 0.0, 0.0, 0.0)  # a step of zero length returns its sample
+    # x' = c_x x + c_m m0 - ab sum_k rho_k (m_k - m0) / r_k, r_k = (lambda_{i-k} - lambda_i) / h, k < order; rho = 1/2
+    # at order 2 (UniPC's choice), else from the order conditions of the first order - 1 rows
+    rks = [(lam(sk) - lam(s)) / h for sk in (s1, s2)[:order - 1]]
+    rho = rhos(rks, h) if order == 3 else [0.5] * (order - 1)
+    ks = [-ab * r / rk for r, rk in zip(rho, rks)] + [0.0] * (3 - order)  # of m1, m2
+    return q, (c_x, c_m - sum(ks), ks[0], ks[1])
 
 
 class Stepped(NamedTuple):
@@ -253,7 +264,7 @@ class Stepped(NamedTuple):
 def guided_step(noise_pred: torch.Tensor, sample: torch.Tensor, guidance_scale: float, c_x: float, c_m: float,
                 next_input: bool = True, next_scale: float = 1.0, convert: tuple[float, float] | None = None,
                 addend: torch.Tensor | None = None, c_add: float = 0.0,
-                correct: tuple[torch.Tensor, torch.Tensor | None, tuple[float, float, float, float]] | None = None,
+                correct: tuple[torch.Tensor, torch.Tensor | None, tuple[float, float, float, float, float]] | None = None,
                 noise: torch.Tensor | None = None, c_noise: float = 0.0, addend2: torch.Tensor | None = None,
                 c_add2: float = 0.0) -> Stepped:
     """(2B, C, h, w) UNet output (unconditional half first) and (B, C, h, w) sample -> the stepped sample, in the
@@ -261,49 +272,50 @@ def guided_step(noise_pred: torch.Tensor, sample: torch.Tensor, guidance_scale: 
     `next_scale` (the next step's `scale_model_input`), as the reference's cat and scaling make it; and with
     `convert` = (p_x, p_g) the converted output m0 = p_x x + p_g m of the guided output m (a multistep solver's data
     prediction, in the sample's dtype), else None. The step is c_x x + c_m m0 (m0 = m without `convert`), plus
-    c_add `addend` where given (DPM-Solver's and UniPC's previous m0), plus c_add2 `addend2` where given (the m0
-    before that: DPM-Solver's at third order; with `addend`, not with `correct`), plus c_noise `noise` where given (Euler a's
-    and SDE DPM-Solver's, drawn as their steps draw it: in any floating dtype), each of the sample's shape.
-    correct = (L, m2, (q_l, q_1, q_2, q_m)), UniPC's corrector (needs `convert` and the addend m1): the sample is
-    first replaced by x_c = q_l L + q_1 m1 + q_2 m2 + q_m m0 (L the last sample before the last predictor, m2 the
-    output before m1, or None where q_2 = 0), which is written too (as the sample's dtype rounds it, the value the
-    step then reads). One Triton launch on CUDA; PyTorch's ops elsewhere (float32 arithmetic for 16-bit values, the
-    sample's own dtype otherwise)."""
+    c_add `addend` where given (a multistep solver's previous m0, m1), plus c_add2 `addend2` where given (the m0
+    before that, m2; with `addend`), plus c_noise `noise` where given (Euler a's and SDE DPM-Solver's, drawn as their
+    steps draw it: in any floating dtype), each of the sample's shape.
+    correct = (L, m3, (q_l, q_1, q_2, q_3, q_m)), UniPC's corrector (needs `convert`, the addend m1, and addend2 m2
+    where q_2 != 0): the sample is first replaced by x_c = q_l L + q_1 m1 + q_2 m2 + q_3 m3 + q_m m0 (L the last
+    sample before the last predictor, m3 the output before m2, or None where q_3 = 0), which is written too (as the
+    sample's dtype rounds it, the value the step then reads). One Triton launch on CUDA; PyTorch's ops elsewhere
+    (float32 arithmetic for 16-bit values, the sample's own dtype otherwise)."""
     b = sample.shape[0]
     if noise_pred.ndim != 4 or sample.ndim != 4 or noise_pred.shape[0] != 2 * b or noise_pred.shape[1:] != sample.shape[1:]:
         raise ValueError(f"guided_step: a (2B, C, h, w) UNet output and a (B, C, h, w) sample, got "
                          f"{tuple(noise_pred.shape)} and {tuple(sample.shape)}")
-    last, m2, (q_l, q_1, q_2, q_m) = correct if correct is not None else (None, None, (0.0, 0.0, 0.0, 0.0))
-    if correct is not None and (convert is None or addend is None or (m2 is None) != (q_2 == 0.0)):
-        raise ValueError("guided_step: a correction needs convert, the addend m1, and m2 exactly where q_2 != 0")
-    if addend2 is not None and (addend is None or correct is not None):
-        raise ValueError("guided_step: a second addend needs the first, and no correction")
-    for name, t in (("addend", addend), ("addend2", addend2), ("last sample", last), ("m2", m2), ("noise", noise)):
+    last, m3, (q_l, q_1, q_2, q_3, q_m) = correct if correct is not None else (None, None, (0.0,) * 5)
+    if correct is not None and (convert is None or addend is None or (addend2 is None and q_2 != 0.0)
+                                or (m3 is None) != (q_3 == 0.0)):
+        raise ValueError("guided_step: a correction needs convert, the addend m1, addend2 where q_2 != 0, and m3 "
+                         "exactly where q_3 != 0")
+    if addend2 is not None and addend is None:
+        raise ValueError("guided_step: a second addend needs the first")
+    for name, t in (("addend", addend), ("addend2", addend2), ("last sample", last), ("m3", m3), ("noise", noise)):
         if t is not None and t.shape != sample.shape:
             raise ValueError(f"guided_step: {name} {tuple(t.shape)} is not of the sample's shape {tuple(sample.shape)}")
     out = torch.empty_like(sample)  # the sample's layout
     converted = torch.empty_like(sample) if convert is not None else None
     corrected = torch.empty_like(sample) if correct is not None else None
     p_x, p_g = convert if convert is not None else (0.0, 1.0)
-    inputs = [t for t in (noise_pred, addend, addend2, last, m2) if t is not None]
+    inputs = [t for t in (noise_pred, addend, addend2, last, m3) if t is not None]
     if (TRITON_STEP and triton_ready(sample) and all(t.dtype == sample.dtype and t.device == sample.device for t in inputs)
             and (noise is None or (noise.device == sample.device and noise.dtype in FLOATS))):
         stacked = sample.new_empty((2 * b, *sample.shape[1:])) if next_input else None  # (2B, C, h, w), contiguous
         n = sample.numel()
         dst = stacked if next_input else out  # unused without a next input (STACK off): only its strides are read
-        add = addend if addend is not None else sample  # dummy pointers where a term is off (ADDEND, CORRECT)
-        last_ = last if last is not None else sample
-        # the corrector's m2, or addend2; else a dummy (read by a corrector with q_2 = 0, times 0)
-        m2_ = m2 if m2 is not None else addend2 if addend2 is not None else add
-        noise_ = noise if noise is not None else sample
+        # dummy pointers where a term is off (ADDEND, ADDEND2, CORRECT, THIRD, NOISE): never read
+        add, add2, last_, m3_, noise_ = (t if t is not None else sample for t in (addend, addend2, last, m3, noise))
         guided_step_kernel[(triton.cdiv(n, BLOCK),)](
-            noise_pred, sample, out, dst, add, converted if converted is not None else out, last_, m2_,
+            noise_pred, sample, out, dst, add, converted if converted is not None else out, last_, add2, m3_,
             corrected if corrected is not None else out, noise_, n, b, *sample.shape[1:],
             *noise_pred.stride(), *sample.stride(), *out.stride(), *dst.stride(), *add.stride(), *last_.stride(),
-            *m2_.stride(), *noise_.stride(), float(guidance_scale), float(c_x), float(c_m), float(next_scale),
-            float(p_x), float(p_g), float(c_add), float(c_add2), float(q_l), float(q_1), float(q_2), float(q_m), float(c_noise),
+            *add2.stride(), *m3_.stride(), *noise_.stride(), float(guidance_scale), float(c_x), float(c_m),
+            float(next_scale), float(p_x), float(p_g), float(c_add), float(c_add2), float(q_l), float(q_1), float(q_2),
+            float(q_3), float(q_m), float(c_noise),
             BLOCK=BLOCK, STACK=next_input, CONVERT=convert is not None, ADDEND=addend is not None,
-            ADDEND2=addend2 is not None, CORRECT=correct is not None, NOISE=noise is not None, num_warps=4)
+            ADDEND2=addend2 is not None, CORRECT=correct is not None, THIRD=m3 is not None, NOISE=noise is not None,
+            num_warps=4)
         return Stepped(out, stacked, converted, corrected)
     compute = torch.float32 if sample.dtype in (torch.float16, torch.bfloat16) else sample.dtype
     uncond, text = noise_pred.to(compute).chunk(2)  # (2B, ...) -> 2 x (B, ...)
@@ -314,8 +326,10 @@ def guided_step(noise_pred: torch.Tensor, sample: torch.Tensor, guidance_scale: 
         converted.copy_(guided)
     if correct is not None:
         fixed = q_l * last.to(compute) + q_1 * addend.to(compute) + q_m * guided
-        if m2 is not None:
-            fixed = fixed + q_2 * m2.to(compute)
+        if addend2 is not None:
+            fixed = fixed + q_2 * addend2.to(compute)
+        if m3 is not None:
+            fixed = fixed + q_3 * m3.to(compute)
         x = corrected.copy_(fixed).to(compute)  # as stored
     stepped = c_x * x + c_m * guided
     if addend is not None:
