@@ -12,7 +12,8 @@
 # Diagnostics: ab (benchmarks/ab_fast.py: the fast path's options, A/B in one run), ab-loop (benchmarks/ab_loop.py:
 # the loop graph against the stepping loop), gemm (benchmarks/gemm_geglu.py: the fused GEGLU GEMM's tiles, per
 # shape, against cuBLAS and the gate kernel; GEMM_ARGS="--cold" with the operands out of L2), attention
-# (benchmarks/attention.py: the attention kernel's tiles, per shape, against SDPA; ATTN_ARGS for its options), syncs (benchmarks/sync_points.py:
+# (benchmarks/attention.py: the attention kernel's tiles, per shape, against SDPA; ATTN_ARGS for its options), conv
+# (benchmarks/conv_probe.py: a Triton 3x3 conv against cuDNN's on SD1.5's shapes), syncs (benchmarks/sync_points.py:
 # the host syncs of a fast pipeline call), sd15-pipeline and sdxl-pipeline (a text-to-image call on the fast path
 # alone, with its stages).
 source scripts/gpu_prelude.sh
@@ -34,6 +35,7 @@ for step in ${STEPS:-tests profile parity}; do
     attention) timeout ${T_ATTN:-300} python3 benchmarks/attention.py ${ATTN_ARGS:-} --out "$OUT" 2>&1 | grep -v Warn | tail -24 ;;
     gemm) timeout ${T_GEMM:-200} python3 benchmarks/gemm_geglu.py ${GEMM_ARGS:-} --out "$OUT" 2>&1 | grep -v Warn | tail -16 ;;
     ab-loop) timeout ${T_AB:-200} python3 benchmarks/ab_loop.py --models ${AB_MODELS:-sd15} ${AB_SCHEDULER:+--scheduler "$AB_SCHEDULER"} ${AB_ARGS:-} --out "$OUT" 2>&1 | quiet | tail -3 ;;
+    conv) timeout ${T_CONV:-240} python3 benchmarks/conv_probe.py --out "$OUT/conv-probe-h200.json" 2>&1 | grep -v Warn | tail -18 ;;
     syncs) timeout ${T_SYNCS:-120} python3 benchmarks/sync_points.py --model sd15 --steps 5 2>&1 | quiet | tail -25 ;;
     suite) { cat "$OUT/device.txt"; echo "tree $(bash scripts/tree_id.sh)"; timeout ${T_SUITE:-540} python3 -m pytest parity_tests --device cuda --dtype fp16 --fast -q -p no:cacheprovider -rfE ${SUITE_ARGS:-} 2>&1; } | tee "$OUT/suite_fast.log" | tail -15 ;;
     sd15-pipeline) timeout ${T_SD15:-150} python3 -m pare.cli bench --models sd15 --cases pipeline --modes fast --out "$OUT" --stem sd15-pipeline-fast 2>&1 | quiet | tail -8 ;;
