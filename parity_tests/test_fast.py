@@ -1278,8 +1278,12 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
             orders.append(at.order_of_step(i, len(s.timesteps)))
         if unipc and i:  # the corrector's: the last step (of order 2 or 3, 2 before the last) started at `last`
             at.this_order = 3 if third and i == 30 else 2
-        history = lambda m, m_, m__: ([m__, m_, m] if unipc and third else [m_, m] if unipc else [None, m_, m] if third  # noqa: E731
-                                      else [None, m]) if i else [None] * (3 if third else 2)
+        def history(m, m_, m__):  # the outputs kept, newest last (m1, then m2, m3 before it); none before step 1
+            if not i:
+                return [None] * (3 if third else 2)
+            if unipc:
+                return [m__, m_, m] if third else [m_, m]
+            return [None, m_, m] if third else [None, m]
 
         def keep(scheduler, m, m_, m__, sample):  # the history and UniPC's last sample, in a run's dtype
             scheduler.model_outputs = history(m, m_, m__)

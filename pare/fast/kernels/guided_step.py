@@ -240,7 +240,7 @@ def unipc_coefficients(sigmas: tuple[float, ...], corrector_order: int, order: i
             rks = [(lam(sk) - lam(s1)) / h for sk in (s2, s3)[:corrector_order - 1]]
             *rho, rho_t = rhos(rks + [1.0], h) if corrector_order > 1 else [0.5]
             ks = [-ab * r / rk for r, rk in zip(rho, rks)] + [0.0] * (3 - corrector_order)  # of m2, m3
-            q = (q_l, q_1 - sum(ks[:2]) + ab * rho_t, ks[0], ks[1], -ab * rho_t)
+            q = (q_l, q_1 - sum(ks) + ab * rho_t, ks[0], ks[1], -ab * rho_t)
     c_x, c_m, ab, h = first_order(s, s_next)  # UniP from sigma_i to sigma_{i+1}
     if h == 0:
         return q, (1.0, 0.0, 0.0, 0.0)  # a step of zero length returns its sample
