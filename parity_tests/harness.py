@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -83,3 +85,13 @@ def check_block(
         reference = output(module64(*cast(args, torch.float64, device), **cast(kwargs, torch.float64, device)))
         del module64
     return assert_parity(name, ours, theirs, reference, dtype=dtype, scope=scope)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def subprocess_env() -> dict:
+    """The environment for a `pare` subprocess (torchrun): one thread, this checkout first on the path, and the
+    caller's PYTHONPATH kept (on the GPU machine diffusers is installed there, with pip --target)."""
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": path}

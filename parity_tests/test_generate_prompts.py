@@ -2,7 +2,6 @@
 and resuming (what exists is skipped; what is missing is made again, the same pixels)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +11,10 @@ import pytest
 from pare.cli import main
 from pare.prompts import Prompt, batches, read_prompts
 
+from .harness import ROOT, subprocess_env
 from .tiny_components import pipeline_folder
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+ENV = subprocess_env()
 
 # SDXL: its unconditional half is zeros without a negative prompt, so negative-prompt presence splits batches.
 PROMPTS = [{"prompt": "a cat", "seed": 5}, {"prompt": "a dog", "height": 16, "width": 24},

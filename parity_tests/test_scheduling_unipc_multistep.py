@@ -118,10 +118,14 @@ def run_both(name, config, n, x, timesteps, ours, make_theirs):
                                              check_state=state_matches)
     t = timesteps[-1]
     last = ours.step(dummy_model(x_ours, t), t, x_ours).prev_sample
-    theirs_last = theirs.step(dummy_model(x_theirs, t), t, x_theirs).prev_sample
+    try:
+        theirs_last = theirs.step(dummy_model(x_theirs, t), t, x_theirs).prev_sample
+    except torch.linalg.LinAlgError:  # on CUDA, where the CPU's solve returns NaN (h = 0: R's rows are inf)
+        assert zero_length_last and theirs.this_order >= 3
+        theirs_last = torch.full_like(x_theirs, float("nan"))
     tolerance = STEP_FP32 if x.dtype == torch.float32 else Tolerance(rel_l2=1e-2)
-    if zero_length_last:  # x_t = x_s (the corrected sample); diffusers: the same, or NaN at orders >= 3
-        assert torch.equal(last, ours.last_sample)
+    if zero_length_last:  # x_t = x_s (the corrected sample); diffusers: the same, or NaN (or, on CUDA, a
+        assert torch.equal(last, ours.last_sample)  # singular solve) at orders >= 3
         if torch.isfinite(theirs_last).all():
             assert_parity(f"{name}: zero-length last step", last, theirs_last, tolerance=tolerance)
         else:

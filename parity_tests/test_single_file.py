@@ -311,8 +311,9 @@ def test_cli_generate_from_a_single_file_with_loras_matches_the_folder(written, 
     original, folder, path = written("sd1")
     save_file(peft_lora(original, seed=5), str(tmp_path / "a.safetensors"))
     save_file(kohya_lora(original, seed=6), str(tmp_path / "b.safetensors"))
+    # --device cpu: on a GPU machine `pare generate` would run on CUDA, and the API pipe below stays on the CPU.
     args = ["generate", "--prompt", "a cat", "--steps", "2", "--seed", "0", "--height", "16", "--width", "16",
-            "--scheduler", "DDIMScheduler"]
+            "--scheduler", "DDIMScheduler", "--device", "cpu"]
     out = tmp_path / "cli.png"
     assert main([*args, "--model", str(path), "--config", str(folder), "--lora", f"{tmp_path / 'a.safetensors'}:0.5",
                  "--lora", str(tmp_path / "b.safetensors"), "--out", str(out)]) == 0

@@ -2,10 +2,8 @@
 2-rank torchrun sweep (gloo, CPU) whose combined report equals the serial run's, case by case and row by row."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -16,8 +14,9 @@ from pare.sweep.assign import assign, case_cost, checkpoint_key
 from pare.sweep.heatmap import block_key, matrix
 from pare.sweep.spec import expand, make_spec, read_spec_file
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+from .harness import ROOT, subprocess_env
+
+ENV = subprocess_env()
 
 # 2 configs x 2 dtypes x (unet + vae + 2 schedulers x (scheduler + pipeline)) = 24 cases, a few seconds on a CPU.
 # bf16 rows carry each side's error against float64, which depend on every weight and input: two runs whose

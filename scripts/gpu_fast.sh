@@ -20,7 +20,7 @@
 source scripts/gpu_prelude.sh
 set -o pipefail
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
-python3 -c "import triton, torch; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())" | tee -a "$OUT/device.txt"
+python3 -c "import triton, torch, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version(), 'diffusers', diffusers.__version__)" | tee -a "$OUT/device.txt"
 quiet() { grep -v "pare bench:\|kept in float32\|_warn_once\|deprecate"; }
 for step in ${STEPS:-tests profile parity}; do
   echo "=== $step ($(date -u +%T)) ==="
@@ -38,7 +38,7 @@ for step in ${STEPS:-tests profile parity}; do
     ab-loop) timeout ${T_AB:-200} python3 benchmarks/ab_loop.py --models ${AB_MODELS:-sd15} ${AB_SCHEDULER:+--scheduler "$AB_SCHEDULER"} ${AB_ARGS:-} --out "$OUT" 2>&1 | quiet | tail -3 ;;
     conv) timeout ${T_CONV:-240} python3 benchmarks/conv_probe.py --out "$OUT/conv-probe-h200.json" 2>&1 | grep -v Warn | tail -18 ;;
     syncs) timeout ${T_SYNCS:-120} python3 benchmarks/sync_points.py --model sd15 --steps 5 2>&1 | quiet | tail -25 ;;
-    suite) { cat "$OUT/device.txt"; echo "tree $(bash scripts/tree_id.sh)"; timeout ${T_SUITE:-540} python3 -m pytest ${SUITE_FILES:-parity_tests} --device cuda --dtype fp16 --fast -q -p no:cacheprovider -rfE ${SUITE_ARGS:-} 2>&1; } | tee "$OUT/suite_fast.log" | tail -15 ;;
+    suite) { cat "$OUT/device.txt"; echo "tree $(bash scripts/tree_id.sh)"; date -u +%F; timeout ${T_SUITE:-540} python3 -m pytest ${SUITE_FILES:-parity_tests} --device cuda --dtype fp16 --fast -q -p no:cacheprovider -rfE ${SUITE_ARGS:-} 2>&1; } | tee "$OUT/suite_fast.log" | tail -15 ;;
     sd15-pipeline) timeout ${T_SD15:-150} python3 -m pare.cli bench --models sd15 --cases pipeline --modes fast --out "$OUT" --stem sd15-pipeline-fast 2>&1 | quiet | tail -8 ;;
     sdxl-pipeline) timeout ${T_SDXL:-240} python3 -m pare.cli bench --models sdxl --cases pipeline --modes fast --steps 30 --out "$OUT" --stem sdxl-pipeline-fast 2>&1 | quiet | tail -8 ;;
     bench)  # the README's benchmark table: three commands, about 430 s in all
