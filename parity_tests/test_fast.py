@@ -520,19 +520,21 @@ def test_the_loop_graph_captures_replays_and_falls_back_as_designed_with_graphs_
 @torch.no_grad()
 def test_the_fused_step_loop_gives_the_class_loops_latents_and_leaves_every_other_loop_to_it(monkeypatch):
     """pare/fast/denoise.py: a plain DDIM loop (eta 0, no clipping), Euler, Euler ancestral, DPM-Solver++ (2M, 3M, SDE),
-    UniPC or DEIS loop
+    UniPC, DEIS or PLMS loop
     under guidance, epsilon or v prediction, runs one fused step a UNet call; its latents are the class loop's (float64
     here: within the float32 rounding of the reference's alpha_bar roots and sigmas; Euler a's noise drawn from the
     call's generator as its step draws it, so the same noise), a step callback's seen and its
     replaced latents used, and the scheduler is left in the class loop's state (its step index, DPM-Solver's order
-    count and history of x_0 predictions). Any other loop (eta > 0, clipping, guidance rescale, no guidance, a
-    noise-prediction DPM-Solver or UniPC, thresholding, another scheduler) is the class's own: no fused step,
+    count and history of x_0 predictions, PLMS's counter and outputs). Any other loop (eta > 0, clipping, guidance
+    rescale, no guidance, a noise-prediction DPM-Solver or UniPC, thresholding, PNDM's Runge-Kutta warm-up, another
+    scheduler) is the class's own: no fused step,
     the same latents to the bit."""
     import pare.fast.denoise as fast_denoise
     from parity_tests.tiny_components import build_diffusers_pipeline
     from pare.parity.checkpoint import pare_twin
     from pare.schedulers import (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
-                                 EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler)
+                                 EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, PNDMScheduler,
+                                 UniPCMultistepScheduler)
 
     ours = pare_twin(build_diffusers_pipeline("tiny-sd"), torch.float64)
     ours.set_progress_bar_config(disable=True)
@@ -600,18 +602,26 @@ def test_the_fused_step_loop_gives_the_class_loops_latents_and_leaves_every_othe
             (DEISMultistepScheduler, {"solver_order": 3, "lower_order_final": False, "prediction_type": "v_prediction"},
              {"num_inference_steps": 4}, True),  # 1, 2, 3, 3
             (DEISMultistepScheduler, {"thresholding": True}, {}, False),
-            (DEISMultistepScheduler, {"prediction_type": "sample"}, {}, False)):
+            (DEISMultistepScheduler, {"prediction_type": "sample"}, {}, False),
+            # PLMS: Euler, its redo from the kept sample, Adams-Bashforth 2, 3, 4, then 4 over the last four outputs
+            (PNDMScheduler, {"skip_prk_steps": True}, {"num_inference_steps": 6}, True),
+            (PNDMScheduler, {"skip_prk_steps": True, "prediction_type": "v_prediction", "set_alpha_to_one": True},
+             {"num_inference_steps": 5, "callback_on_step_end": halve}, True),
+            (PNDMScheduler, {"skip_prk_steps": True, "timestep_spacing": "trailing"}, {}, True),
+            (PNDMScheduler, {"skip_prk_steps": False}, {"num_inference_steps": 4}, False)):
         ours.scheduler = cls.from_config(config, **overrides)
         fused_steps.clear()
         got = run(True, **kwargs)
-        state, history = plain_state(ours.scheduler), list(getattr(ours.scheduler, "model_outputs", []))
+        kept_outputs = lambda s: list(getattr(s, "model_outputs", getattr(s, "ets", [])))  # noqa: E731 (PLMS's: ets)
+        state, history = plain_state(ours.scheduler), kept_outputs(ours.scheduler)
         last = getattr(ours.scheduler, "last_sample", None)  # UniPC's
-        assert len(fused_steps) == (kwargs.get("num_inference_steps", 3) if fused else 0), (cls.__name__, overrides, kwargs)
+        calls = len(ours.scheduler.timesteps)  # a UNet call a timestep (PLMS: one more than its steps)
+        assert len(fused_steps) == (calls if fused else 0), (cls.__name__, overrides, kwargs)
         expected = run(False, **kwargs)
         assert state == plain_state(ours.scheduler), (cls.__name__, overrides, kwargs)
         if fused:
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-            for kept, theirs in zip(history, getattr(ours.scheduler, "model_outputs", []), strict=True):  # multistep
+            for kept, theirs in zip(history, kept_outputs(ours.scheduler), strict=True):  # multistep
                 torch.testing.assert_close(kept, theirs, rtol=1e-5, atol=1e-5)
             if last is not None:
                 torch.testing.assert_close(last, ours.scheduler.last_sample, rtol=1e-5, atol=1e-5)
@@ -1410,6 +1420,100 @@ def test_the_guided_step_kernel_is_nearer_float64_than_the_reference_ops(b, side
 
 @pytest.mark.kernel
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("layouts", [("channels_last", "contiguous"), ("contiguous", "channels_last")])
+def test_the_guided_step_kernel_takes_plms_steps_nearer_float64_than_the_reference_ops(layouts, prediction_type, dtype,
+                                                                                     monkeypatch):
+    """PLMS (PNDM with skip_prk_steps) in one launch, at every branch of `step_plms`: the first call's Euler step (its
+    sample kept), the second's redo of it from that sample with (m + m1) / 2, Adams-Bashforth 2 and 3, then 4 (over
+    m1, m2, m3, the kernel's third addend), in the middle of the schedule and at its last step. As for the other
+    samplers: the coefficients' algebra is the float64 step, the scheduler's state is advanced as its `step` advances
+    it, the stepped latents and the kept output are no further from float64 than the reference's ops in the dtype,
+    and the PyTorch twin gives the kernel's values within float32's rounding of the terms."""
+    import copy as copying
+
+    from parity_tests.tiny_components import SD_SCHEDULER
+    from pare.fast.denoise import step_coefficients
+    from pare.fast.kernels import guided_step as step_kernel
+    from pare.schedulers import PNDMScheduler
+
+    launched = CountedLaunches(step_kernel.guided_step_kernel)
+    monkeypatch.setattr(step_kernel, "guided_step_kernel", launched)
+    s, w = PNDMScheduler.from_config(SD_SCHEDULER, skip_prk_steps=True, prediction_type=prediction_type), 7.5
+    s.set_timesteps(50)
+    g = torch.Generator().manual_seed(0)
+    draw = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(KDEV)  # noqa: E731
+    eps, x, start = draw(4, 4, 16, 16), draw(2, 4, 16, 16), draw(2, 4, 16, 16)  # start: the first call's sample
+    past = [draw(2, 4, 16, 16) for _ in range(4)]  # outputs kept before, oldest first
+    fmt = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+    eps_d = eps.to(dtype).contiguous(memory_format=fmt[layouts[0]])
+    x_d, start_d = (t.to(dtype).contiguous(memory_format=fmt[layouts[1]]) for t in (x, start))
+    past_d = [t.to(dtype) for t in past]
+    counters = (0, 1, 2, 3, 4, 5, 30, len(s.timesteps) - 1)
+    for counter in counters:
+        t = s.timesteps[counter]
+
+        def at(ets, sample):  # the scheduler at `counter`, its ets (newest last) and kept sample in a run's dtype
+            a = copying.deepcopy(s)
+            kept = 0 if counter == 0 else 1 if counter <= 2 else min(counter - 1, 4)  # the second call keeps none
+            a.counter, a.ets = counter, ets[len(ets) - kept:]
+            a.cur_sample = sample if counter == 1 else None
+            return a
+        uncond, text = eps.chunk(2)
+        guided = uncond + w * (text - uncond)
+        stepper = at(past, start)
+        exact = stepper.step(guided, t, x).prev_sample  # float64
+        before = at(past, start)
+        step = step_coefficients(before, t)
+        numbers = lambda sch: {k: v for k, v in plain_state(sch).items() if k != "cur_sample"}  # noqa: E731
+        assert numbers(before) == numbers(stepper)  # its counter moved on (the loop keeps the first call's sample)
+        assert before.cur_sample is None  # dropped at the second call; at the first, the loop sets it
+        assert (stepper.cur_sample is None) == (counter != 0)
+        assert (step.base is not None) == (counter == 1) and (step.convert is None) == (counter == 1)
+        assert step.keeps_sample == ("cur_sample" if counter == 0 else None)
+        order = 1 if counter == 0 else 2 if counter == 1 else min(counter, 4)  # the outputs summed
+        assert [a is not None for a in (step.addend, step.addend2, step.addend3)] == [order > j for j in (1, 2, 3)]
+        base, base_d = (start, start_d) if counter == 1 else (x, x_d)
+        ms, ms_d = past[::-1][:order - 1], past_d[::-1][:order - 1]  # m1, m2, m3: newest first
+        cs = (step.c_add, step.c_add2, step.c_add3)
+        algebra = step.c_x * base + step.c_m * guided + sum(c * m for c, m in zip(cs, ms))
+        scale = float((abs(step.c_x) * base.abs() + abs(step.c_m) * (uncond.abs() + w * (text - uncond).abs())
+                       + sum(abs(c) * m.abs() for c, m in zip(cs, ms))).max())
+        torch.testing.assert_close(algebra, exact, rtol=1e-6, atol=1e-5 + 1e-6 * scale)  # float32 alpha_bar there
+        if counter != 1:  # the raw output joins its history
+            torch.testing.assert_close(stepper.ets[-1], guided, rtol=0, atol=0)
+        kw = dict(zip(("addend", "addend2", "addend3"), ms_d)) | dict(zip(("c_add", "c_add2", "c_add3"), cs))
+        ours, stacked, kept, _ = step_kernel.guided_step(eps_d, base_d, w, step.c_x, step.c_m, convert=step.convert,
+                                                         **kw)
+        assert ours.dtype == dtype and ours.stride() == base_d.stride() and torch.equal(stacked[:2], ours)
+        assert torch.equal(stacked[2:], ours)  # PNDM's scale_model_input is the identity
+        reference = at(past_d, start_d)  # the reference loop's ops, in dtype
+        theirs = reference.step(eps_d[:2] + w * (eps_d[2:] - eps_d[:2]), t, x_d).prev_sample
+        assert rel(ours, exact) <= BUDGET * rel(theirs, exact) + FLOOR[dtype], (counter, int(t))
+        if counter != 1:
+            assert kept.dtype == dtype
+            assert rel(kept, guided) <= BUDGET * rel(reference.ets[-1], guided) + FLOOR[dtype], (counter, int(t))
+        else:
+            assert kept is None
+        monkeypatch.setattr(step_kernel, "TRITON_STEP", 0)
+        twin, _, twin_kept, _ = step_kernel.guided_step(eps_d, base_d, w, step.c_x, step.c_m, convert=step.convert, **kw)
+        monkeypatch.setattr(step_kernel, "TRITON_STEP", 1)
+        ulp32, ulp = torch.finfo(torch.float32).eps, torch.finfo(dtype).eps
+        torch.testing.assert_close(ours, twin, rtol=ulp, atol=ulp + 4 * ulp32 * scale)
+        if kept is not None:  # an ulp apart where float32's rounding of the guidance's terms differs
+            m_terms = float((uncond.abs() + w * (text - uncond).abs()).max())
+            torch.testing.assert_close(kept, twin_kept, rtol=ulp, atol=ulp + 4 * ulp32 * m_terms)
+    assert launched.calls == len(counters)
+    with pytest.raises(ValueError, match="a third addend needs the second"):
+        step_kernel.guided_step(eps_d, x_d, w, 1.0, 1.0, addend=past_d[0], addend3=past_d[1])
+    with pytest.raises(ValueError, match="and no correction"):
+        step_kernel.guided_step(eps_d, x_d, w, 1.0, 1.0, convert=(1.0, 1.0), addend=past_d[0], addend2=past_d[1],
+                                addend3=past_d[2], correct=(x_d, None, (1.0, 1.0, 1.0, 0.0, 1.0)))
+
+
+@pytest.mark.kernel
+@needs_triton
 def test_float64_runs_the_pytorch_twins_not_the_float32_kernels():
     """The kernels compute in float32: a float64 tensor must not lose its precision to them."""
     g = torch.Generator(KDEV).manual_seed(0)
@@ -1530,6 +1634,7 @@ LOOP_CASES = (
     ("DDIMScheduler", {}, {}, True),
     ("DDIMScheduler", {}, {"eta": 1.0}, True),  # draws noise at every step: from a tape filled ahead (noise.py)
     ("PNDMScheduler", {}, {}, True),
+    ("PNDMScheduler", {"skip_prk_steps": True}, {}, True),  # PLMS fused: 5 calls, Euler, its redo, AB 2, 3 and 4
     ("DPMSolverMultistepScheduler", {}, {}, True),
     ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}, True),
     ("DPMSolverMultistepScheduler", {"solver_order": 3, "lower_order_final": False}, {}, True),  # 3M fused (step 3 of

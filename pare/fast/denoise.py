@@ -5,18 +5,22 @@ Replaces: `pare/pipelines/stable_diffusion.py StableDiffusionPipeline.denoise` (
 step callback), for the samplers SD folders name most, under classifier-free guidance: DDIM with eta = 0 (SD 1.x's
 and 2.x's pipelines), Euler without churn (SDXL's folders), Euler ancestral ("Euler a", A1111's default),
 DPM-Solver++ (2M or 3M) and its SDE ("DPM++ 2M (SDE) (Karras)" in the UIs), UniPC ("UniPC": orders 1 to 3, the
-data prediction, bh2 or bh1) and DEIS ("DEIS", orders 1 to 3). The UNet call is the reference loop's;
+data prediction, bh2 or bh1), DEIS ("DEIS", orders 1 to 3) and PLMS (PNDM with skip_prk_steps: the scheduler of SD
+1.x's folders, "PLMS" in the UIs). The UNet call is the reference loop's;
 what follows it, guidance (Ho & Salimans, arXiv 2207.12598, eq. 6) and the step (DDIM's eq. 12, Song et al., arXiv
 2010.02502, with sigma_t = 0; Euler's Algorithm 2, Karras et al., arXiv 2206.00364, with gamma = 0, and its
 ancestral form, k-diffusion's; DPM-Solver++'s Algorithm 2 and its SDE, Lu et al., arXiv 2211.01095; UniPC's
-corrector and predictor, Zhao et al., arXiv 2302.04867; DEIS's rhoAB step, Zhang & Chen, arXiv 2204.13902), is
+corrector and predictor, Zhao et al., arXiv 2302.04867; DEIS's rhoAB step, Zhang & Chen, arXiv 2204.13902; PLMS's
+Adams-Bashforth sum through DDIM's transfer, Liu et al., arXiv 2202.09778, eqs. 9 and 13), is
 `kernels/guided_step.py`: x' = c_x x + c_m m (+ c_a a) (+ c_z z), with m the guided output eps_u + w (eps_c - eps_u)
 (DPM-Solver++ and UniPC: their data prediction, DEIS: its eps, a the previous step's; Euler a and the SDE: z their
-noise, drawn as their steps draw it; UniPC: x first corrected, from its last sample and history), the coefficients
-solved on the host in float64 from the scheduler's own schedule (DDIM's alpha_bar and previous timestep, the Euler,
-DPM-Solver, UniPC and DEIS sigmas, and the multistep solvers' orders at that step), and the next input x' /
+noise, drawn as their steps draw it; UniPC: x first corrected, from its last sample and history; PLMS: up to three
+terms of its history, and at its second call x the sample its first started from), the coefficients
+solved on the host in float64 from the scheduler's own schedule (DDIM's and PLMS's alpha_bar and previous timestep,
+the Euler, DPM-Solver, UniPC and DEIS sigmas, and the multistep solvers' orders at that step), and the next input x' /
 sqrt(sigma'^2 + 1) for the Euler samplers. Every other loop (another scheduler, eta > 0, churn, a noise-prediction
-DPM-Solver, a noise-prediction UniPC, clipping or thresholding, guidance rescale, no guidance) is the reference's,
+DPM-Solver, a noise-prediction UniPC, PNDM's Runge-Kutta warm-up, clipping or thresholding, guidance rescale, no
+guidance) is the reference's,
 unchanged.
 
 Since the kernel writes both halves of the next UNet input from one value, they are equal by construction, and the
@@ -38,10 +42,12 @@ from ..schedulers.scheduling_deis_multistep import DEISMultistepScheduler
 from ..schedulers.scheduling_dpmsolver_multistep import LEARNED_VARIANCE_TYPES, DPMSolverMultistepScheduler
 from ..schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteScheduler
 from ..schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
+from ..schedulers.scheduling_pndm import PNDMScheduler
 from ..schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
 from .graph import replayable
-from .kernels.guided_step import (ancestral_coefficients, ddim_coefficients, deis_coefficients, dpm_coefficients,
-                                  euler_coefficients, data_prediction, guided_step, unipc_coefficients)
+from .kernels.guided_step import (PLMS_HEUN, PLMS_WEIGHTS, ancestral_coefficients, ddim_coefficients, deis_coefficients,
+                                  dpm_coefficients, euler_coefficients, data_prediction, guided_step, pndm_coefficients,
+                                  unipc_coefficients)
 from .noise import step_draw
 from .transformer import hold_context
 from .unet import FastUNet2DConditionModel
@@ -51,12 +57,12 @@ HOLD_TEXT = 1  # 0: the text's K and V projected at every step, as in the class'
 
 
 FUSED = (DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler,
-         UniPCMultistepScheduler, DEISMultistepScheduler)  # exactly
+         UniPCMultistepScheduler, DEISMultistepScheduler, PNDMScheduler)  # exactly
 
 
 def fusable(pipe, latents, guidance_scale: float, guidance_rescale: float, step_kwargs: dict | None) -> bool:
     """Whether this loop's steps are guidance and a DDIM (eta 0), Euler (no churn), Euler ancestral, DPM-Solver++ (2M
-    or 3M, or its SDE), UniPC (to 3M, data prediction) or DEIS step, nothing more."""
+    or 3M, or its SDE), UniPC (to 3M, data prediction), DEIS or PLMS step, nothing more."""
     s, loop = pipe.scheduler, type(pipe).denoise
     # the loop this file twins, named (pare/fast sits below pare/pipelines, and does not import it): a subclass's
     # own loop (ControlNet's, inpainting's) is not this one
@@ -78,6 +84,8 @@ def fusable(pipe, latents, guidance_scale: float, guidance_rescale: float, step_
         return not steps and c.solver_order <= 3 and s.predict_x0 and not c.thresholding
     if type(s) is DEISMultistepScheduler:  # orders 1 to 3, the history of its eps
         return not steps and not c.thresholding
+    if type(s) is PNDMScheduler:  # PLMS alone (no Runge-Kutta warm-up), the history of its outputs; alpha_bar on the host
+        return not steps and c.skip_prk_steps and not s.alphas_cumprod.is_cuda
     if type(s) is EulerDiscreteScheduler:  # s_tmin, s_tmax and s_noise matter only with churn
         return set(steps) <= {"s_churn", "s_tmin", "s_tmax", "s_noise"} and float(steps.get("s_churn", 0.0)) == 0.0
     return (set(steps) <= {"eta"} and float(steps.get("eta", 0.0)) == 0.0
@@ -95,21 +103,35 @@ def shares_prefix(unet) -> bool:
 
 
 class Step(NamedTuple):
-    """One fused step's coefficients: x' = c_x x + c_m m + c_add addend (+ c_noise z), m the guided output (with
-    `convert` = (p_x, p_g): p_x x + p_g times it, which the scheduler keeps), and the next UNet input next_scale x'."""
+    """One fused step's coefficients: x' = c_x x + c_m m + c_add addend (+ c_add2 addend2 + c_add3 addend3) (+ c_noise
+    z), m the guided output (with `convert` = (p_x, p_g): p_x x + p_g times it, which the scheduler keeps), x the
+    latents (or `base`), and the next UNet input next_scale x'."""
     c_x: float
     c_m: float
     next_scale: float = 1.0
     convert: tuple[float, float] | None = None
     addend: torch.Tensor | None = None  # DPM-Solver's, UniPC's and DEIS's last kept output
     c_add: float = 0.0
-    addend2: torch.Tensor | None = None  # DPM-Solver's (3M) and DEIS's (third order) output before that
+    addend2: torch.Tensor | None = None  # DPM-Solver's (3M), DEIS's and PLMS's (third order) output before that
     c_add2: float = 0.0
+    addend3: torch.Tensor | None = None  # PLMS's (fourth order) output before that
+    c_add3: float = 0.0
     draws: bool = False  # the loop draws noise z (Euler a, SDE DPM-Solver), as the scheduler's step would
     c_noise: float = 0.0  # x' gains c_noise z
     noise_dtype: torch.dtype | None = None  # the dtype its step draws z in (None: the model output's)
     correct: tuple | None = None  # UniPC's corrector: (last sample, the output before addend2 or None, coefficients)
-    keeps_sample: bool = False  # UniPC: the sample the predictor starts from is kept (`last_sample`)
+    keeps_sample: str | None = None  # the scheduler's attribute that keeps the sample stepped from (UniPC's
+    # `last_sample`, corrected or not; PLMS's `cur_sample` at its first call)
+    base: torch.Tensor | None = None  # the sample stepped from, where not the latents (PLMS's second call: `cur_sample`)
+
+
+def keep_output(scheduler, kept: torch.Tensor) -> None:
+    """The solver's history after a step, newest last, as its `step` leaves it: PLMS's `ets` (its last three, then
+    this one), the other multistep solvers' `model_outputs` (shifted by one)."""
+    if isinstance(scheduler, PNDMScheduler):
+        scheduler.ets = scheduler.ets[-3:] + [kept]
+    else:
+        scheduler.model_outputs = scheduler.model_outputs[1:] + [kept]
 
 
 def advance_multistep(scheduler) -> None:
@@ -132,7 +154,10 @@ def step_coefficients(scheduler, timestep) -> Step:
     `unipc_coefficients`; m1 and m2 where either uses them, m3 where the corrector does, and its last sample to
     correct. DEIS:
     its step index, its order (`order_of_step`), the levels of its step and history, then `deis_coefficients`; m1 at
-    second order, m1 and m2 at third."""
+    second order, m1 and m2 at third. PLMS: the branch `PNDMScheduler.step_plms` takes at its `counter` (the first
+    call an Euler step that keeps its sample, the second that step redone from it with (m + m1) / 2, then
+    Adams-Bashforth over its last 1 to 3 outputs), then `pndm_coefficients`; its outputs are kept but at the second
+    call."""
     c = scheduler.config
     if isinstance(scheduler, (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler)):
         if scheduler.step_index is None:
@@ -170,7 +195,7 @@ def step_coefficients(scheduler, timestep) -> Step:
         m1 = history[-1] if order >= 2 or q is not None else None  # the predictor's or UniC's
         m2 = history[-2] if order == 3 or (q is not None and q[2] != 0.0) else None
         return Step(c_x, c_m, 1.0, data_prediction(sigmas[3], c.prediction_type), m1, c_add, m2, c_add2,
-                    correct=correct, keeps_sample=True)
+                    correct=correct, keeps_sample="last_sample")
     if isinstance(scheduler, DEISMultistepScheduler):
         i, n = scheduler._start_step(timestep)
         order = scheduler.order_of_step(i, n)
@@ -180,6 +205,25 @@ def step_coefficients(scheduler, timestep) -> Step:
         advance_multistep(scheduler)
         return Step(c_x, c_m, 1.0, convert, scheduler.model_outputs[-1] if order >= 2 else None, c_add,
                     scheduler.model_outputs[-2] if order == 3 else None, c_add2)
+    if isinstance(scheduler, PNDMScheduler):
+        stride = c.num_train_timesteps // scheduler.num_inference_steps  # diffusers' stride, whatever the spacing
+        t = scheduler._host_int(timestep)
+        prev_t, history, base, keeps = t - stride, scheduler.ets[-3:], None, None  # history: newest last
+        if scheduler.counter == 1:  # the first step redone from the sample it started at, with (m + m1) / 2
+            t, prev_t, history, base, weights = t + stride, t, scheduler.ets, scheduler.cur_sample, PLMS_HEUN
+            scheduler.cur_sample = None
+        else:
+            weights = PLMS_WEIGHTS[len(history) + 1]
+            if not history:  # the first call: an Euler step, whose sample the second call starts from again
+                keeps = "cur_sample"
+        scheduler._check_timestep(t)
+        alpha_t = float(scheduler.alphas_cumprod[t])
+        alpha_prev = float(scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod)
+        c_x, (c_m, c_1, c_2, c_3) = pndm_coefficients(alpha_t, alpha_prev, weights, c.prediction_type)
+        scheduler.counter += 1
+        past = lambda j: history[-j] if len(weights) > j else None  # noqa: E731 (m_j, where a weight reaches it)
+        return Step(c_x, c_m, 1.0, (0.0, 1.0) if base is None else None, past(1), c_1, past(2), c_2, past(3), c_3,
+                    keeps_sample=keeps, base=base)
     t = scheduler._check_timestep(timestep)
     prev_t = scheduler.previous_timestep(t)
     alpha_t = float(scheduler.alphas_cumprod[t])
@@ -211,15 +255,16 @@ def denoise(pipe, latents, timesteps, prompt_embeds, guidance_scale: float, guid
                 # the tape stands in: noise.py)
                 noise = step_draw(pipe.scheduler)(latents.shape, generator, noise_pred.device,
                                                   step.noise_dtype or noise_pred.dtype)
-            before = latents
+            before = latents if step.base is None else step.base  # (PLMS's second call steps from its first's sample)
             latents, model_input, kept, corrected = guided_step(
-                noise_pred, latents, guidance_scale, step.c_x, step.c_m, next_input=i + 1 < len(timesteps),
+                noise_pred, before, guidance_scale, step.c_x, step.c_m, next_input=i + 1 < len(timesteps),
                 next_scale=step.next_scale, convert=step.convert, addend=step.addend, c_add=step.c_add,
-                correct=step.correct, noise=noise, c_noise=step.c_noise, addend2=step.addend2, c_add2=step.c_add2)
-            if kept is not None:  # DPM-Solver's and UniPC's history of x_0 predictions (DEIS's of eps), newest last
-                pipe.scheduler.model_outputs = pipe.scheduler.model_outputs[1:] + [kept]
-            if step.keeps_sample:  # UniPC's: the sample its predictor stepped from, corrected or not
-                pipe.scheduler.last_sample = corrected if corrected is not None else before
+                correct=step.correct, noise=noise, c_noise=step.c_noise, addend2=step.addend2, c_add2=step.c_add2,
+                addend3=step.addend3, c_add3=step.c_add3)
+            if kept is not None:  # DPM-Solver's and UniPC's history of x_0 predictions (DEIS's of eps, PLMS's of
+                keep_output(pipe.scheduler, kept)  # its outputs), newest last
+            if step.keeps_sample:  # UniPC's: the sample its predictor stepped from, corrected or not; PLMS's first
+                setattr(pipe.scheduler, step.keeps_sample, corrected if corrected is not None else before)
             if callback is not None:  # diffusers' callback_on_step_end, as `pipeline_utils.step_callback` calls it
                 tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
                 replaced = callback(pipe, i, t, {k: tensors[k] for k in callback_inputs}) or {}

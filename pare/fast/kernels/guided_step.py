@@ -1,5 +1,5 @@
-"""Classifier-free guidance and a DDIM, Euler, Euler ancestral, DPM-Solver++ (2M, 3M), UniPC (to 3M) or DEIS step in one
-launch, which also writes the next UNet input.
+"""Classifier-free guidance and a DDIM, Euler, Euler ancestral, DPM-Solver++ (2M, 3M), UniPC (to 3M), DEIS or PLMS step
+in one launch, which also writes the next UNet input.
 
 Replaces, in the denoising loop (`pare/pipelines/stable_diffusion.py denoise`, through `pare/fast/denoise.py`):
 - the guidance line eps = eps_u + w (eps_c - eps_u) (Ho & Salimans, arXiv 2207.12598, eq. 6);
@@ -11,7 +11,9 @@ Replaces, in the denoising loop (`pare/pipelines/stable_diffusion.py denoise`, t
   `scheduling_euler_ancestral_discrete.py EulerAncestralDiscreteScheduler.step` (k-diffusion's ancestral Euler), or
   `scheduling_unipc_multistep.py UniPCMultistepScheduler.step` to third order with its data prediction (Zhao et
   al., arXiv 2302.04867: the corrector UniC, then the predictor UniP), or
-  `scheduling_deis_multistep.py DEISMultistepScheduler.step` to third order (Zhang & Chen, arXiv 2204.13902, rhoAB-DEIS);
+  `scheduling_deis_multistep.py DEISMultistepScheduler.step` to third order (Zhang & Chen, arXiv 2204.13902, rhoAB-DEIS),
+  or `scheduling_pndm.py PNDMScheduler.step` with `skip_prk_steps` (PLMS: Liu et al., arXiv 2202.09778, eqs. 9 and 13,
+  SD 1.x's folders' sampler);
 - the next step's `torch.cat([latents] * 2)` and `scale_model_input` (Euler's x / sqrt(sigma^2 + 1); DDIM's is 1).
 
 Math. With the guided output m and the sample x, a DDIM step with eta = 0 is linear in (x, m):
@@ -54,8 +56,11 @@ A DEIS step (rho = sigma_t / alpha_t, which is the Karras sigma) integrates the 
 With u = log r the integrand is l_j(u) e^u, and e^u (p - p' + p'' - ...) is an antiderivative of p(u) e^u for any
 polynomial p: so c_x = alpha_t' / alpha_t and the c's of m0, m1, m2 are alpha_t' C_j. Its history keeps eps, which it
 re-derives from its x_0: m0 = m (epsilon prediction), m0 = sigma_t x + alpha_t m (v prediction).
+A PLMS step is DDIM's transfer phi (Liu et al., eq. 9) of the Adams-Bashforth sum e' = sum_j w_j m_j over the guided
+output and up to three kept before it (m1, m2, m3: its `ets`, the raw outputs), so x' = c_x x + c_m m + c_1 m1 + c_2 m2
++ c_3 m3; its second call redoes the first step from the sample that step started at, with e' = (m + m1) / 2.
 `ddim_coefficients`, `euler_coefficients`, `ancestral_coefficients`, `dpm_coefficients` (the SDE's too),
-`unipc_coefficients` and `deis_coefficients` solve the coefficients in float64 on the host; the kernel reads each
+`unipc_coefficients`, `deis_coefficients` and `pndm_coefficients` solve the coefficients in float64 on the host; the kernel reads each
 value once, in float32 registers.
 
 Why a kernel: the reference spends about ten launches a step on (B, 4, h, w) latents (guidance's subtract,
@@ -93,6 +98,31 @@ def ddim_coefficients(alpha_t: float, alpha_prev: float, prediction_type: str) -
     if prediction_type == "v_prediction":  # x_0 = sa x - sb m, eps = sb x + sa m
         return sa_prev * sa + sb_prev * sb, sb_prev * sa - sa_prev * sb
     raise ValueError(f"ddim_coefficients: prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
+
+
+PLMS_WEIGHTS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+"""PLMS's e' = sum_j w_j e_j over its outputs, newest first: Adams-Bashforth of orders 1 to 4 (Liu et al., eq. 13)."""
+PLMS_HEUN = (1 / 2, 1 / 2)  # its second call redoes the first step with e' = (e_1 + e_0) / 2 (pseudo improved Euler)
+
+
+def pndm_coefficients(alpha_t: float, alpha_prev: float, weights: tuple[float, ...], prediction_type: str
+                      ) -> tuple[float, tuple[float, float, float, float]]:
+    """(c_x, (c_m, c_1, c_2, c_3)) of a PLMS step x' = phi(x, sum_j w_j e_j, t, t') = c_x x + c_m m + c_1 m1 + c_2 m2 +
+    c_3 m3 (Liu et al., arXiv 2202.09778, eq. 9: a = alpha_bar_t, a' = alpha_bar_t'), m the guided output and m1, m2,
+    m3 the ones kept before it, `weights` those of (m, m1, ...), in float64. A v prediction is turned into eps after
+    the sum, at the sample the step starts from, as `PNDMScheduler._get_prev_sample` turns it: so into c_x."""
+    sc = math.sqrt(alpha_prev / alpha_t)  # sqrt(a' / a)
+    k = (alpha_prev - alpha_t) / (alpha_t * math.sqrt(1 - alpha_prev) + math.sqrt(alpha_t * (1 - alpha_t) * alpha_prev))
+    if prediction_type == "epsilon":  # x' = sc x - k eps'
+        c_x, g = sc, -k
+    elif prediction_type == "v_prediction":  # eps' = sqrt(a) sum_j w_j v_j + sqrt(1 - a) x
+        c_x, g = sc - k * math.sqrt(1 - alpha_t), -k * math.sqrt(alpha_t)
+    else:
+        raise ValueError(f"pndm_coefficients: prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
+    if not 1 <= len(weights) <= 4:
+        raise ValueError(f"pndm_coefficients: {len(weights)} weights; PLMS combines 1 to 4 outputs")
+    c = [g * w for w in weights] + [0.0] * (4 - len(weights))
+    return c_x, (c[0], c[1], c[2], c[3])
 
 
 def euler_coefficients(sigma: float, sigma_next: float, prediction_type: str) -> tuple[float, float]:
@@ -266,14 +296,15 @@ def guided_step(noise_pred: torch.Tensor, sample: torch.Tensor, guidance_scale: 
                 addend: torch.Tensor | None = None, c_add: float = 0.0,
                 correct: tuple[torch.Tensor, torch.Tensor | None, tuple[float, float, float, float, float]] | None = None,
                 noise: torch.Tensor | None = None, c_noise: float = 0.0, addend2: torch.Tensor | None = None,
-                c_add2: float = 0.0) -> Stepped:
+                c_add2: float = 0.0, addend3: torch.Tensor | None = None, c_add3: float = 0.0) -> Stepped:
     """(2B, C, h, w) UNet output (unconditional half first) and (B, C, h, w) sample -> the stepped sample, in the
     sample's dtype and layout; (next_input) the next UNet input (2B, C, h, w): the stepped sample twice, times
     `next_scale` (the next step's `scale_model_input`), as the reference's cat and scaling make it; and with
     `convert` = (p_x, p_g) the converted output m0 = p_x x + p_g m of the guided output m (a multistep solver's data
     prediction, in the sample's dtype), else None. The step is c_x x + c_m m0 (m0 = m without `convert`), plus
     c_add `addend` where given (a multistep solver's previous m0, m1), plus c_add2 `addend2` where given (the m0
-    before that, m2; with `addend`), plus c_noise `noise` where given (Euler a's and SDE DPM-Solver's, drawn as their
+    before that, m2; with `addend`), plus c_add3 `addend3` where given (PLMS's m3; with `addend2`, not with `correct`),
+    plus c_noise `noise` where given (Euler a's and SDE DPM-Solver's, drawn as their
     steps draw it: in any floating dtype), each of the sample's shape.
     correct = (L, m3, (q_l, q_1, q_2, q_3, q_m)), UniPC's corrector (needs `convert`, the addend m1, and addend2 m2
     where q_2 != 0): the sample is first replaced by x_c = q_l L + q_1 m1 + q_2 m2 + q_3 m3 + q_m m0 (L the last
@@ -291,30 +322,36 @@ def guided_step(noise_pred: torch.Tensor, sample: torch.Tensor, guidance_scale: 
                          "exactly where q_3 != 0")
     if addend2 is not None and addend is None:
         raise ValueError("guided_step: a second addend needs the first")
-    for name, t in (("addend", addend), ("addend2", addend2), ("last sample", last), ("m3", m3), ("noise", noise)):
+    if addend3 is not None and (addend2 is None or correct is not None):
+        raise ValueError("guided_step: a third addend needs the second, and no correction (they share a pointer)")
+    for name, t in (("addend", addend), ("addend2", addend2), ("addend3", addend3), ("last sample", last), ("m3", m3),
+                    ("noise", noise)):
         if t is not None and t.shape != sample.shape:
             raise ValueError(f"guided_step: {name} {tuple(t.shape)} is not of the sample's shape {tuple(sample.shape)}")
     out = torch.empty_like(sample)  # the sample's layout
     converted = torch.empty_like(sample) if convert is not None else None
     corrected = torch.empty_like(sample) if correct is not None else None
     p_x, p_g = convert if convert is not None else (0.0, 1.0)
-    inputs = [t for t in (noise_pred, addend, addend2, last, m3) if t is not None]
+    inputs = [t for t in (noise_pred, addend, addend2, addend3, last, m3) if t is not None]
     if (TRITON_STEP and triton_ready(sample) and all(t.dtype == sample.dtype and t.device == sample.device for t in inputs)
             and (noise is None or (noise.device == sample.device and noise.dtype in FLOATS))):
         stacked = sample.new_empty((2 * b, *sample.shape[1:])) if next_input else None  # (2B, C, h, w), contiguous
         n = sample.numel()
         dst = stacked if next_input else out  # unused without a next input (STACK off): only its strides are read
-        # dummy pointers where a term is off (ADDEND, ADDEND2, CORRECT, THIRD, NOISE): never read
-        add, add2, last_, m3_, noise_ = (t if t is not None else sample for t in (addend, addend2, last, m3, noise))
+        # dummy pointers where a term is off (ADDEND, ADDEND2, ADDEND3, CORRECT, THIRD, NOISE): never read; the
+        # corrector's m3 and PLMS's third addend share a pointer (never both)
+        third = m3 if m3 is not None else addend3
+        add, add2, last_, m3_, noise_ = (t if t is not None else sample for t in (addend, addend2, last, third, noise))
         guided_step_kernel[(triton.cdiv(n, BLOCK),)](
             noise_pred, sample, out, dst, add, converted if converted is not None else out, last_, add2, m3_,
             corrected if corrected is not None else out, noise_, n, b, *sample.shape[1:],
             *noise_pred.stride(), *sample.stride(), *out.stride(), *dst.stride(), *add.stride(), *last_.stride(),
             *add2.stride(), *m3_.stride(), *noise_.stride(), float(guidance_scale), float(c_x), float(c_m),
-            float(next_scale), float(p_x), float(p_g), float(c_add), float(c_add2), float(q_l), float(q_1), float(q_2),
-            float(q_3), float(q_m), float(c_noise),
+            float(next_scale), float(p_x), float(p_g), float(c_add), float(c_add2), float(c_add3), float(q_l),
+            float(q_1), float(q_2), float(q_3), float(q_m), float(c_noise),
             BLOCK=BLOCK, STACK=next_input, CONVERT=convert is not None, ADDEND=addend is not None,
-            ADDEND2=addend2 is not None, CORRECT=correct is not None, THIRD=m3 is not None, NOISE=noise is not None,
+            ADDEND2=addend2 is not None, ADDEND3=addend3 is not None, CORRECT=correct is not None,
+            THIRD=m3 is not None, NOISE=noise is not None,
             num_warps=4)
         return Stepped(out, stacked, converted, corrected)
     compute = torch.float32 if sample.dtype in (torch.float16, torch.bfloat16) else sample.dtype
@@ -336,6 +373,8 @@ def guided_step(noise_pred: torch.Tensor, sample: torch.Tensor, guidance_scale: 
         stepped = stepped + c_add * addend.to(compute)
     if addend2 is not None:
         stepped = stepped + c_add2 * addend2.to(compute)
+    if addend3 is not None:
+        stepped = stepped + c_add3 * addend3.to(compute)
     if noise is not None:
         stepped = stepped + c_noise * noise.to(compute)
     out.copy_(stepped)
