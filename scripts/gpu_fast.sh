@@ -6,7 +6,8 @@
 #   STEPS="bench" bash scripts/gpu_fast.sh            # SDXL, SD1.5 with compile-graph, the SDXL pipeline (about 7 min)
 # tests: test_fast.py's GPU tier (TESTS_K, a -k expression, say "loop or guided", to pick; TESTS_ARGS for more pytest
 # options, split on spaces); its log starts with the device, the code's hash (scripts/tree_id.sh) and the date.
-# suite: the whole parity suite's GPU tier on the fast path (SUITE_ARGS, say "-k sd15", to split it over calls;
+# suite: the whole parity suite's GPU tier on the fast path (SUITE_K, a -k expression, spaces kept, to split it over calls;
+# SUITE_ARGS for other pytest options, split at spaces;
 # SUITE_FILES, test files in the order to run them, in place of parity_tests).
 # parity-samplers: the --fast pipeline parity over the fused samplers (PARITY_SCHEDULERS to pick them: class names or
 # web-UI sampler names, comma-separated). ab-loop takes AB_SCHEDULER (either kind of name, spaces kept).
@@ -38,7 +39,7 @@ for step in ${STEPS:-tests profile parity}; do
     ab-loop) timeout ${T_AB:-200} python3 benchmarks/ab_loop.py --models ${AB_MODELS:-sd15} ${AB_SCHEDULER:+--scheduler "$AB_SCHEDULER"} ${AB_ARGS:-} --out "$OUT" 2>&1 | quiet | tail -3 ;;
     conv) timeout ${T_CONV:-240} python3 benchmarks/conv_probe.py --out "$OUT/conv-probe-h200.json" 2>&1 | grep -v Warn | tail -18 ;;
     syncs) timeout ${T_SYNCS:-120} python3 benchmarks/sync_points.py --model sd15 --steps 5 2>&1 | quiet | tail -25 ;;
-    suite) { cat "$OUT/device.txt"; echo "tree $(bash scripts/tree_id.sh)"; date -u +%F; timeout ${T_SUITE:-540} python3 -m pytest ${SUITE_FILES:-parity_tests} --device cuda --dtype fp16 --fast -q -p no:cacheprovider -rfE ${SUITE_ARGS:-} 2>&1; } | tee "$OUT/suite_fast.log" | tail -15 ;;
+    suite) { cat "$OUT/device.txt"; echo "tree $(bash scripts/tree_id.sh)"; date -u +%F; timeout ${T_SUITE:-540} python3 -m pytest ${SUITE_FILES:-parity_tests} --device cuda --dtype fp16 --fast -q -p no:cacheprovider -rfE ${SUITE_K:+-k "$SUITE_K"} ${SUITE_ARGS:-} 2>&1; } | tee "$OUT/suite_fast.log" | tail -15 ;;
     sd15-pipeline) timeout ${T_SD15:-150} python3 -m pare.cli bench --models sd15 --cases pipeline --modes fast --out "$OUT" --stem sd15-pipeline-fast 2>&1 | quiet | tail -8 ;;
     sdxl-pipeline) timeout ${T_SDXL:-240} python3 -m pare.cli bench --models sdxl --cases pipeline --modes fast --steps 30 --out "$OUT" --stem sdxl-pipeline-fast 2>&1 | quiet | tail -8 ;;
     bench)  # the README's benchmark table: three commands, about 430 s in all
