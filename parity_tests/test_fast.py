@@ -1456,8 +1456,8 @@ def test_the_guided_step_kernel_takes_plms_steps_nearer_float64_than_the_referen
 
         def at(ets, sample):  # the scheduler at `counter`, its ets (newest last) and kept sample in a run's dtype
             a = copying.deepcopy(s)
-            kept = 0 if counter == 0 else 1 if counter <= 2 else min(counter - 1, 4)  # the second call keeps none
-            a.counter, a.ets = counter, ets[len(ets) - kept:]
+            held = 0 if counter == 0 else 1 if counter <= 2 else min(counter - 1, 4)  # the second call keeps none
+            a.counter, a.ets = counter, ets[len(ets) - held:]
             a.cur_sample = sample if counter == 1 else None
             return a
         uncond, text = eps.chunk(2)

@@ -84,7 +84,7 @@ def fusable(pipe, latents, guidance_scale: float, guidance_rescale: float, step_
         return not steps and c.solver_order <= 3 and s.predict_x0 and not c.thresholding
     if type(s) is DEISMultistepScheduler:  # orders 1 to 3, the history of its eps
         return not steps and not c.thresholding
-    if type(s) is PNDMScheduler:  # PLMS alone (no Runge-Kutta warm-up), the history of its outputs; alpha_bar on the host
+    if type(s) is PNDMScheduler:  # PLMS (no Runge-Kutta warm-up), the history of its outputs; alpha_bar on the host
         return not steps and c.skip_prk_steps and not s.alphas_cumprod.is_cuda
     if type(s) is EulerDiscreteScheduler:  # s_tmin, s_tmax and s_noise matter only with churn
         return set(steps) <= {"s_churn", "s_tmin", "s_tmax", "s_noise"} and float(steps.get("s_churn", 0.0)) == 0.0
@@ -122,7 +122,7 @@ class Step(NamedTuple):
     correct: tuple | None = None  # UniPC's corrector: (last sample, the output before addend2 or None, coefficients)
     keeps_sample: str | None = None  # the scheduler's attribute that keeps the sample stepped from (UniPC's
     # `last_sample`, corrected or not; PLMS's `cur_sample` at its first call)
-    base: torch.Tensor | None = None  # the sample stepped from, where not the latents (PLMS's second call: `cur_sample`)
+    base: torch.Tensor | None = None  # the sample stepped from where not the latents (PLMS's second call: cur_sample)
 
 
 def keep_output(scheduler, kept: torch.Tensor) -> None:
@@ -156,8 +156,8 @@ def step_coefficients(scheduler, timestep) -> Step:
     its step index, its order (`order_of_step`), the levels of its step and history, then `deis_coefficients`; m1 at
     second order, m1 and m2 at third. PLMS: the branch `PNDMScheduler.step_plms` takes at its `counter` (the first
     call an Euler step that keeps its sample, the second that step redone from it with (m + m1) / 2, then
-    Adams-Bashforth over its last 1 to 3 outputs), then `pndm_coefficients`; its outputs are kept but at the second
-    call."""
+    Adams-Bashforth over its last 1 to 3 outputs), then `pndm_coefficients`; every call's output is kept but the
+    second's."""
     c = scheduler.config
     if isinstance(scheduler, (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler)):
         if scheduler.step_index is None:

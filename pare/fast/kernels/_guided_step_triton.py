@@ -18,8 +18,9 @@ def guided_step(e_ptr, x_ptr, y_ptr, z_ptr, p_ptr, m_ptr, l_ptr, q_ptr, r_ptr, k
     the solver's history; with CORRECT (UniPC's corrector), x is replaced by kl l + kp p (+ kq q with ADDEND2)
     (+ kr r with THIRD: the m before q) + km m, stored to k_ptr (at y's strides) and read back as stored;
     y = cx x + cm m (+ cp p with ADDEND: the multistep solvers' previous m) (+ cq q with ADDEND2: the m before that)
-    (+ cr r with ADDEND3, never with CORRECT: PLMS's m before q) (+ cn n with NOISE: Euler a's and SDE DPM-Solver's noise, any dtype), all in float32. With STACK,
-    z (2B, C, H, W) gets ci y (y as stored, scaled in float32) at rows b and B + b."""
+    (+ cr r with ADDEND3, never with CORRECT: PLMS's m before q) (+ cn n with NOISE: Euler a's and SDE DPM-Solver's
+    noise, any dtype), all in float32. With STACK, z (2B, C, H, W) gets ci y (y as stored, scaled in float32) at rows
+    b and B + b."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     msk = i < N
     iw = i % W

@@ -11,8 +11,8 @@ Replaces, in the denoising loop (`pare/pipelines/stable_diffusion.py denoise`, t
   `scheduling_euler_ancestral_discrete.py EulerAncestralDiscreteScheduler.step` (k-diffusion's ancestral Euler), or
   `scheduling_unipc_multistep.py UniPCMultistepScheduler.step` to third order with its data prediction (Zhao et
   al., arXiv 2302.04867: the corrector UniC, then the predictor UniP), or
-  `scheduling_deis_multistep.py DEISMultistepScheduler.step` to third order (Zhang & Chen, arXiv 2204.13902, rhoAB-DEIS),
-  or `scheduling_pndm.py PNDMScheduler.step` with `skip_prk_steps` (PLMS: Liu et al., arXiv 2202.09778, eqs. 9 and 13,
+  `scheduling_deis_multistep.py DEISMultistepScheduler.step` to third order (Zhang & Chen, arXiv 2204.13902,
+  rhoAB-DEIS), or `scheduling_pndm.py PNDMScheduler.step` with `skip_prk_steps` (PLMS: Liu et al., arXiv 2202.09778, eqs. 9 and 13,
   SD 1.x's folders' sampler);
 - the next step's `torch.cat([latents] * 2)` and `scale_model_input` (Euler's x / sqrt(sigma^2 + 1); DDIM's is 1).
 
@@ -60,8 +60,8 @@ A PLMS step is DDIM's transfer phi (Liu et al., eq. 9) of the Adams-Bashforth su
 output and up to three kept before it (m1, m2, m3: its `ets`, the raw outputs), so x' = c_x x + c_m m + c_1 m1 + c_2 m2
 + c_3 m3; its second call redoes the first step from the sample that step started at, with e' = (m + m1) / 2.
 `ddim_coefficients`, `euler_coefficients`, `ancestral_coefficients`, `dpm_coefficients` (the SDE's too),
-`unipc_coefficients`, `deis_coefficients` and `pndm_coefficients` solve the coefficients in float64 on the host; the kernel reads each
-value once, in float32 registers.
+`unipc_coefficients`, `deis_coefficients` and `pndm_coefficients` solve the coefficients in float64 on the host; the
+kernel reads each value once, in float32 registers.
 
 Why a kernel: the reference spends about ten launches a step on (B, 4, h, w) latents (guidance's subtract,
 multiply and add; the step's six multiplies, adds and divides; the next input's cat), each a few microseconds of
@@ -100,7 +100,8 @@ def ddim_coefficients(alpha_t: float, alpha_prev: float, prediction_type: str) -
     raise ValueError(f"ddim_coefficients: prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
 
 
-PLMS_WEIGHTS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+PLMS_WEIGHTS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
+                4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 """PLMS's e' = sum_j w_j e_j over its outputs, newest first: Adams-Bashforth of orders 1 to 4 (Liu et al., eq. 13)."""
 PLMS_HEUN = (1 / 2, 1 / 2)  # its second call redoes the first step with e' = (e_1 + e_0) / 2 (pseudo improved Euler)
 
