@@ -641,6 +641,24 @@ def test_the_fused_step_loop_gives_the_class_loops_latents_and_leaves_every_othe
         assert fused_steps == ["halves", 1] * 3
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     pare.fast.restore(ours)
+    # img2img: the loop starts mid-schedule (PLMS's first call at a later timestep, DPM-Solver's first order there)
+    img2img = pare.StableDiffusionImg2ImgPipeline(**ours.components)
+    img2img.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for cls, overrides in ((PNDMScheduler, {"skip_prk_steps": True}), (DDIMScheduler, {}),
+                           (DPMSolverMultistepScheduler, {})):
+        img2img.scheduler = cls.from_config(config, **overrides)
+        got_expected = []
+        for fused in (True, False):
+            fused_steps.clear()
+            if fused:
+                vars(img2img)["denoise"] = functools.partial(fast_denoise.denoise, img2img)
+            else:
+                vars(img2img).pop("denoise", None)
+            got_expected.append(img2img(prompt="a cat", image=image, strength=0.6, num_inference_steps=8,
+                                        output_type="latent", generator=torch.Generator().manual_seed(1)).images)
+            assert len(fused_steps) == (int(8 * 0.6) + (cls is PNDMScheduler) if fused else 0), cls.__name__
+        torch.testing.assert_close(*got_expected, rtol=1e-5, atol=1e-6)
     monkeypatch.setattr(fast_denoise, "FUSED_STEP", 0)  # the A/B's switch
     fused_steps.clear()
     run(True)
