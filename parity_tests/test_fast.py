@@ -533,8 +533,8 @@ def test_the_fused_step_loop_gives_the_class_loops_latents_and_leaves_every_othe
     from parity_tests.tiny_components import build_diffusers_pipeline
     from pare.parity.checkpoint import pare_twin
     from pare.schedulers import (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
-                                 EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, PNDMScheduler,
-                                 UniPCMultistepScheduler)
+                                 EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LMSDiscreteScheduler,
+                                 PNDMScheduler, UniPCMultistepScheduler)
 
     ours = pare_twin(build_diffusers_pipeline("tiny-sd"), torch.float64)
     ours.set_progress_bar_config(disable=True)
@@ -608,11 +608,18 @@ def test_the_fused_step_loop_gives_the_class_loops_latents_and_leaves_every_othe
             (PNDMScheduler, {"skip_prk_steps": True, "prediction_type": "v_prediction", "set_alpha_to_one": True},
              {"num_inference_steps": 5, "callback_on_step_end": halve}, True),
             (PNDMScheduler, {"skip_prk_steps": True, "timestep_spacing": "trailing"}, {}, True),
-            (PNDMScheduler, {"skip_prk_steps": False}, {"num_inference_steps": 4}, False)):
+            (PNDMScheduler, {"skip_prk_steps": False}, {"num_inference_steps": 4}, False),
+            # LMS: orders 1, 2, 3, 4, then 4 over the last four derivatives
+            (LMSDiscreteScheduler, {}, {"num_inference_steps": 6}, True),
+            (LMSDiscreteScheduler, {"prediction_type": "v_prediction", "use_karras_sigmas": True},
+             {"num_inference_steps": 5, "callback_on_step_end": halve}, True),
+            (LMSDiscreteScheduler, {"timestep_spacing": "trailing"}, {}, True),
+            (LMSDiscreteScheduler, {"prediction_type": "sample"}, {}, False)):
         ours.scheduler = cls.from_config(config, **overrides)
         fused_steps.clear()
         got = run(True, **kwargs)
-        kept_outputs = lambda s: list(getattr(s, "model_outputs", getattr(s, "ets", [])))  # noqa: E731 (PLMS's: ets)
+        def kept_outputs(s):  # the history: model_outputs, PLMS's ets, LMS's derivatives
+            return list(getattr(s, "model_outputs", getattr(s, "ets", getattr(s, "derivatives", []))))
         state, history = plain_state(ours.scheduler), kept_outputs(ours.scheduler)
         last = getattr(ours.scheduler, "last_sample", None)  # UniPC's
         calls = len(ours.scheduler.timesteps)  # a UNet call a timestep (PLMS: one more than its steps)
@@ -646,7 +653,7 @@ def test_the_fused_step_loop_gives_the_class_loops_latents_and_leaves_every_othe
     img2img.set_progress_bar_config(disable=True)
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     for cls, overrides in ((PNDMScheduler, {"skip_prk_steps": True}), (DDIMScheduler, {}),
-                           (DPMSolverMultistepScheduler, {})):
+                           (DPMSolverMultistepScheduler, {}), (LMSDiscreteScheduler, {})):  # LMS: order 4, one derivative
         img2img.scheduler = cls.from_config(config, **overrides)
         got_expected = []
         for fused in (True, False):
@@ -1532,6 +1539,76 @@ def test_the_guided_step_kernel_takes_plms_steps_nearer_float64_than_the_referen
 
 @pytest.mark.kernel
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_guided_step_kernel_takes_lms_steps_nearer_float64_than_the_reference_ops(prediction_type, dtype,
+                                                                                    monkeypatch):
+    """LMS (order 4, its pipelines' default) in one launch at orders 1 to 4 and with its history trimmed to the last
+    three derivatives, in the middle of the schedule and at its last step: the algebra is the float64 step, the
+    scheduler's step index is advanced as its `step` advances it, the stepped latents and the kept derivative are no
+    further from float64 than the reference's ops in the dtype, the next input is the stepped latents scaled as its
+    `scale_model_input` scales them, and the PyTorch twin gives the kernel's values within float32's rounding."""
+    import copy as copying
+
+    from parity_tests.tiny_components import SD_SCHEDULER
+    from pare.fast.denoise import step_coefficients
+    from pare.fast.kernels import guided_step as step_kernel
+    from pare.schedulers import LMSDiscreteScheduler
+
+    s, w = LMSDiscreteScheduler.from_config(SD_SCHEDULER, prediction_type=prediction_type), 7.5
+    s.set_timesteps(50)
+    g = torch.Generator().manual_seed(0)
+    draw = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(KDEV)  # noqa: E731
+    eps, x = draw(4, 4, 16, 16), draw(2, 4, 16, 16).contiguous(memory_format=torch.channels_last)
+    past = [draw(2, 4, 16, 16) for _ in range(4)]  # derivatives kept before, oldest first
+    eps_d, x_d, past_d = eps.to(dtype), x.to(dtype), [t.to(dtype) for t in past]
+    uncond, text = eps.chunk(2)
+    guided = uncond + w * (text - uncond)
+    for i in (0, 1, 2, 3, 4, 30, len(s.timesteps) - 1):
+        t = s.timesteps[i]
+
+        def at(ds):  # the scheduler at step i with its derivatives (min(i, 4) of them), in a run's dtype
+            a = copying.deepcopy(s)
+            a._step_index, a.is_scale_input_called, a.derivatives = i, True, ds[len(ds) - min(i, 4):]
+            return a
+        stepper = at(past)
+        stepper.sigmas = stepper.sigmas.double()  # v's 1 - 1 / (sigma^2 + 1) cancels at small sigma in float32
+        exact = stepper.step(guided, t, x).prev_sample  # float64
+        before = at(past)
+        step = step_coefficients(before, t)
+        assert before.step_index == stepper.step_index == i + 1
+        terms = min(i + 1, 4)
+        assert [a is not None for a in (step.addend, step.addend2, step.addend3)] == [terms > j for j in (1, 2, 3)]
+        ms, ms_d = past[::-1][:terms - 1], past_d[::-1][:terms - 1]  # d_{i-1}, d_{i-2}, d_{i-3}
+        cs = (step.c_add, step.c_add2, step.c_add3)
+        p_x, p_g = step.convert
+        d = p_x * x + p_g * guided
+        torch.testing.assert_close(d, stepper.derivatives[-1], rtol=1e-6, atol=1e-6)
+        algebra = step.c_x * x + step.c_m * d + sum(c * m for c, m in zip(cs, ms))
+        scale = float((x.abs() + abs(step.c_m) * d.abs() + sum(abs(c) * m.abs() for c, m in zip(cs, ms))).max())
+        torch.testing.assert_close(algebra, exact, rtol=1e-6, atol=1e-6 * scale)
+        if i + 1 < len(s.timesteps):
+            torch.testing.assert_close(step.next_scale * exact, stepper.scale_model_input(exact, s.timesteps[i + 1]),
+                                       rtol=1e-6, atol=1e-6)
+        kw = dict(zip(("addend", "addend2", "addend3"), ms_d)) | dict(zip(("c_add", "c_add2", "c_add3"), cs))
+        ours, stacked, kept, _ = step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m, next_scale=step.next_scale,
+                                                         convert=step.convert, **kw)
+        assert ours.dtype == dtype and ours.stride() == x_d.stride() and torch.equal(stacked[:2], stacked[2:])
+        reference = at(past_d)  # the reference loop's ops, in dtype
+        theirs = reference.step(eps_d[:2] + w * (eps_d[2:] - eps_d[:2]), t, x_d).prev_sample
+        assert rel(ours, exact) <= BUDGET * rel(theirs, exact) + FLOOR[dtype], i
+        assert rel(kept, d) <= BUDGET * rel(reference.derivatives[-1], d) + FLOOR[dtype], i
+        monkeypatch.setattr(step_kernel, "TRITON_STEP", 0)
+        twin, _, twin_kept, _ = step_kernel.guided_step(eps_d, x_d, w, step.c_x, step.c_m, convert=step.convert, **kw)
+        monkeypatch.setattr(step_kernel, "TRITON_STEP", 1)
+        ulp32, ulp = torch.finfo(torch.float32).eps, torch.finfo(dtype).eps
+        torch.testing.assert_close(ours, twin, rtol=ulp, atol=ulp + 4 * ulp32 * scale)
+        m_terms = float((abs(p_x) * x.abs() + abs(p_g) * (uncond.abs() + w * (text - uncond).abs())).max())
+        torch.testing.assert_close(kept, twin_kept, rtol=ulp, atol=ulp + 4 * ulp32 * m_terms)
+
+
+@pytest.mark.kernel
+@needs_triton
 def test_float64_runs_the_pytorch_twins_not_the_float32_kernels():
     """The kernels compute in float32: a float64 tensor must not lose its precision to them."""
     g = torch.Generator(KDEV).manual_seed(0)
@@ -1666,7 +1743,7 @@ LOOP_CASES = (
     ("EulerAncestralDiscreteScheduler", {}, {}, True),
     ("HeunDiscreteScheduler", {}, {}, True),
     ("KDPM2DiscreteScheduler", {}, {}, True),
-    ("LMSDiscreteScheduler", {}, {}, True),
+    ("LMSDiscreteScheduler", {}, {}, True),  # its step fused since the sixteenth session (not yet run on a GPU so)
     ("DDPMScheduler", {}, {}, True),  # its step read the schedule from the GPU until 2026-12-03 (passed since, 2026-12-04)
 )
 

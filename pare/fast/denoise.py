@@ -5,23 +5,23 @@ Replaces: `pare/pipelines/stable_diffusion.py StableDiffusionPipeline.denoise` (
 step callback), for the samplers SD folders name most, under classifier-free guidance: DDIM with eta = 0 (SD 1.x's
 and 2.x's pipelines), Euler without churn (SDXL's folders), Euler ancestral ("Euler a", A1111's default),
 DPM-Solver++ (2M or 3M) and its SDE ("DPM++ 2M (SDE) (Karras)" in the UIs), UniPC ("UniPC": orders 1 to 3, the
-data prediction, bh2 or bh1), DEIS ("DEIS", orders 1 to 3) and PLMS (PNDM with skip_prk_steps: the scheduler of SD
-1.x's folders, "PLMS" in the UIs). The UNet call is the reference loop's;
+data prediction, bh2 or bh1), DEIS ("DEIS", orders 1 to 3), PLMS (PNDM with skip_prk_steps: the scheduler of SD
+1.x's folders, "PLMS" in the UIs) and LMS ("LMS", order 4). The UNet call is the reference loop's;
 what follows it, guidance (Ho & Salimans, arXiv 2207.12598, eq. 6) and the step (DDIM's eq. 12, Song et al., arXiv
 2010.02502, with sigma_t = 0; Euler's Algorithm 2, Karras et al., arXiv 2206.00364, with gamma = 0, and its
 ancestral form, k-diffusion's; DPM-Solver++'s Algorithm 2 and its SDE, Lu et al., arXiv 2211.01095; UniPC's
 corrector and predictor, Zhao et al., arXiv 2302.04867; DEIS's rhoAB step, Zhang & Chen, arXiv 2204.13902; PLMS's
-Adams-Bashforth sum through DDIM's transfer, Liu et al., arXiv 2202.09778, eqs. 9 and 13), is
+Adams-Bashforth sum through DDIM's transfer, Liu et al., arXiv 2202.09778, eqs. 9 and 13; LMS's, k-diffusion's
+`sample_lms`), is
 `kernels/guided_step.py`: x' = c_x x + c_m m (+ c_a a) (+ c_z z), with m the guided output eps_u + w (eps_c - eps_u)
 (DPM-Solver++ and UniPC: their data prediction, DEIS: its eps, a the previous step's; Euler a and the SDE: z their
 noise, drawn as their steps draw it; UniPC: x first corrected, from its last sample and history; PLMS: up to three
-terms of its history, and at its second call x the sample its first started from), the coefficients
-solved on the host in float64 from the scheduler's own schedule (DDIM's and PLMS's alpha_bar and previous timestep,
-the Euler, DPM-Solver, UniPC and DEIS sigmas, and the multistep solvers' orders at that step), and the next input x' /
-sqrt(sigma'^2 + 1) for the Euler samplers. Every other loop (another scheduler, eta > 0, churn, a noise-prediction
-DPM-Solver, a noise-prediction UniPC, PNDM's Runge-Kutta warm-up, clipping or thresholding, guidance rescale, no
-guidance) is the reference's,
-unchanged.
+terms of its history, and at its second call x the sample its first started from; LMS: its derivative, and up to
+three kept), the coefficients solved on the host in float64 from the scheduler's own schedule (DDIM's and PLMS's
+alpha_bar and previous timestep, the Euler, DPM-Solver, UniPC, DEIS and LMS sigmas, and the multistep solvers' orders
+at that step), and the next input x' / sqrt(sigma'^2 + 1) for the Euler samplers and LMS. Every other loop (another
+scheduler, eta > 0, churn, a noise-prediction DPM-Solver, a noise-prediction UniPC, PNDM's Runge-Kutta warm-up,
+clipping or thresholding, guidance rescale, no guidance) is the reference's, unchanged.
 
 Since the kernel writes both halves of the next UNet input from one value, they are equal by construction, and the
 fast UNet is told so (`same_halves`, `unet.py`): it runs the text-free prefix of its first block on one half.
@@ -42,27 +42,29 @@ from ..schedulers.scheduling_deis_multistep import DEISMultistepScheduler
 from ..schedulers.scheduling_dpmsolver_multistep import LEARNED_VARIANCE_TYPES, DPMSolverMultistepScheduler
 from ..schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteScheduler
 from ..schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
+from ..schedulers.scheduling_lms_discrete import LMSDiscreteScheduler, lms_coefficient
 from ..schedulers.scheduling_pndm import PNDMScheduler
 from ..schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
 from .graph import replayable
 from .kernels.guided_step import (PLMS_HEUN, PLMS_WEIGHTS, ancestral_coefficients, ddim_coefficients, deis_coefficients,
-                                  dpm_coefficients, euler_coefficients, data_prediction, guided_step, pndm_coefficients,
-                                  unipc_coefficients)
+                                  dpm_coefficients, euler_coefficients, data_prediction, guided_step, lms_derivative,
+                                  pndm_coefficients, unipc_coefficients)
 from .noise import step_draw
 from .transformer import hold_context
 from .unet import FastUNet2DConditionModel
 
 FUSED_STEP = 1  # 0: the class's loop for every scheduler (the A/B's switch)
+LMS_ORDER = 4  # the derivatives LMS combines: its `step`'s default, which the pipelines use
 HOLD_TEXT = 1  # 0: the text's K and V projected at every step, as in the class's loop (the A/B's switch)
 
 
 FUSED = (DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler,
-         UniPCMultistepScheduler, DEISMultistepScheduler, PNDMScheduler)  # exactly
+         UniPCMultistepScheduler, DEISMultistepScheduler, PNDMScheduler, LMSDiscreteScheduler)  # exactly
 
 
 def fusable(pipe, latents, guidance_scale: float, guidance_rescale: float, step_kwargs: dict | None) -> bool:
     """Whether this loop's steps are guidance and a DDIM (eta 0), Euler (no churn), Euler ancestral, DPM-Solver++ (2M
-    or 3M, or its SDE), UniPC (to 3M, data prediction), DEIS or PLMS step, nothing more."""
+    or 3M, or its SDE), UniPC (to 3M, data prediction), DEIS, PLMS or LMS step, nothing more."""
     s, loop = pipe.scheduler, type(pipe).denoise
     # the loop this file twins, named (pare/fast sits below pare/pipelines, and does not import it): a subclass's
     # own loop (ControlNet's, inpainting's) is not this one
@@ -86,6 +88,8 @@ def fusable(pipe, latents, guidance_scale: float, guidance_rescale: float, step_
         return not steps and not c.thresholding
     if type(s) is PNDMScheduler:  # PLMS (no Runge-Kutta warm-up), the history of its outputs; alpha_bar on the host
         return not steps and c.skip_prk_steps and not s.alphas_cumprod.is_cuda
+    if type(s) is LMSDiscreteScheduler:  # at its step's default order (the pipelines pass none)
+        return not steps
     if type(s) is EulerDiscreteScheduler:  # s_tmin, s_tmax and s_noise matter only with churn
         return set(steps) <= {"s_churn", "s_tmin", "s_tmax", "s_noise"} and float(steps.get("s_churn", 0.0)) == 0.0
     return (set(steps) <= {"eta"} and float(steps.get("eta", 0.0)) == 0.0
@@ -127,9 +131,12 @@ class Step(NamedTuple):
 
 def keep_output(scheduler, kept: torch.Tensor) -> None:
     """The solver's history after a step, newest last, as its `step` leaves it: PLMS's `ets` (its last three, then
-    this one), the other multistep solvers' `model_outputs` (shifted by one)."""
+    this one), LMS's `derivatives` (its last LMS_ORDER), the other multistep solvers' `model_outputs` (shifted by
+    one)."""
     if isinstance(scheduler, PNDMScheduler):
         scheduler.ets = scheduler.ets[-3:] + [kept]
+    elif isinstance(scheduler, LMSDiscreteScheduler):
+        scheduler.derivatives = (scheduler.derivatives + [kept])[-LMS_ORDER:]
     else:
         scheduler.model_outputs = scheduler.model_outputs[1:] + [kept]
 
@@ -157,7 +164,9 @@ def step_coefficients(scheduler, timestep) -> Step:
     second order, m1 and m2 at third. PLMS: the branch `PNDMScheduler.step_plms` takes at its `counter` (the first
     call an Euler step that keeps its sample, the second that step redone from it with (m + m1) / 2, then
     Adams-Bashforth over its last 1 to 3 outputs), then `pndm_coefficients`; every call's output is kept but the
-    second's."""
+    second's. LMS: sigma and the next sigma at its step index, its order there (min(i + 1, 4)) and as many of that
+    order's coefficients as it has derivatives with this one (img2img's first steps have fewer), `lms_coefficient`;
+    its derivative is kept, and the next input scaled as Euler's."""
     c = scheduler.config
     if isinstance(scheduler, (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler)):
         if scheduler.step_index is None:
@@ -205,6 +214,19 @@ def step_coefficients(scheduler, timestep) -> Step:
         advance_multistep(scheduler)
         return Step(c_x, c_m, 1.0, convert, scheduler.model_outputs[-1] if order >= 2 else None, c_add,
                     scheduler.model_outputs[-2] if order == 3 else None, c_add2)
+    if isinstance(scheduler, LMSDiscreteScheduler):
+        if scheduler.step_index is None:
+            scheduler._init_step_index(timestep)
+        i = scheduler.step_index
+        sigma, sigma_next = float(scheduler.sigmas[i]), float(scheduler.sigmas[i + 1])  # a CPU tensor
+        history = scheduler.derivatives[-(LMS_ORDER - 1):]  # oldest first
+        order = min(i + 1, LMS_ORDER)
+        terms = min(order, len(history) + 1)  # its step zips the coefficients with the derivatives it has
+        cs = [lms_coefficient(scheduler.sigmas, order, i, j) for j in range(terms)] + [0.0] * (4 - terms)
+        scheduler._step_index += 1
+        past = lambda j: history[-j] if terms > j else None  # noqa: E731 (d_{i-j}, where a coefficient reaches it)
+        return Step(1.0, cs[0], 1.0 / math.sqrt(sigma_next**2 + 1), lms_derivative(sigma, c.prediction_type), past(1),
+                    cs[1], past(2), cs[2], past(3), cs[3])
     if isinstance(scheduler, PNDMScheduler):
         stride = c.num_train_timesteps // scheduler.num_inference_steps  # diffusers' stride, whatever the spacing
         t = scheduler._host_int(timestep)

@@ -9,10 +9,10 @@ Why: with the UNet replayed from a graph per step (graph.py), the host still lau
 arithmetic and scheduler step (about 15 small kernels) and copies the UNet's inputs in. One replay launches
 the whole loop, and the kernels between the UNet calls run back to back. The host already ran ahead of the GPU,
 so the gain is small: 3.7 ms of a 311 ms SD1.5 image, measured (benchmarks/NOTES.md, change 22).
-The loop it runs is `denoise.py`'s: the class's loop, with a plain DDIM, Euler, Euler a, DPM-Solver++, UniPC, DEIS or
-PLMS loop's guidance, step and next UNet input as one kernel a step (0.9 ms more off the SD1.5 image with DDIM, change
-30; changes 33, 34, 36, 37, 40, 43, 44 and 46 for the others), its UNet told that the CFG batch's halves are equal,
-and its text's K and V projected once (changes 31 and 32).
+The loop it runs is `denoise.py`'s: the class's loop, with a plain DDIM, Euler, Euler a, DPM-Solver++, UniPC, DEIS,
+PLMS or LMS loop's guidance, step and next UNet input as one kernel a step (0.9 ms more off the SD1.5 image with DDIM,
+change 30; changes 33, 34, 36, 37, 40, 43, 44, 46 and 47 for the others), its UNet told that the CFG batch's halves
+are equal, and its text's K and V projected once (changes 31 and 32).
 
 What a capture bakes in, so what its key holds (graph.py's GraphCache adds the rest: the UNet's weights, LoRA
 state and hooks, the inputs' shapes):

@@ -1,5 +1,5 @@
-"""Classifier-free guidance and a DDIM, Euler, Euler ancestral, DPM-Solver++ (2M, 3M), UniPC (to 3M), DEIS or PLMS step
-in one launch, which also writes the next UNet input.
+"""Classifier-free guidance and a DDIM, Euler, Euler ancestral, DPM-Solver++ (2M, 3M), UniPC (to 3M), DEIS, PLMS or LMS
+step in one launch, which also writes the next UNet input.
 
 Replaces, in the denoising loop (`pare/pipelines/stable_diffusion.py denoise`, through `pare/fast/denoise.py`):
 - the guidance line eps = eps_u + w (eps_c - eps_u) (Ho & Salimans, arXiv 2207.12598, eq. 6);
@@ -12,8 +12,9 @@ Replaces, in the denoising loop (`pare/pipelines/stable_diffusion.py denoise`, t
   `scheduling_unipc_multistep.py UniPCMultistepScheduler.step` to third order with its data prediction (Zhao et
   al., arXiv 2302.04867: the corrector UniC, then the predictor UniP), or
   `scheduling_deis_multistep.py DEISMultistepScheduler.step` to third order (Zhang & Chen, arXiv 2204.13902,
-  rhoAB-DEIS), or `scheduling_pndm.py PNDMScheduler.step` with `skip_prk_steps` (PLMS: Liu et al., arXiv 2202.09778, eqs. 9 and 13,
-  SD 1.x's folders' sampler);
+  rhoAB-DEIS), or `scheduling_pndm.py PNDMScheduler.step` with `skip_prk_steps` (PLMS: Liu et al., arXiv 2202.09778,
+  eqs. 9 and 13, SD 1.x's folders' sampler), or `scheduling_lms_discrete.py LMSDiscreteScheduler.step`
+  (k-diffusion's `sample_lms`, order 4);
 - the next step's `torch.cat([latents] * 2)` and `scale_model_input` (Euler's x / sqrt(sigma^2 + 1); DDIM's is 1).
 
 Math. With the guided output m and the sample x, a DDIM step with eta = 0 is linear in (x, m):
@@ -59,6 +60,9 @@ re-derives from its x_0: m0 = m (epsilon prediction), m0 = sigma_t x + alpha_t m
 A PLMS step is DDIM's transfer phi (Liu et al., eq. 9) of the Adams-Bashforth sum e' = sum_j w_j m_j over the guided
 output and up to three kept before it (m1, m2, m3: its `ets`, the raw outputs), so x' = c_x x + c_m m + c_1 m1 + c_2 m2
 + c_3 m3; its second call redoes the first step from the sample that step started at, with e' = (m + m1) / 2.
+An LMS step is Adams-Bashforth in sigma: x' = x + sum_j c_j d_j over the derivative d = (x - D) / sigma of the guided
+output (epsilon: m itself; v: sigma x / (sigma^2 + 1) + m / sqrt(sigma^2 + 1)) and up to three kept before it, c_j the
+scheduler's integrals of its Lagrange basis (`lms_coefficient`, exact in float64); the kernel writes d for its history.
 `ddim_coefficients`, `euler_coefficients`, `ancestral_coefficients`, `dpm_coefficients` (the SDE's too),
 `unipc_coefficients`, `deis_coefficients` and `pndm_coefficients` solve the coefficients in float64 on the host; the
 kernel reads each value once, in float32 registers.
@@ -152,6 +156,16 @@ def data_prediction(sigma: float, prediction_type: str) -> tuple[float, float]:
     if prediction_type == "v_prediction":  # m0 = alpha_t x - sigma_t m
         return alpha, -sigma * alpha
     raise ValueError(f"data_prediction: prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
+
+
+def lms_derivative(sigma: float, prediction_type: str) -> tuple[float, float]:
+    """(p_x, p_g) of LMS's derivative d = (x - D) / sigma = p_x x + p_g m at the Karras noise level sigma (D the
+    denoised of EDM's VP preconditioning), from an epsilon or v prediction m, in float64."""
+    if prediction_type == "epsilon":  # D = x - sigma m: d = m
+        return 0.0, 1.0
+    if prediction_type == "v_prediction":  # D = x / (sigma^2 + 1) - sigma m / sqrt(sigma^2 + 1)
+        return sigma / (sigma**2 + 1), 1 / math.sqrt(sigma**2 + 1)
+    raise ValueError(f"lms_derivative: prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
 
 
 def dpm_coefficients(sigma: float, sigma_next: float, sigma_prev: float | None, order: int, solver_type: str,
