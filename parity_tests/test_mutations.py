@@ -11,7 +11,6 @@ The runs are subprocesses (one diffusers per process), two at a time on one thre
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -20,9 +19,9 @@ from pathlib import Path
 import diffusers
 import pytest
 
+from parity_tests.harness import ROOT, subprocess_env
 from parity_tests.mutations import MUTATIONS, Mutation, apply
 
-ROOT = Path(__file__).resolve().parents[1]
 SOURCE = Path(diffusers.__file__).parent
 CPU = [m for m in MUTATIONS if not m.gpu]
 
@@ -31,9 +30,8 @@ def run_parity(mutation: Mutation, folder: Path, *flags: str) -> dict:
     """`pare parity --reference-path` on a copy of diffusers with `mutation` applied; the report as a dict."""
     tree = apply(mutation, SOURCE, folder / "tree")
     out = folder / "report"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "pare.cli", "parity", "--reference-path", str(tree), "--out", str(out),
-                           *flags], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+                           *flags], capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=900)
     if not out.with_suffix(".json").exists():
         raise AssertionError(f"{mutation.name}: no report (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     report = json.loads(out.with_suffix(".json").read_text())

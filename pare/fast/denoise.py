@@ -47,7 +47,7 @@ from ..schedulers.scheduling_pndm import PNDMScheduler
 from ..schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
 from .graph import replayable
 from .kernels.guided_step import (PLMS_HEUN, PLMS_WEIGHTS, ancestral_coefficients, ddim_coefficients, deis_coefficients,
-                                  dpm_coefficients, euler_coefficients, data_prediction, guided_step, lms_derivative,
+                                  derivative, dpm_coefficients, euler_coefficients, data_prediction, guided_step,
                                   pndm_coefficients, unipc_coefficients)
 from .noise import step_draw
 from .transformer import hold_context
@@ -141,6 +141,18 @@ def keep_output(scheduler, kept: torch.Tensor) -> None:
         scheduler.model_outputs = scheduler.model_outputs[1:] + [kept]
 
 
+def newest(history: list, terms: int) -> list:
+    """The history's m1, m2, m3 (newest first) where a step of `terms` terms (m and 1 to 3 of them) reads them,
+    else None: PLMS's and LMS's addends."""
+    return [history[-j] if j < terms else None for j in (1, 2, 3)]
+
+
+def alpha_bars(scheduler, t: int, prev_t: int) -> tuple[float, float]:
+    """alpha_bar at t and at prev_t, the final alpha_bar before the schedule's start (DDIM's and PLMS's steps)."""
+    alpha_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
+    return float(scheduler.alphas_cumprod[t]), float(alpha_prev)
+
+
 def advance_multistep(scheduler) -> None:
     """A multistep solver's state after a step, as its `step` leaves it: one more step of history counted (up to its
     order), and the step index moved on."""
@@ -224,9 +236,9 @@ def step_coefficients(scheduler, timestep) -> Step:
         terms = min(order, len(history) + 1)  # its step zips the coefficients with the derivatives it has
         cs = [lms_coefficient(scheduler.sigmas, order, i, j) for j in range(terms)] + [0.0] * (4 - terms)
         scheduler._step_index += 1
-        past = lambda j: history[-j] if terms > j else None  # noqa: E731 (d_{i-j}, where a coefficient reaches it)
-        return Step(1.0, cs[0], 1.0 / math.sqrt(sigma_next**2 + 1), lms_derivative(sigma, c.prediction_type), past(1),
-                    cs[1], past(2), cs[2], past(3), cs[3])
+        d1, d2, d3 = newest(history, terms)  # d_{i-1}, d_{i-2}, d_{i-3}
+        return Step(1.0, cs[0], 1.0 / math.sqrt(sigma_next**2 + 1), derivative(sigma, c.prediction_type), d1, cs[1],
+                    d2, cs[2], d3, cs[3])
     if isinstance(scheduler, PNDMScheduler):
         stride = c.num_train_timesteps // scheduler.num_inference_steps  # diffusers' stride, whatever the spacing
         t = scheduler._host_int(timestep)
@@ -239,18 +251,13 @@ def step_coefficients(scheduler, timestep) -> Step:
             if not history:  # the first call: an Euler step, whose sample the second call starts from again
                 keeps = "cur_sample"
         scheduler._check_timestep(t)
-        alpha_t = float(scheduler.alphas_cumprod[t])
-        alpha_prev = float(scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod)
-        c_x, (c_m, c_1, c_2, c_3) = pndm_coefficients(alpha_t, alpha_prev, weights, c.prediction_type)
+        c_x, (c_m, c_1, c_2, c_3) = pndm_coefficients(*alpha_bars(scheduler, t, prev_t), weights, c.prediction_type)
         scheduler.counter += 1
-        past = lambda j: history[-j] if len(weights) > j else None  # noqa: E731 (m_j, where a weight reaches it)
-        return Step(c_x, c_m, 1.0, (0.0, 1.0) if base is None else None, past(1), c_1, past(2), c_2, past(3), c_3,
+        m1, m2, m3 = newest(history, len(weights))
+        return Step(c_x, c_m, 1.0, (0.0, 1.0) if base is None else None, m1, c_1, m2, c_2, m3, c_3,
                     keeps_sample=keeps, base=base)
     t = scheduler._check_timestep(timestep)
-    prev_t = scheduler.previous_timestep(t)
-    alpha_t = float(scheduler.alphas_cumprod[t])
-    alpha_prev = float(scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod)
-    return Step(*ddim_coefficients(alpha_t, alpha_prev, c.prediction_type))
+    return Step(*ddim_coefficients(*alpha_bars(scheduler, t, scheduler.previous_timestep(t)), c.prediction_type))
 
 
 def denoise(pipe, latents, timesteps, prompt_embeds, guidance_scale: float, guidance_rescale: float = 0.0,

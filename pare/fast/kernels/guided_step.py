@@ -113,31 +113,33 @@ PLMS_HEUN = (1 / 2, 1 / 2)  # its second call redoes the first step with e' = (e
 def pndm_coefficients(alpha_t: float, alpha_prev: float, weights: tuple[float, ...], prediction_type: str
                       ) -> tuple[float, tuple[float, float, float, float]]:
     """(c_x, (c_m, c_1, c_2, c_3)) of a PLMS step x' = phi(x, sum_j w_j e_j, t, t') = c_x x + c_m m + c_1 m1 + c_2 m2 +
-    c_3 m3 (Liu et al., arXiv 2202.09778, eq. 9: a = alpha_bar_t, a' = alpha_bar_t'), m the guided output and m1, m2,
-    m3 the ones kept before it, `weights` those of (m, m1, ...), in float64. A v prediction is turned into eps after
-    the sum, at the sample the step starts from, as `PNDMScheduler._get_prev_sample` turns it: so into c_x."""
-    sc = math.sqrt(alpha_prev / alpha_t)  # sqrt(a' / a)
-    k = (alpha_prev - alpha_t) / (alpha_t * math.sqrt(1 - alpha_prev) + math.sqrt(alpha_t * (1 - alpha_t) * alpha_prev))
-    if prediction_type == "epsilon":  # x' = sc x - k eps'
-        c_x, g = sc, -k
-    elif prediction_type == "v_prediction":  # eps' = sqrt(a) sum_j w_j v_j + sqrt(1 - a) x
-        c_x, g = sc - k * math.sqrt(1 - alpha_t), -k * math.sqrt(alpha_t)
-    else:
-        raise ValueError(f"pndm_coefficients: prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
+    c_3 m3 (Liu et al., arXiv 2202.09778, eq. 9), m the guided output and m1, m2, m3 the ones kept before it,
+    `weights` those of (m, m1, ...), in float64. phi is DDIM's step with eta 0 (`PNDMScheduler._get_prev_sample`
+    rearranges it), and a v prediction is turned into eps after the sum, at the sample stepped from, as DDIM's step
+    turns it: so `ddim_coefficients`, its c_m spread over the weights."""
     if not 1 <= len(weights) <= 4:
         raise ValueError(f"pndm_coefficients: {len(weights)} weights; PLMS combines 1 to 4 outputs")
-    c = [g * w for w in weights] + [0.0] * (4 - len(weights))
+    c_x, c_m = ddim_coefficients(alpha_t, alpha_prev, prediction_type)
+    c = [c_m * w for w in weights] + [0.0] * (4 - len(weights))
     return c_x, (c[0], c[1], c[2], c[3])
 
 
+def derivative(sigma: float, prediction_type: str) -> tuple[float, float]:
+    """(p_x, p_g) of the ODE's derivative d = (x - D) / sigma = p_x x + p_g m at the Karras noise level sigma (D the
+    denoised of EDM's VP preconditioning), from an epsilon or v prediction m, in float64: Euler's and LMS's d."""
+    if prediction_type == "epsilon":  # D = x - sigma m: d = m
+        return 0.0, 1.0
+    if prediction_type == "v_prediction":  # D = x / (sigma^2 + 1) - sigma m / sqrt(sigma^2 + 1)
+        return sigma / (sigma**2 + 1), 1 / math.sqrt(sigma**2 + 1)
+    raise ValueError(f"derivative: prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
+
+
 def euler_coefficients(sigma: float, sigma_next: float, prediction_type: str) -> tuple[float, float]:
-    """(c_x, c_m) of x' = c_x x + c_m m, an Euler step from sigma to sigma_next without churn, in float64."""
+    """(c_x, c_m) of x' = c_x x + c_m m = x + (sigma_next - sigma) d, an Euler step from sigma to sigma_next without
+    churn, in float64."""
     dt = sigma_next - sigma
-    if prediction_type == "epsilon":  # d = (x - (x - sigma m)) / sigma = m
-        return 1.0, dt
-    if prediction_type == "v_prediction":  # d = x sigma / (sigma^2 + 1) + m / sqrt(sigma^2 + 1)
-        return 1.0 + dt * sigma / (sigma**2 + 1), dt / math.sqrt(sigma**2 + 1)
-    raise ValueError(f"euler_coefficients: prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
+    p_x, p_g = derivative(sigma, prediction_type)
+    return 1.0 + dt * p_x, dt * p_g
 
 
 def ancestral_coefficients(sigma: float, sigma_next: float, prediction_type: str) -> tuple[float, float, float]:
@@ -156,16 +158,6 @@ def data_prediction(sigma: float, prediction_type: str) -> tuple[float, float]:
     if prediction_type == "v_prediction":  # m0 = alpha_t x - sigma_t m
         return alpha, -sigma * alpha
     raise ValueError(f"data_prediction: prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
-
-
-def lms_derivative(sigma: float, prediction_type: str) -> tuple[float, float]:
-    """(p_x, p_g) of LMS's derivative d = (x - D) / sigma = p_x x + p_g m at the Karras noise level sigma (D the
-    denoised of EDM's VP preconditioning), from an epsilon or v prediction m, in float64."""
-    if prediction_type == "epsilon":  # D = x - sigma m: d = m
-        return 0.0, 1.0
-    if prediction_type == "v_prediction":  # D = x / (sigma^2 + 1) - sigma m / sqrt(sigma^2 + 1)
-        return sigma / (sigma**2 + 1), 1 / math.sqrt(sigma**2 + 1)
-    raise ValueError(f"lms_derivative: prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
 
 
 def dpm_coefficients(sigma: float, sigma_next: float, sigma_prev: float | None, order: int, solver_type: str,
