@@ -116,11 +116,14 @@ def shard(items: Sequence, world: World) -> list:
 
 
 def gather_object(obj: Any, world: World) -> list | None:
-    """Every rank's `obj`, in rank order, on rank 0 (None on the other ranks)."""
+    """Every rank's `obj`, in rank order, on rank 0 (None on the other ranks). It returns on every rank once rank 0
+    holds them all: a sender that went on to `shutdown` while rank 0 still received tore gloo down under it (its
+    process aborted, "terminate called without an active exception", once in CI)."""
     if not world.distributed:
         return [obj]
     out = [None] * world.size if world.is_main else None
     dist.gather_object(obj, out, dst=0, group=world.group)
+    barrier(world, "the gather of every rank's results")
     return out
 
 
