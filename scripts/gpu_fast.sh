@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The fast path on the device machine: its GPU tests, a kernel profile, --fast parity reports and the
-# benchmarks committed under benchmarks/results/ (bench-h200-*.md); logs and results land in $OUT.
+# benchmarks committed under benchmarks/results/ (bench-h100-*.md, bench-h200-*.md, by the card); logs and results land in $OUT.
 # Usage (device tool, from the repo root, carrying .whl). Each group fits one 10-minute call:
 #   STEPS="tests profile parity" bash scripts/gpu_fast.sh
 #   STEPS="bench" bash scripts/gpu_fast.sh            # SDXL, SD1.5 with compile-graph, the SDXL pipeline (about 7 min)
@@ -22,6 +22,7 @@ source scripts/gpu_prelude.sh
 set -o pipefail
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import triton, torch, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version(), 'diffusers', diffusers.__version__)" | tee -a "$OUT/device.txt"
+GPU_TAG=$(head -1 "$OUT/device.txt" | grep -o 'H[0-9]*' | head -1 | tr A-Z a-z)  # h100 or h200: the bench files' stem
 quiet() { grep -v "pare bench:\|kept in float32\|_warn_once\|deprecate"; }
 for step in ${STEPS:-tests profile parity}; do
   echo "=== $step ($(date -u +%T)) ==="
@@ -43,9 +44,9 @@ for step in ${STEPS:-tests profile parity}; do
     sd15-pipeline) timeout ${T_SD15:-150} python3 -m pare.cli bench --models sd15 --cases pipeline --modes fast --out "$OUT" --stem sd15-pipeline-fast 2>&1 | quiet | tail -8 ;;
     sdxl-pipeline) timeout ${T_SDXL:-240} python3 -m pare.cli bench --models sdxl --cases pipeline --modes fast --steps 30 --out "$OUT" --stem sdxl-pipeline-fast 2>&1 | quiet | tail -8 ;;
     bench)  # the README's benchmark table: three commands, about 430 s in all
-      timeout 140 python3 -m pare.cli bench --models sdxl --cases unet,vae-decode --batches 2 --modes eager,graph,fast --out "$OUT" --stem bench-h200-sdxl 2>&1 | quiet | tail -9
-      timeout 320 python3 -m pare.cli bench --models sd15 --cases unet,vae-decode,pipeline --batches 2 --modes eager,graph,compile-graph,fast --out "$OUT" --stem bench-h200-sd15 2>&1 | quiet | tail -20
-      timeout ${T_SDXL_PIPE:-160} python3 -m pare.cli bench --models sdxl --cases pipeline --modes eager,fast --steps 30 --iters 5 --warmup 2 --out "$OUT" --stem bench-h200-sdxl-pipeline 2>&1 | quiet | tail -8 ;;
+      timeout 140 python3 -m pare.cli bench --models sdxl --cases unet,vae-decode --batches 2 --modes eager,graph,fast --out "$OUT" --stem bench-${GPU_TAG:-gpu}-sdxl 2>&1 | quiet | tail -9
+      timeout 320 python3 -m pare.cli bench --models sd15 --cases unet,vae-decode,pipeline --batches 2 --modes eager,graph,compile-graph,fast --out "$OUT" --stem bench-${GPU_TAG:-gpu}-sd15 2>&1 | quiet | tail -20
+      timeout ${T_SDXL_PIPE:-160} python3 -m pare.cli bench --models sdxl --cases pipeline --modes eager,fast --steps 30 --iters 5 --warmup 2 --out "$OUT" --stem bench-${GPU_TAG:-gpu}-sdxl-pipeline 2>&1 | quiet | tail -8 ;;
   esac
 done
 # The device returns at most 8 files: everything in one archive; the Markdown and logs also stay loose.
