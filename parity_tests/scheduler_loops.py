@@ -16,7 +16,7 @@ import torch
 from hypothesis import event
 from hypothesis.errors import InvalidArgument
 
-from pare.parity import Tolerance, assert_parity
+from pare.parity import assert_parity
 from parity_tests.test_scheduling_utils import LOW_PRECISION, STEP_FP32, dummy_model, overflows_alike
 
 
@@ -54,22 +54,19 @@ def compare_loops(
     noise_module=None,
     fields: tuple[str, ...] = ("prev_sample",),
     check_state: Callable | None = None,
-    tolerance: Tolerance | None = None,
     **step_kwargs,
 ):
     """Run `ours` and a fresh `make_theirs()` (both already set up) over `timesteps` (default: ours), comparing each step.
 
     `seed`: each library gets its own generator of that seed for the whole loop (None: no generator argument).
     `fields`: names of the `return_dict=False` tuple entries to compare. `check_state(ours, theirs)` runs after
-    every step (the multistep state). `tolerance` replaces the default (STEP_FP32 in float32, the table's
-    otherwise). Returns (pare's last sample, diffusers' last sample, diffusers' scheduler).
+    every step (the multistep state). Returns (pare's last sample, diffusers' last sample, diffusers' scheduler).
     """
     theirs = make_theirs()
     timesteps = ours.timesteps if timesteps is None else timesteps
     dtype = x.dtype
     reference = make_theirs() if dtype in LOW_PRECISION else None
-    if tolerance is None and dtype == torch.float32:
-        tolerance = STEP_FP32
+    tolerance = STEP_FP32 if dtype == torch.float32 else None
 
     def generator():
         return {} if seed is None else {"generator": torch.Generator().manual_seed(seed)}
