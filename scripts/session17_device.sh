@@ -1,6 +1,8 @@
 # seventeenth session: on an H100, the bench (issue 14 names an H100); on another card, the LMS error diagnostics
 source scripts/gpu_prelude.sh
-export PYTHONPATH=.
+# As run at 391acbd this line read `export PYTHONPATH=.`, which dropped the prelude's path to the carried diffusers:
+# the UniPC line below then failed to collect (its log says so); the bench re-sources the prelude and was unaffected.
+export PYTHONPATH=.:$PYTHONPATH
 name=$(nvidia-smi --query-gpu=name --format=csv,noheader)
 echo "$name"; echo tree $(bash scripts/tree_id.sh); date -u
 timeout 100 python3 -m pytest parity_tests/test_scheduling_unipc_multistep.py --device cuda --dtype fp16 --fast -q -p no:cacheprovider -rfE 2>&1 | tail -4 | tee $OUT/unipc.log
