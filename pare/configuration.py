@@ -182,7 +182,9 @@ class ConfigMixin:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / self.config_name
-        path.write_text(json.dumps({"_class_name": type(self).__name__, **self.config}, indent=2, sort_keys=True))
+        # the reference class's name: a model on the fast path (pare/fast swaps in subclasses) saves as diffusers names it
+        name = next(c.__name__ for c in type(self).__mro__ if not c.__module__.startswith("pare.fast"))
+        path.write_text(json.dumps({"_class_name": name, **self.config}, indent=2, sort_keys=True))
         return path
 
 

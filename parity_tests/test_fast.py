@@ -288,6 +288,50 @@ def test_fast_vae_matches_diffusers_fp32(monkeypatch):
 
 
 @torch.no_grad()
+def test_the_fast_vae_reads_its_finite_check_after_queueing_the_decoder(monkeypatch, tmp_path):
+    """FastAutoencoderKL's decode and encode count the input's NaNs before their work but read the count after it (so
+    a pipeline's decoder is queued behind the loop, not after a wait for it): the same errors as the reference's, and
+    a save of the fast model names the reference class."""
+    import pare.models.autoencoder_kl as reference
+    from pare.fast.autoencoder_kl import FastAutoencoderKL
+
+    vae = AutoencoderKL.from_config(TINY_VAE).eval()
+    pare.fast.optimize(vae)
+    assert type(vae) is FastAutoencoderKL
+    events = []
+    real_refuse = reference.refuse_nonfinite
+    counted = lambda *a: (events.append("read"), real_refuse(*a))[1]  # noqa: E731
+    monkeypatch.setattr("pare.fast.autoencoder_kl.refuse_nonfinite", counted)
+    monkeypatch.setattr(reference, "refuse_nonfinite", counted)
+    vae.decoder.register_forward_hook(lambda *a: events.append("decoder"))
+    vae.encoder.register_forward_hook(lambda *a: events.append("encoder"))
+    z = torch.randn(1, TINY_VAE["latent_channels"], 8, 8)
+    z[0, 0, 0, 0] = 0.0  # the value a NaN put there turns back into below
+    image = vae.decode(z)
+    assert events == ["decoder", "read"]  # the decoder was queued before the count was read
+    z[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"AutoencoderKL.decode: 1 of 256 latents values are NaN or inf"):
+        vae.decode(z)
+    x = torch.rand(1, 3, 32, 32)
+    events.clear()
+    vae.encode(x)
+    assert events == ["encoder", "read"]
+    x[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"AutoencoderKL.encode: 1 of 3072 images values are NaN or inf"):
+        vae.encode(x)
+    with pytest.raises(ValueError, match="NaN or inf"):  # the retry path of decode_safely keeps the check
+        vae.decode_safely(z)
+    assert "_pare_pending" not in vae.__dict__  # nothing left over after an error
+    import json
+    assert json.loads(vae.save_config(tmp_path).read_text())["_class_name"] == "AutoencoderKL"
+    pare.fast.restore(vae)
+    assert type(vae) is AutoencoderKL
+    events.clear()
+    torch.testing.assert_close(vae.decode(z.nan_to_num()), image, rtol=1e-4, atol=1e-5)  # the reference blocks again
+    assert events == ["read", "decoder"]  # the reference reads first
+
+
+@torch.no_grad()
 def test_the_sub_pixel_upsampler_is_the_reference_upsampler(monkeypatch):
     """Nearest 2x upsampling and a 3x3 conv as one conv of the four phases' 2x2 kernels (resampling.py): the
     same function, to float64's rounding, at odd and square sizes, with and without the conv's bias. It follows
@@ -372,6 +416,41 @@ def test_cuda_graph_true_on_the_cpu_runs_the_once_per_image_modules_eagerly_and_
     for module in (ours.text_encoder, ours.vae.encoder, ours.vae.decoder):
         assert "forward" not in vars(module) and "_pare_graphed" not in vars(module)
     assert "denoise" not in vars(ours)
+
+
+@torch.no_grad()
+def test_the_fast_path_encodes_a_prompt_and_its_negative_in_one_text_encoder_call():
+    """Where the text encoder replays graphs, CFG's prompt and negative prompt go through CLIP as one batch
+    (prompt.py): one call of 2B rows, the same embeddings as the reference's two calls (each row sees its own tokens
+    only); without CFG, with embeddings given or with clip_skip the reference runs; SDXL keeps its own; restore undoes
+    it. The test batches on the CPU, where nothing is replayed, to check the arithmetic."""
+    from parity_tests.tiny_components import build_diffusers_pipeline
+    from pare.parity.checkpoint import pare_twin
+
+    ours = pare_twin(build_diffusers_pipeline("tiny-sd"))
+    cases = [(("a cat", 1, True), {}), ((["a cat", "a dog"], 2, True), {"negative_prompt": ["blurry", ""]}),
+             (("a cat", 1, True), {"negative_prompt": "blurry"}), (("a cat", 1, False), {}),
+             (("a cat", 1, True), {"clip_skip": 1})]
+    expected = [ours.encode_prompt(*a, **k) for a, k in cases]
+    pare.fast.optimize(ours, cuda_graph=True)
+    assert "encode_prompt" in vars(ours)
+    rows = []
+    ours.text_encoder.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    for (args, kwargs), want in zip(cases, expected):
+        rows.clear()
+        got = ours.encode_prompt(*args, **kwargs)
+        for g, w in zip(got, want):
+            assert (g is None) == (w is None)
+            if g is not None:
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        batch = 1 if isinstance(args[0], str) else len(args[0])
+        together = args[2] and "clip_skip" not in kwargs
+        assert rows == ([2 * batch] if together else [batch] * (1 + args[2])), (args, kwargs, rows)
+    pare.fast.restore(ours)
+    assert "encode_prompt" not in vars(ours)
+    xl = pare_twin(build_diffusers_pipeline("tiny-sdxl"))
+    pare.fast.optimize(xl, cuda_graph=True)
+    assert "encode_prompt" not in vars(xl)  # SDXL's two encoders and pooled outputs: its own encode_prompt
 
 
 def test_the_loop_graph_keys_every_scheduler_by_value_and_spots_random_draws():
@@ -798,6 +877,7 @@ def test_what_the_graphs_replay_makes_no_synchronising_op(monkeypatch):
     """A CUDA graph capture fails on an op that reads a value back to the host. On the CPU, with the capture's
     checks emulated, the calls a fast pipeline captures (its UNet, text encoders, VAE encoder and decoder) must make
     none: a guard against such an op creeping into pare's code or transformers' CLIP."""
+    import pare.fast.autoencoder_kl
     import pare.models.autoencoder_kl
     import pare.validation
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -807,7 +887,8 @@ def test_what_the_graphs_replay_makes_no_synchronising_op(monkeypatch):
 
     ours = pare_twin(build_diffusers_pipeline("tiny-sdxl"))
     ours.enable_fast()
-    for module in (pare.validation, pare.models.autoencoder_kl):  # as while capturing: the NaN checks step aside
+    for module in (pare.validation, pare.models.autoencoder_kl, pare.fast.autoencoder_kl):  # as while capturing:
+        # the NaN checks step aside
         monkeypatch.setattr(module, "_tracing", lambda x: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     seen = []
@@ -874,6 +955,26 @@ def test_graph_cache_drops_stale_graphs_and_captures_only_weights_seen_twice(mon
         log.clear()
         cache(x=x)  # the weights stayed put: capture now
         assert log[0] == "capture" and len(cache.graphs) == 1
+
+
+def test_graph_cache_sees_weights_moved_in_place_and_a_parameter_set_to_none(monkeypatch):
+    """`.data` assigned (what `module.to()` does) moves a weight without replacing the Parameter; a parameter set to
+    None leaves a slot empty. Either is new weights: the graphs of the old ones are dropped, never replayed."""
+    model = torch.nn.Linear(3, 3)
+    cache, log = fake_graph_cache(monkeypatch, model)
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        cache(x=x)
+        model.weight.data = torch.randn(3, 3)  # the same Parameter, its data elsewhere
+        log.clear()
+        torch.testing.assert_close(cache(x=x), model(x), rtol=0, atol=0)
+        assert log == ["eager"] and not cache.graphs
+        cache(x=x)  # seen twice at the same place: captured again
+        assert len(cache.graphs) == 1
+        model.bias = None  # an empty slot: walked again, and new weights
+        log.clear()
+        torch.testing.assert_close(cache(x=x), model(x), rtol=0, atol=0)
+        assert log == ["eager"] and not cache.graphs
 
 
 def test_graph_cache_runs_hooked_submodules_eagerly_and_sees_a_swapped_submodule(monkeypatch, caplog):

@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import operator
 import weakref
 
 import torch
@@ -50,16 +51,13 @@ logger = logging.getLogger(__name__)
 # gather among its outputs and a replay refills it: transformers' output capturing (`output_hidden_states`), which
 # it installs on CLIP's layers for good at the first such call.
 REPLAY_SAFE_HOOKS = ("transformers.utils.output_capturing",)
+HOOKS, PRE_HOOKS = operator.itemgetter("_forward_hooks"), operator.itemgetter("_forward_pre_hooks")  # of a module's __dict__
 
 
 def _signature(leaf) -> tuple:
     if torch.is_tensor(leaf):
         return ("tensor", tuple(leaf.shape), leaf.dtype, leaf.device, leaf.stride())
     return ("value", leaf)
-
-
-def _data_ptr(p) -> int:
-    return 0 if p is None else p.data_ptr()
 
 
 def _lora_state(model: torch.nn.Module) -> tuple:
@@ -70,6 +68,8 @@ def _lora_state(model: torch.nn.Module) -> tuple:
 
 class GraphCache:
     """`fn(**kwargs)` captured as a CUDA graph per input signature; calls copy inputs in and replay."""
+
+    hooks_inside = False  # whether `fn` calls the model itself (its hooks fire inside a capture), not only its forward
 
     def __init__(self, fn, model: torch.nn.Module, warmup: int = 2):
         self.fn, self.model, self.warmup = fn, model, warmup
@@ -87,29 +87,48 @@ class GraphCache:
         """Record the module tree, walked once (model.parameters() visits every module: about 1 ms per call on
         SD1.5's UNet, measured): each parent-child link, and where each parameter lives. Per call the links and
         slots are read again, so that a submodule swapped for another, a parameter replaced by a new one
-        (`load_state_dict(assign=True)`) and one whose data moved (`.to()`) are all seen."""
-        modules = list(self.model.modules())
-        self.links = [(m, name, child) for m in modules for name, child in m._modules.items()]
-        self.inner = modules[1:]  # their hooks would run inside a graph, so a replay would skip them
-        self.slots = [(m, name) for m in modules for name, p in m._parameters.items() if p is not None]
+        (`load_state_dict(assign=True)`) and one whose data moved (`.to()`) are all seen.
 
-    def dtype(self) -> torch.dtype | None:
-        """The weights' dtype (of the first parameter): a cast could land at the same address."""
-        if not self.slots:
-            return None
-        m, name = self.slots[0]
-        p = m._parameters.get(name)
-        return None if p is None else p.dtype
+        The per-call reads are `map`s over these lists with C functions (`dict.get`, `operator.is_not`,
+        `Tensor.data_ptr`), not Python loops: 0.25 ms a call on SD1.5's UNet in loops, 0.09 ms so (this host's CPU;
+        benchmarks/NOTES.md change 48), paid before each replay while the GPU waits."""
+        modules = list(self.model.modules())
+        links = [(m._modules, name, child) for m in modules for name, child in m._modules.items()]
+        self.links = tuple(map(list, zip(*links))) if links else ([], [], [])  # (parents' dicts, names, children)
+        # their hooks would run inside a graph, so a replay would skip them (the model's own too, where `fn` is more
+        # than its forward: `hooks_inside`)
+        self.inner = modules if self.hooks_inside else modules[1:]
+        self.hook_dicts = [m.__dict__ for m in self.inner]  # where each keeps its hooks (`_forward_hooks`, ...)
+        slots = [(m._parameters, name) for m in modules for name, p in m._parameters.items() if p is not None]
+        self.slots = tuple(map(list, zip(*slots))) if slots else ([], [])  # (owners' dicts, names)
+
+    def moved(self) -> bool:
+        """Whether a link of the tree points elsewhere: a submodule was swapped for another."""
+        parents, names, children = self.links
+        return any(map(operator.is_not, map(dict.get, parents, names), children))
+
+    def weights(self) -> int:
+        """A hash of where the weights are (every parameter's data pointer) and of their dtype."""
+        params = list(map(dict.get, *self.slots))
+        try:
+            pointers = tuple(map(torch.Tensor.data_ptr, params))
+        except TypeError:  # a parameter set to None since the walk: walk again (a None is no weight)
+            self.walk()
+            return self.weights()
+        return hash((pointers, params[0].dtype if params else None))
 
     def hooked(self) -> list[str]:
         """The submodules with forward hooks a replay would skip: all but LoRA's, which the key follows, and those
         of `REPLAY_SAFE_HOOKS`."""
+        global_hooks = torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks
+        if not (global_hooks or any(map(HOOKS, self.hook_dicts)) or any(map(PRE_HOOKS, self.hook_dicts))):
+            return []  # the common case, read at C speed: no module has any hook
         lora = {id(h) for h in (getattr(self.model, "_pare_lora_hooks", None) or {}).values()}
         foreign = lambda hooks: any(id(getattr(h, "__self__", None)) not in lora  # noqa: E731
                                     and getattr(h, "__module__", None) not in REPLAY_SAFE_HOOKS for h in hooks.values())
         names = [type(m).__name__ for m in self.inner if (m._forward_hooks and foreign(m._forward_hooks))
                  or (m._forward_pre_hooks and foreign(m._forward_pre_hooks))]
-        if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        if global_hooks:
             names.append("every module (a global forward hook)")
         return names
 
@@ -138,7 +157,7 @@ class GraphCache:
         torch.cuda.current_stream(device).wait_stream(stream)
 
     def __call__(self, **kwargs):
-        if any(parent._modules.get(name) is not child for parent, name, child in self.links):
+        if self.moved():
             self.walk()  # a submodule was swapped for another: its weights are new ones
         hooked = self.hooked()
         if hooked:  # hooks must fire: a replay runs kernels, not Python
@@ -147,7 +166,7 @@ class GraphCache:
                 logger.warning("pare.fast: forward hooks on %s inside %s: %s, while they are there",
                                ", ".join(sorted(set(hooked))), self.what, self.eagerly)
             return self.fn(**kwargs)
-        params = hash((tuple(_data_ptr(m._parameters.get(name)) for m, name in self.slots), self.dtype()))
+        params = self.weights()
         if params != self.params_at:  # new weights (or the first call): the graphs of the old ones are stale
             first, self.params_at = self.params_at is None, params
             self.graphs.clear()

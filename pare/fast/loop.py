@@ -190,15 +190,13 @@ class Loop:
 class LoopGraphs(GraphCache):
     """A pipeline's denoising loop captured as one CUDA graph per key; other keys run step by step."""
 
+    hooks_inside = True  # the loop calls the UNet: its own hooks fire inside the capture, too
+
     def __init__(self, pipe):
         self.pipe, self.start, self.warmed = pipe, None, False  # start: the state a capture's runs each begin from
         super().__init__(self.run, pipe.unet, warmup=1)  # once per `warm_up` run: see there
         self.what, self.eagerly = f"{type(pipe).__name__}'s denoising loop", "it runs step by step"
         self.tape: Tape | None = None  # the draws a warm-up records, or a capture plays (noise.py)
-
-    def walk(self) -> None:
-        super().walk()
-        self.inner = [self.model] + self.inner  # the UNet's own hooks fire inside the loop, too
 
     def run(self, latents, prompt_embeds, added_cond_kwargs, loop: Loop):
         if self.start is not None:  # in a capture: its warm-up and the capture start where set_timesteps left it

@@ -19,9 +19,13 @@ Each reference class is swapped for its fast subclass (`module.__class__`), so n
     UNet2DConditionModel -> FastUNet2DConditionModel (unet.py: a CFG batch's text-free prefix on one half, where
                                                      the caller says the halves are equal: `same_halves=True`)
                          -> GraphedUNet2DConditionModel (unet.py, graph.py; CUDA, in pipelines, `cuda_graph=True`)
+    AutoencoderKL       -> FastAutoencoderKL        (autoencoder_kl.py: the input's finite check read once the
+                                                     decode is queued, so a pipeline's decoder follows its loop)
     pipeline.denoise     -> one CUDA graph for the whole loop (loop.py; CUDA, in pipelines, `loop_graph=True`)
                             a DDIM, Euler, Euler a or DPM-Solver++ step's guidance and update in one kernel (denoise.py)
                             a stochastic sampler's noise drawn ahead of each replay (noise.py)
+    pipeline.encode_prompt -> the prompt and its negative in one text-encoder call (prompt.py; where the text
+                            encoder replays graphs)
 
 plus every ResNet's time-embedding projection of a model in one GEMM (time_projections.py),
 and the weights of every model go channels last (cuDNN's fast convolution layout on recent GPUs).
@@ -37,6 +41,7 @@ import torch
 from torch import nn
 
 from ..models.attention import Attention
+from ..models.autoencoder_kl import AutoencoderKL
 from ..models.embeddings import Timesteps
 from ..models.resampling import Upsample2D
 from ..models.resnet import ResnetBlock2D
@@ -45,10 +50,12 @@ from ..models.unet_2d_blocks import CrossAttnUpBlock2D, UpBlock2D
 from ..models.unet_2d_condition import UNet2DConditionModel
 from . import time_projections
 from .attention import FastAttention
+from .autoencoder_kl import FastAutoencoderKL
 from .embeddings import FastTimesteps
 from .graph import eager_forward, graph_forward, share_pool
 from .loop import graph_denoise, step_denoise
 from .norm import FastGroupNorm
+from .prompt import encode_apart, encode_together, one_clip_call_each
 from .resampling import FastUpsample2D
 from .resnet import FastResnetBlock2D
 from .transformer import MODEL_STACK_MAX, FastBasicTransformerBlock, FastGEGLU, FastTransformer2DModel, stack_context
@@ -67,6 +74,7 @@ SWAPS = {
     CrossAttnUpBlock2D: FastCrossAttnUpBlock2D,
     Timesteps: FastTimesteps,
     UNet2DConditionModel: FastUNet2DConditionModel,
+    AutoencoderKL: FastAutoencoderKL,
 }
 MODEL_NAMES = ("unet", "vae", "controlnet")  # the pipeline components that get the fast path
 ENCODER_NAMES = ("text_encoder", "text_encoder_2")  # replayed from graphs in a pipeline; their kernels stay
@@ -158,6 +166,9 @@ def optimize(obj, *, channels_last: bool = True, cuda_graph: bool | None = None,
             if graph:
                 graph_forward(module)
                 graphed.append(module)
+        encode_apart(obj)
+        if getattr(obj, "text_encoder", None) in graphed and one_clip_call_each(obj):
+            encode_together(obj)  # the prompt and its negative in one replay
         graphed += [m for m in _models(obj) if isinstance(m, GraphedUNet2DConditionModel)]
         if len(graphed) > 1 and torch.cuda.is_available():
             share_pool(graphed)  # called one at a time: their graphs can share their transient memory
@@ -169,6 +180,7 @@ def restore(obj):
         restore_model(model)
     if not isinstance(obj, nn.Module):
         step_denoise(obj)
+        encode_apart(obj)
         for module in _once_per_image(obj):
             eager_forward(module)
     return obj

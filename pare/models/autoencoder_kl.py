@@ -150,12 +150,12 @@ class AutoencoderKL(ModelMixin):
         if x.dtype != self.dtype:
             raise TypeError(f"AutoencoderKL.{method}: the {what} are {x.dtype} but the VAE is {self.dtype}; "
                             f"cast them with .to(vae.dtype), or call {method}_safely, which does")
+        self._check_finite(x, method, what)
+
+    def _check_finite(self, x: torch.Tensor, method: str, what: str) -> None:
         if _tracing(x):  # counting NaNs reads a value back to the host: impossible inside a CUDA graph or compile
             return
-        n_bad = int((~torch.isfinite(x)).sum())
-        if n_bad:
-            raise ValueError(f"AutoencoderKL.{method}: {n_bad} of {x.numel()} {what} values are NaN or inf; "
-                             "the VAE cannot map them to anything finite, so the fault is upstream")
+        refuse_nonfinite(int(count_nonfinite(x)), x.numel(), method, what)
 
     # -- half precision: force_upcast and non-finite outputs (docs/vae.md) --------------------
 
@@ -312,6 +312,17 @@ class AutoencoderKL(ModelMixin):
 def _ramp(extent: int, device: torch.device) -> torch.Tensor:
     """0, 1/E, ..., (E-1)/E in float32: diffusers' per-row weights y / blend_extent."""
     return torch.arange(extent, device=device, dtype=torch.float32) / extent
+
+
+def count_nonfinite(x: torch.Tensor) -> torch.Tensor:
+    """The number of NaN and inf values in x, as a 0-d tensor on x's device (reading it waits for the GPU)."""
+    return (~torch.isfinite(x)).sum()
+
+
+def refuse_nonfinite(n_bad: int, numel: int, method: str, what: str) -> None:
+    if n_bad:
+        raise ValueError(f"AutoencoderKL.{method}: {n_bad} of {numel} {what} values are NaN or inf; "
+                         "the VAE cannot map them to anything finite, so the fault is upstream")
 
 
 def _is_finite(out) -> bool:

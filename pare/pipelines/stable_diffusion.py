@@ -180,6 +180,10 @@ class StableDiffusionPipeline(PipelineMixin):
         negative_prompt_embeds = negative_prompt_embeds.to(dtype=dtype, device=device)
         return prompt_embeds, negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
 
+    # The prompt and its negative each go through clip_hidden_states at CLIP's full length, one row per text:
+    # pare/fast/prompt.py may run them as one batch. A subclass that encodes otherwise overrides encode_prompt.
+    encode_prompt.one_clip_call_each = True
+
     def clip_hidden_states(self, texts: list[str], clip_skip: int | None, max_length: int | None = None):
         """CLIP's last hidden state (B, T, D), after its final LayerNorm, or with clip_skip the
         state of the layer clip_skip below the last, put through that same final LayerNorm."""
