@@ -67,13 +67,18 @@ def main() -> None:
     pipe.enable_fast()
     fast_vae = type(pipe.vae)
 
-    def variant(name: str) -> None:
-        encode_apart(pipe)
-        if "prompt apart" not in name and "neither" not in name:
-            encode_together(pipe)
-        pipe.vae.__class__ = AutoencoderKL if ("VAE check first" in name or "neither" in name) else fast_vae
+    # variant -> (the prompt and its negative in one call, the VAE's check read after its decoder is queued)
+    variants = {"both": (True, True), "prompt apart": (False, True), "VAE check first": (True, False),
+                "neither": (False, False)}
 
-    times = {"both": [], "prompt apart": [], "VAE check first": [], "neither": []}
+    def variant(name: str) -> None:
+        together, check_after = variants[name]
+        encode_apart(pipe)
+        if together:
+            encode_together(pipe)
+        pipe.vae.__class__ = fast_vae if check_after else AutoencoderKL
+
+    times = {name: [] for name in variants}
     with torch.no_grad():
         for name in times:  # warm-up: the batch-2 text encoder's capture
             variant(name)
