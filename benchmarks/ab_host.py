@@ -1,8 +1,10 @@
-"""A/B of the fast image's host-side changes, in one run (benchmarks/NOTES.md change 48):
+"""A/B of the fast image's host-side changes, in one run (benchmarks/NOTES.md changes 48 and 49):
 
 - the prompt and its negative in one text-encoder call (pare/fast/prompt.py), or in two (the reference's);
 - the VAE's input check read after the decoder is queued (pare/fast/autoencoder_kl.py), or before (the reference's);
-- both, and neither. Timed in alternating rounds, so the ratios are fair (same machine, same clocks, same weights).
+- the schedule's host copy kept by `set_timesteps` (pare/schedulers/scheduling_utils.py `to_device`), or the timesteps
+  copied in by a blocking `.to(device)` and read back for the loop's key (as before change 49);
+- all, each one off, and none. Timed in alternating rounds, so the ratios are fair (same machine, clocks, weights).
 
 And the host cost of a GraphCache call's checks (pare/fast/graph.py: a swapped submodule, hooks, moved weights) on
 the fast pipeline's UNet loop, VAE decoder and text encoder: as `map`s over C functions (now) and as the Python
@@ -37,6 +39,23 @@ def mapped_checks(cache) -> None:
     cache.moved(), cache.hooked(), cache.weights()
 
 
+def plain_to_device(values: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`to_device` as it was before change 49: a blocking copy in, no host copy kept."""
+    values = values if dtype is None else values.to(dtype)
+    return values if device is None else values.to(device)
+
+
+def keep_host_schedule(on: bool) -> None:
+    """Every pare scheduler module's `to_device`: the kept host copy (on) or the plain copy (off)."""
+    import pare.schedulers
+    from pare.schedulers import scheduling_utils
+
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith(pare.schedulers.__name__ + ".scheduling_") and \
+                hasattr(module, "to_device") and module is not scheduling_utils:
+            module.to_device = scheduling_utils.to_device if on else plain_to_device
+
+
 def host_us(fn, n: int = 2000) -> float:
     fn()
     t0 = time.perf_counter()
@@ -67,16 +86,18 @@ def main() -> None:
     pipe.enable_fast()
     fast_vae = type(pipe.vae)
 
-    # variant -> (the prompt and its negative in one call, the VAE's check read after its decoder is queued)
-    variants = {"both": (True, True), "prompt apart": (False, True), "VAE check first": (True, False),
-                "neither": (False, False)}
+    # variant -> (the prompt and its negative in one call, the VAE's check read after its decoder is queued, the
+    # schedule's host copy kept)
+    variants = {"all": (True, True, True), "prompt apart": (False, True, True), "VAE check first": (True, False, True),
+                "schedule read back": (True, True, False), "none": (False, False, False)}
 
     def variant(name: str) -> None:
-        together, check_after = variants[name]
+        together, check_after, host_schedule = variants[name]
         encode_apart(pipe)
         if together:
             encode_together(pipe)
         pipe.vae.__class__ = fast_vae if check_after else AutoencoderKL
+        keep_host_schedule(host_schedule)
 
     times = {name: [] for name in variants}
     with torch.no_grad():
@@ -88,10 +109,10 @@ def main() -> None:
             for name in times:
                 variant(name)
                 times[name] += time_ms(lambda: w.call_ours(pipe), device, warmup=0, iters=args.iters)
-    variant("both")
-    base = statistics.median(times["neither"])
+    variant("all")
+    base = statistics.median(times["none"])
     case = {name: {"ms": round(statistics.median(t), 3), "min_ms": round(min(t), 3),
-                   "minus_neither_ms": round(statistics.median(t) - base, 3)} for name, t in times.items()}
+                   "minus_none_ms": round(statistics.median(t) - base, 3)} for name, t in times.items()}
     print(w.name, json.dumps(case), flush=True)
     checks = {}
     for label, cache in (("unet loop", vars(pipe).get("_pare_loop")), ("vae decoder", pipe.vae.decoder._pare_graphed),

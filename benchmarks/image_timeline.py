@@ -6,8 +6,10 @@ while it waited.
 One warm call under the torch profiler (kernels, copies and memsets; the host's CUDA runtime calls). The pipeline's
 four steps and the host functions around the fast loop's replay are marked (`record_function`, set on the
 instances and modules of this process only). The GPU's activity is merged into busy intervals; each stretch of the
-call in which the GPU is idle is charged to the innermost mark the host was in, and the host's runtime calls that
-blocked (a synchronize, a copy to the host) are listed with theirs. A GPU idle for a host's work is time the image
+call in which the GPU is idle is charged to the innermost mark the host was in, unless it lies between two kernels of
+one CUDA graph launch: that idle is the graph's own (its kernels' gaps, which no host work could fill), charged to
+"inside the graph launched in" the launch's mark. The host's runtime calls that blocked (a synchronize, a copy to
+the host) are listed with their marks. A GPU idle for a host's work is time the image
 pays for the host: the figure to shrink when the kernels are already as fast as they go.
 """
 
@@ -62,14 +64,17 @@ def mark_pipeline(pipe) -> None:
                 mark(cls, name, f"{cls.__name__}.{name}")
 
 
-def merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    out: list[list[float]] = []
-    for a, b in sorted(intervals):
+def merged(intervals: list[tuple[float, float, int | None]]) -> list[tuple[float, float, int | None, int | None]]:
+    """(start, end, correlation) of GPU events -> busy intervals (start, end, the correlation of the event that starts
+    the interval, of the one that ends it): the runtime call (a kernel launch, a graph launch) each came from."""
+    out: list[list] = []
+    for a, b, c in sorted(intervals, key=lambda e: e[:2]):
         if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
+            if b > out[-1][1]:
+                out[-1][1], out[-1][3] = b, c
         else:
-            out.append([a, b])
-    return [(a, b) for a, b in out]
+            out.append([a, b, c, c])
+    return [tuple(x) for x in out]
 
 
 def innermost(ranges: list[tuple[float, float, str]], a: float, b: float) -> list[tuple[str, float]]:
@@ -83,18 +88,33 @@ def innermost(ranges: list[tuple[float, float, str]], a: float, b: float) -> lis
     return pieces
 
 
+def mark_of(ranges: list[tuple[float, float, str]], a: float, b: float) -> str:
+    """The innermost mark over most of [a, b] (of the instant a, where b == a)."""
+    pieces = innermost(ranges, a, max(b, a + 1e-3))
+    return max(pieces, key=lambda p: p[1])[0]
+
+
 def analyse(trace: dict) -> dict:
     events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
     call = next(e for e in events if e.get("name") == "image call")
     start = call["ts"]
-    gpu = merged([(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in GPU and e["ts"] + e["dur"] > start])
+    gpu = merged([(e["ts"], e["ts"] + e["dur"], e.get("args", {}).get("correlation")) for e in events
+                  if e.get("cat") in GPU and e["ts"] + e["dur"] > start])
     end = max(call["ts"] + call["dur"], gpu[-1][1] if gpu else 0.0)
     ranges = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
               if e.get("cat") == "user_annotation" and e["name"] != "image call" and e["ts"] >= start]
-    busy = sum(b - a for a, b in gpu)
-    gaps = [(a, b) for a, b in zip([start] + [b for _, b in gpu], [a for a, _ in gpu] + [end]) if b > a]
+    launches = {e["args"]["correlation"]: e for e in events if e.get("cat") == "cuda_runtime"
+                and "GraphLaunch" in e["name"] and "correlation" in e.get("args", {})}
+    busy = sum(g[1] - g[0] for g in gpu)
+    # each gap: (start, end, the correlation of the work before it, of the work after it)
+    gaps = [(a, b, c0, c1) for (a, c0), (b, c1) in zip([(start, None)] + [(g[1], g[3]) for g in gpu],
+                                                       [(g[0], g[2]) for g in gpu] + [(end, None)]) if b > a]
     idle = collections.Counter()
-    for a, b in gaps:
+    for a, b, before, after in gaps:
+        if before is not None and before == after and before in launches:  # between two kernels of one graph
+            launch = launches[before]
+            idle[f"inside the graph launched in {mark_of(ranges, launch['ts'], launch['ts'] + launch['dur'])}"] += b - a
+            continue
         for label, us in innermost(ranges, a, b):
             idle[label] += us
     host = collections.Counter()
@@ -103,16 +123,15 @@ def analyse(trace: dict) -> dict:
     blocked = collections.Counter()
     for e in events:
         if e.get("cat") == "cuda_runtime" and e["ts"] >= start and e["dur"] > 20:
-            where = innermost(ranges, e["ts"], e["ts"] + e["dur"])
-            blocked[f"{e['name']} in {max(where, key=lambda p: p[1])[0]}"] += e["dur"]
+            blocked[f"{e['name']} in {mark_of(ranges, e['ts'], e['ts'] + e['dur'])}"] += e["dur"]
     ms = lambda us: round(us / 1e3, 3)  # noqa: E731
     return {
         "wall_ms": ms(end - start), "gpu_busy_ms": ms(busy), "gpu_idle_ms": ms(end - start - busy),
         "idle_by_host_mark_ms": {k: ms(v) for k, v in idle.most_common()},
         "host_time_by_mark_ms": {k: ms(v) for k, v in host.most_common()},
         "blocking_runtime_calls_ms": {k: ms(v) for k, v in blocked.most_common(20)},
-        "largest_gaps_ms": [(ms(a - start), ms(b - a), max(innermost(ranges, a, b), key=lambda p: p[1])[0])
-                            for a, b in sorted(gaps, key=lambda g: g[0] - g[1])[:15]],
+        "largest_gaps_ms": [(ms(a - start), ms(b - a), mark_of(ranges, a, b))
+                            for a, b, *_ in sorted(gaps, key=lambda g: g[0] - g[1])[:15]],
     }
 
 

@@ -89,3 +89,36 @@ def test_bench_fast_mode_alone_and_pipeline_steps(tmp_path):
     rows = json.loads((tmp_path / "alone.json").read_text())["results"]
     assert [(r["case"], r["library"], r["mode"]) for r in rows] == [("tiny txt2img 3 steps 32px", "pare", "fast")]
     assert "| tiny txt2img 3 steps 32px | fast | 2 | " in (tmp_path / "alone.md").read_text()
+
+
+def test_image_timeline_charges_idle_to_the_host_mark_or_to_the_graph_it_falls_inside():
+    """benchmarks/image_timeline.py's accounting on a made-up trace: idle time between two kernels of one CUDA graph
+    launch is the graph's (its kernels' gaps), charged to the mark the graph was launched in, even while the host has
+    moved on to another mark; idle between separate launches is charged to the host's innermost mark then."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "image_timeline.py"
+    spec = importlib.util.spec_from_file_location("image_timeline", path)
+    timeline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(timeline)
+
+    def ev(cat, name, ts, dur, correlation=None):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur,
+                "args": {} if correlation is None else {"correlation": correlation}}
+
+    trace = {"traceEvents": [
+        ev("user_annotation", "image call", 0, 1000),
+        ev("user_annotation", "head", 0, 100),
+        ev("user_annotation", "loop", 100, 300),
+        ev("user_annotation", "decode", 400, 600),
+        ev("cuda_runtime", "cudaLaunchKernel", 50, 5, correlation=1),
+        ev("kernel", "clip", 60, 40, correlation=1),  # idle before it: 60 us in "head"
+        ev("cuda_runtime", "cudaGraphLaunch", 150, 10, correlation=2),
+        ev("kernel", "step a", 200, 300, correlation=2),  # idle 100-200, the host in "loop"
+        ev("kernel", "step b", 520, 300, correlation=2),  # 20 us between the graph's kernels, the host in "decode"
+        ev("cuda_runtime", "cudaLaunchKernel", 830, 5, correlation=3),
+        ev("kernel", "vae", 850, 100, correlation=3),  # idle 820-850 and 950-1000, in "decode"
+    ]}
+    got = timeline.analyse(trace)["idle_by_host_mark_ms"]
+    assert got == {"loop": 0.1, "head": 0.06, "decode": 0.08, "inside the graph launched in loop": 0.02}, got

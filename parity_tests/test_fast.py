@@ -12,6 +12,7 @@ on the CPU, with the graphs stood in for).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 
@@ -486,6 +487,66 @@ def test_the_loop_graph_keys_every_scheduler_by_value_and_spots_random_draws():
             s.step(x, s.timesteps[0], x, generator=torch.Generator().manual_seed(0), **kwargs)
         assert bool(record.drew) == draws, (cls.__name__, kwargs, record.drew)
         assert record.synced == []  # host numbers and CPU tensors are no reads of the GPU
+
+
+SCHEDULES_KEPT_ON_THE_HOST = ("DDIMScheduler", "DDPMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler",
+                              "DPMSolverSinglestepScheduler", "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler",
+                              "LCMScheduler", "LMSDiscreteScheduler", "PNDMScheduler", "UniPCMultistepScheduler")
+
+
+@contextlib.contextmanager
+def no_syncs():
+    """Raise on any call that makes the CPU wait for the GPU (a read back, a blocking copy, a synchronize)."""
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
+
+
+def test_set_timesteps_keeps_the_host_copy_that_the_loop_key_reads(device):
+    """`to_device` (scheduling_utils.py): on a GPU, `set_timesteps` keeps the host copy its timesteps came from, so
+    the loop graph's key and `host_schedule` read no value back from the GPU, and the copy in does not wait for the
+    GPU either (`torch.cuda.set_sync_debug_mode("error")` raises on any synchronising call). The copy answers only
+    while the tensor (or a view of it, as img2img's tail of the schedule) is unchanged since. On the CPU there is no
+    copy to keep, and the key is read as before."""
+    from pare.fast.loop import loop_key, value_key
+    from pare.schedulers import SCHEDULERS
+    from pare.schedulers.scheduling_utils import host_schedule, host_values
+
+    for name in SCHEDULES_KEPT_ON_THE_HOST:
+        s = SCHEDULERS[name]()
+        strict = device.type == "cuda"
+        with no_syncs() if strict else contextlib.nullcontext():
+            s.set_timesteps(10, device=device)
+            key = loop_key(s, s.timesteps[2:], None, 7.5, 0.0)
+            schedule = host_schedule(s)
+        ts = s.timesteps
+        assert ts.device.type == device.type, name
+        kept = host_values(ts)
+        assert (kept is not None) == strict, name
+        assert schedule == ts.tolist(), name
+        assert key == loop_key(s, ts.clone()[2:], None, 7.5, 0.0), name  # the same key as from a read of the GPU
+        if strict:
+            assert torch.equal(kept, ts.cpu()) and torch.equal(host_values(ts[2:]), ts[2:].cpu()), name
+            ts[3] += 1  # changed in place (here through the tensor, next through a view): the copy is stale
+            assert host_values(ts) is None and host_values(ts[2:]) is None, name
+            assert value_key(ts) == value_key(ts.clone()), name
+
+
+def test_host_values_answers_for_a_tensor_and_its_views_until_either_changes():
+    """`host_values`'s bookkeeping on the CPU, with the copy that `to_device` keeps on a GPU set by hand."""
+    from pare.schedulers.scheduling_utils import host_values
+
+    t = torch.arange(10, dtype=torch.int64)
+    assert host_values(t) is None
+    t._pare_host = (t._version, t.clone())
+    for view in (t, t[3:], t[::2], t[1:7:3]):
+        assert torch.equal(host_values(view), view), view
+    assert host_values(t.view(torch.float64)) is None  # another dtype: the copy is not its bytes' reading
+    t[4:].add_(1)  # through a view: the version counter is shared
+    assert host_values(t) is None and host_values(t[3:]) is None
 
 
 def test_ddpms_step_reads_its_schedule_from_the_host_copy(monkeypatch):

@@ -56,7 +56,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ..schedulers.scheduling_utils import host_schedule
+from ..schedulers.scheduling_utils import host_schedule, host_values
 from .denoise import denoise as fused_denoise
 from .graph import GraphCache, check_finite_once, replayable
 from .noise import Tape, draw_ahead, drawing_from
@@ -117,10 +117,11 @@ class RandomStates:
 
 
 def value_key(v):
-    """A hashable stand-in for a scheduler attribute, by value (a CUDA tensor is read to the host).
-    TypeError for anything else: such a scheduler runs step by step."""
+    """A hashable stand-in for a scheduler attribute, by value (a CUDA tensor is read to the host, unless `set_timesteps`
+    kept its host copy: `host_values`). TypeError for anything else: such a scheduler runs step by step."""
     if torch.is_tensor(v):
-        host = v.detach().reshape(-1).cpu()
+        kept = host_values(v) if v.is_cuda else None
+        host = (v.detach() if kept is None else kept).reshape(-1).cpu()
         return ("tensor", str(v.dtype), tuple(v.shape), v.device.type, host.view(torch.uint8).numpy().tobytes())
     if isinstance(v, np.ndarray):
         return ("array", v.dtype.str, v.shape, v.tobytes())

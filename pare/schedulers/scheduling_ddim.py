@@ -19,6 +19,7 @@ from .scheduling_utils import (
     clip_or_threshold,
     pred_original_and_epsilon,
     randn_tensor,
+    to_device,
 )
 
 
@@ -75,7 +76,7 @@ class DDIMScheduler(DiscreteScheduler):
         """Choose the `num_inference_steps` timesteps to sample with (`self.timesteps`, int64, descending)."""
         c = self.config
         self.timesteps = spaced_timesteps(c.timestep_spacing, num_inference_steps, c.num_train_timesteps, c.steps_offset)
-        self.timesteps = self.timesteps.to(device)
+        self.timesteps = to_device(self.timesteps, device)
         self.num_inference_steps = int(num_inference_steps)
 
     def previous_timestep(self, timestep: int) -> int:

@@ -24,6 +24,7 @@ from .scheduling_utils import (
     host_schedule,
     pred_original_and_epsilon,
     randn_tensor,
+    to_device,
 )
 
 # How sigma_t of x_{t-1} = mu + sigma_t z is chosen (Ho et al. section 3.2; Nichol & Dhariwal section 3.1).
@@ -95,7 +96,7 @@ class DDPMScheduler(DiscreteScheduler):
             self.timesteps = spaced_timesteps(c.timestep_spacing, num_inference_steps, c.num_train_timesteps, c.steps_offset)
             self.custom_timesteps = False
             self.num_inference_steps = int(num_inference_steps)
-        self.timesteps = self.timesteps.to(device)
+        self.timesteps = to_device(self.timesteps, device)
 
     def previous_timestep(self, timestep: int) -> int:
         """The timestep visited after `timestep`: the next entry of `self.timesteps` (-1 after the last).

@@ -34,7 +34,7 @@ from .scheduling_dpmsolver_multistep import (
     vp_alpha_sigma,
 )
 from .scheduling_unipc_multistep import solver_sigmas
-from .scheduling_utils import DiscreteScheduler, SchedulerOutput, check_choice, threshold_sample
+from .scheduling_utils import DiscreteScheduler, SchedulerOutput, check_choice, threshold_sample, to_device
 from .sigmas import SigmaSchedulerMixin
 
 logger = logging.getLogger("pare")
@@ -172,7 +172,7 @@ class DEISMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
         check_solver_timesteps(timesteps, c.timestep_spacing, n, c.num_train_timesteps, c.steps_offset)
         sigmas, timesteps = solver_sigmas(self, timesteps, n, "sigma_min")  # DEIS ends at the smallest level
         self.sigmas = torch.from_numpy(sigmas)  # (n + 1,), CPU
-        self.timesteps = torch.from_numpy(np.asarray(timesteps)).to(device=device, dtype=torch.int64)
+        self.timesteps = to_device(torch.from_numpy(np.asarray(timesteps)), device, torch.int64)
         self.num_inference_steps = len(self.timesteps)
         self.model_outputs = [None] * c.solver_order
         self.lower_order_nums = 0

@@ -26,7 +26,7 @@ import torch
 
 from ..configuration import Config, register_to_config
 from .schedule import check_custom_timesteps, check_num_inference_steps
-from .scheduling_utils import DiscreteScheduler, Generator, SchedulerOutput, check_choice, randn_tensor, threshold_sample
+from .scheduling_utils import DiscreteScheduler, Generator, SchedulerOutput, check_choice, randn_tensor, threshold_sample, to_device
 from .sigmas import SigmaSchedulerMixin, convert_sigmas, timesteps_for_sigmas, train_sigmas
 
 logger = logging.getLogger("pare")
@@ -529,7 +529,7 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
         # 2. the last level: where sampling ends
         sigma_last = ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5 if c.final_sigmas_type == "sigma_min" else 0
         self.sigmas = torch.from_numpy(np.concatenate([sigmas, [sigma_last]]).astype(np.float32))  # (n + 1,), CPU
-        self.timesteps = torch.from_numpy(np.asarray(timesteps)).to(device=device, dtype=torch.int64)
+        self.timesteps = to_device(torch.from_numpy(np.asarray(timesteps)), device, torch.int64)
         self.num_inference_steps = len(self.timesteps)
 
         # 3. a fresh solver state

@@ -39,7 +39,7 @@ from .scheduling_dpmsolver_multistep import (
     second_order_update,
     vp_alpha_sigma,
 )
-from .scheduling_utils import DiscreteScheduler, Generator, SchedulerOutput, check_choice, randn_tensor, threshold_sample
+from .scheduling_utils import DiscreteScheduler, Generator, SchedulerOutput, check_choice, randn_tensor, threshold_sample, to_device
 from .sigmas import SigmaSchedulerMixin, convert_sigmas, timesteps_for_sigmas, train_sigmas
 
 logger = logging.getLogger("pare")
@@ -269,7 +269,7 @@ class DPMSolverSinglestepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
             sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
         sigma_last = ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5 if c.final_sigmas_type == "sigma_min" else 0
         self.sigmas = torch.from_numpy(np.concatenate([sigmas, [sigma_last]]).astype(np.float32))
-        self.timesteps = torch.from_numpy(np.asarray(timesteps)).to(device=device, dtype=torch.int64)
+        self.timesteps = to_device(torch.from_numpy(np.asarray(timesteps)), device, torch.int64)
 
         # 2. a fresh state, and the order of each step
         self.model_outputs = [None] * c.solver_order

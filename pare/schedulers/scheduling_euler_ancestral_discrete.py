@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..configuration import register_to_config
-from .scheduling_utils import DiscreteScheduler, Generator, SchedulerOutput, randn_tensor
+from .scheduling_utils import DiscreteScheduler, Generator, SchedulerOutput, randn_tensor, to_device
 from .sigmas import SigmaSchedulerMixin, float_spaced_timesteps, train_sigmas
 
 logger = logging.getLogger("pare")
@@ -109,7 +109,7 @@ class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin, DiscreteScheduler):
         sigmas = np.interp(timesteps, np.arange(0, len(train)), train)
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
         self.sigmas = torch.from_numpy(sigmas).to("cpu")  # read step by step on the host: no device syncs
-        self.timesteps = torch.from_numpy(timesteps).to(device=device)
+        self.timesteps = to_device(torch.from_numpy(timesteps), device)
         self.num_inference_steps = int(num_inference_steps)
         self._step_index = None
         self._begin_index = None

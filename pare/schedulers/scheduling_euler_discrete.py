@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..configuration import register_to_config
-from .scheduling_utils import DiscreteScheduler, Generator, SchedulerOutput, check_choice, randn_tensor
+from .scheduling_utils import DiscreteScheduler, Generator, SchedulerOutput, check_choice, randn_tensor, to_device
 from .sigmas import (
     SigmaSchedulerMixin,
     check_custom_float_timesteps,
@@ -187,15 +187,15 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin, DiscreteScheduler):
             sigma_last = float(train[0]) if c.final_sigmas_type == "sigma_min" else 0.0
             sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
 
-        sigmas = torch.from_numpy(sigmas).to(dtype=torch.float32, device=device)
-        if self._uses_continuous_timesteps():
-            self.timesteps = self._continuous_timesteps(sigmas[:-1]).to(device=device)
+        sigmas = torch.from_numpy(sigmas).to(torch.float32)  # diffusers sends them to the device and back: same values
+        if self._uses_continuous_timesteps():  # c_noise's float32 log on the device, where diffusers takes it
+            self.timesteps = self._continuous_timesteps(sigmas[:-1].to(device)).to(device=device)
         else:
-            self.timesteps = torch.from_numpy(timesteps.astype(np.float32)).to(device=device)
+            self.timesteps = to_device(torch.from_numpy(timesteps.astype(np.float32)), device)
         self.num_inference_steps = int(num_inference_steps)
         self._step_index = None
         self._begin_index = None
-        self.sigmas = sigmas.to("cpu")  # read step by step on the host: no device syncs
+        self.sigmas = sigmas  # read step by step on the host: no device syncs
 
     def step(
         self,

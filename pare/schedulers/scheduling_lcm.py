@@ -26,6 +26,7 @@ from .scheduling_utils import (
     host_schedule,
     pred_original_and_epsilon,
     randn_tensor,
+    to_device,
 )
 from .sigmas import SigmaSchedulerMixin
 
@@ -188,7 +189,7 @@ class LCMScheduler(DiscreteScheduler, SigmaSchedulerMixin):
             inference_indices = np.floor(np.linspace(0, len(descending), num=n, endpoint=False)).astype(np.int64)
             chosen = descending[inference_indices]
 
-        self.timesteps = torch.from_numpy(chosen).to(device=device, dtype=torch.long)
+        self.timesteps = to_device(torch.from_numpy(chosen), device, torch.long)
         self._step_index = None
         self._begin_index = None
 

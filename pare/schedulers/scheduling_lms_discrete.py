@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..configuration import register_to_config
-from .scheduling_utils import DiscreteScheduler, SchedulerOutput
+from .scheduling_utils import DiscreteScheduler, SchedulerOutput, to_device
 from .schedule import check_num_inference_steps
 from .sigmas import SigmaSchedulerMixin, convert_sigmas, float_spaced_timesteps, timesteps_for_sigmas, train_sigmas
 
@@ -130,7 +130,7 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin, DiscreteScheduler):
             sigmas, timesteps = respaced, timesteps_for_sigmas(respaced, log_sigmas)
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
         self.sigmas = torch.from_numpy(sigmas).to("cpu")  # read step by step on the host: no device syncs
-        self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.float32)
+        self.timesteps = to_device(torch.from_numpy(timesteps), device, torch.float32)
         self._step_index = None
         self._begin_index = None
         self.derivatives = []  # d_i, d_{i-1}, ... (oldest first), at most `order` of them

@@ -20,7 +20,7 @@ import torch
 
 from ..configuration import register_to_config
 from .schedule import spaced_timesteps
-from .scheduling_utils import DiscreteScheduler, SchedulerOutput, check_choice
+from .scheduling_utils import DiscreteScheduler, SchedulerOutput, check_choice, to_device
 
 PNDM_PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -122,7 +122,7 @@ class PNDMScheduler(DiscreteScheduler):
             self.plms_timesteps = ascending[:-3][::-1].copy()  # the PLMS steps start where the warm-up ends
 
         timesteps = np.concatenate([self.prk_timesteps, self.plms_timesteps]).astype(np.int64)
-        self.timesteps = torch.from_numpy(timesteps).to(device)
+        self.timesteps = to_device(torch.from_numpy(timesteps), device)
         self._reset_state()
 
     def step(

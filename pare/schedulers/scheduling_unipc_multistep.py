@@ -41,7 +41,7 @@ from .scheduling_dpmsolver_multistep import (
     log_snr,
     vp_alpha_sigma,
 )
-from .scheduling_utils import DiscreteScheduler, SchedulerOutput, check_choice, coefficients_on, threshold_sample
+from .scheduling_utils import DiscreteScheduler, SchedulerOutput, check_choice, coefficients_on, threshold_sample, to_device
 from .sigmas import SigmaSchedulerMixin, convert_sigmas, timesteps_for_sigmas, train_sigmas
 
 logger = logging.getLogger("pare")
@@ -212,7 +212,7 @@ class UniPCMultistepScheduler(SigmaSchedulerMixin, DiscreteScheduler):
         check_solver_timesteps(timesteps, c.timestep_spacing, n, c.num_train_timesteps, c.steps_offset)
         sigmas, timesteps = solver_sigmas(self, timesteps, n, c.final_sigmas_type)
         self.sigmas = torch.from_numpy(sigmas)  # (n + 1,), CPU
-        self.timesteps = torch.from_numpy(np.asarray(timesteps)).to(device=device, dtype=torch.int64)
+        self.timesteps = to_device(torch.from_numpy(np.asarray(timesteps)), device, torch.int64)
         self.num_inference_steps = len(self.timesteps)
         self.model_outputs = [None] * c.solver_order
         self.lower_order_nums = 0

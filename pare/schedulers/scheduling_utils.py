@@ -139,12 +139,46 @@ def schedule_value(scheduler, timestep):
 
 
 def host_schedule(scheduler) -> list:
-    """`scheduler.timesteps` as a list, read to the host once (again if it is replaced or changed in place)."""
+    """`scheduler.timesteps` as a list, read to the host once (again if it is replaced or changed in place); from the
+    copy `to_device` kept, where it made them, with no read of the GPU at all."""
     ts = scheduler.timesteps
     host = getattr(scheduler, "_host_timesteps", None)
     if host is None or host[0] is not ts or host[1] != ts._version:
-        host = scheduler._host_timesteps = (ts, ts._version, ts.tolist())
+        kept = host_values(ts)
+        host = scheduler._host_timesteps = (ts, ts._version, (ts if kept is None else kept).tolist())
     return host[2]
+
+
+def to_device(values: torch.Tensor, device: str | torch.device | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`values.to(device, dtype)` for a schedule made on the host, which `set_timesteps` moves to the pipeline's device.
+
+    On a GPU the host copy is kept beside the result (`host_values` reads it), so reading the schedule back, as the
+    fast loop's key (`pare/fast/loop.py`) and `host_schedule` do, waits for nothing; and the copy goes from pinned
+    memory without blocking, where a plain `.to("cuda")` from pageable memory makes the CPU wait until the GPU has run
+    everything queued (the text encoder's work, in a pipeline call). The values are the same either way: the cast is
+    on the host, and IEEE rounding gives the bits a cast on the device would.
+    """
+    values = values if dtype is None else values.to(dtype)
+    device = values.device if device is None else torch.device(device)
+    if device.type != "cuda" or values.device.type != "cpu":
+        return values.to(device)
+    pinned = values.contiguous().pin_memory()  # a copy: later changes to `values` (or its numpy array) do not reach it
+    out = pinned.to(device, non_blocking=True)
+    if not out.is_inference():  # an inference tensor has no version counter to tell whether it was changed since
+        out._pare_host = (out._version, pinned)
+    return out
+
+
+def host_values(t: torch.Tensor) -> torch.Tensor | None:
+    """The host copy of a tensor that `to_device` made, or of a view of one (a slice of the timesteps, as img2img
+    walks), while neither has been changed in place since; None otherwise (then read the tensor itself)."""
+    base = t if t._base is None else t._base
+    kept = getattr(base, "_pare_host", None)
+    if kept is None or base.is_inference() or kept[0] != base._version or t.dtype != base.dtype:
+        return None
+    if base is t:
+        return kept[1]
+    return kept[1].as_strided(t.shape, t.stride(), t.storage_offset() - base.storage_offset())
 
 
 def coefficients_on(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
